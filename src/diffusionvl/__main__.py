@@ -1,0 +1,3 @@
+from diffusionvl.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,60 @@
+"""The `diffusionvl` command line: one subcommand per job.
+
+Contract: each subcommand lives in its own module exposing `add_arguments(parser)` and `run(args) -> int`; modules
+are imported only when their subcommand runs, so `diffusionvl --help` is instant. A `DiffusionVLError` (bad user
+input) is printed as one `error: ...` line with exit status 2, never as a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from diffusionvl.errors import DiffusionVLError
+
+# subcommand -> (module, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "convert": ("diffusionvl.commands.convert", "Translate an AR model (or a tiny random one) into a diffusion model."),
+    "generate": ("diffusionvl.commands.generate", "Generate an answer for a prompt (and images), streamed."),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from diffusionvl import __version__
+
+    parser = argparse.ArgumentParser(prog="diffusionvl", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"diffusionvl {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module, help_text) in COMMANDS.items():
+        sub.add_parser(name, help=help_text, add_help=False)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] not in COMMANDS:
+        parser = build_parser()
+        if not argv:
+            parser.print_help()
+            return 0
+        parser.parse_args(argv)  # prints usage / version / the unknown-command error and exits
+        return 2
+    name, rest = argv[0], argv[1:]
+    module_name, help_text = COMMANDS[name]
+    parser = argparse.ArgumentParser(prog=f"diffusionvl {name}", description=help_text)
+    try:
+        module = importlib.import_module(module_name)
+        module.add_arguments(parser)
+        args = parser.parse_args(rest)
+        return int(module.run(args) or 0)
+    except DiffusionVLError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
