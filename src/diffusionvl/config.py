@@ -40,6 +40,9 @@ class DiffusionConfig:
         "Which position's logits predict token i: 'shift' = position i-1, as in the AR model (Fast-dLLM v2); "
         "'same' = position i itself (BD3-LM, LLaDA, the DiffusionVL checkpoints).",
     )
+    eos_token: str | None = option(
+        None, "Name of the end-of-answer token: block padding in training and the stop token in decoding "
+        "(default: the chat template's end-of-turn token, else the tokenizer's EOS).")
     noise_eps: float = option(1e-3, "Smallest masking rate t drawn in training (t ~ U[eps, 1]).")
     antithetic: bool = option(True, "Stratify the per-block masking rates over the batch (lower-variance loss).")
 

@@ -1,0 +1,186 @@
+"""AR checkpoint -> diffusion checkpoint: `wrap` (in memory), `convert` (disk to disk), `load`, atomic saving.
+
+Contract:
+- `wrap(model, tokenizer_or_processor, block_size=8, ...)` checks the architecture is supported, finds the mask
+  token by name (or adds `<|mask|>` as a special token, growing the embeddings when the vocabulary has no spare
+  row, and initializing its input/output rows to the mean embedding), records the DiffusionConfig in
+  `model.config.diffusionvl`, and returns a DiffusionVLModel. Weights are otherwise untouched.
+- `convert(src, dst, ...)` = load the AR model + wrap + save; `load(path)` reads a converted folder (or, with
+  `allow_unconverted=True`, wraps an AR folder in memory). Other checkpoint layouts register a detector in
+  `FORMAT_LOADERS` (e.g. the paper's released checkpoints).
+- Saving is atomic: everything is written into a temporary sibling folder that is renamed into place, so an
+  interrupted save never damages an existing checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from diffusionvl.adapters import adapter_class
+from diffusionvl.config import DEFAULT_MASK_TOKEN, KNOWN_MASK_TOKENS, DiffusionConfig
+from diffusionvl.errors import DiffusionVLError
+from diffusionvl.modeling import DiffusionVLModel, end_of_turn_token, find_token_id
+
+FORMAT_LOADERS: list[Callable[..., DiffusionVLModel | None]] = []
+
+
+def _tokenizer(processor: Any) -> Any:
+    return getattr(processor, "tokenizer", processor)
+
+
+def ensure_mask_token(model: Any, processor: Any, name: str | None = None) -> tuple[str, int]:
+    """Find the mask token by name, or add `name` (default `<|mask|>`) and give it a sensible embedding."""
+    tok = _tokenizer(processor)
+    candidates = [name] if name else list(KNOWN_MASK_TOKENS)
+    for cand in candidates:
+        found = find_token_id(tok, cand)
+        if found is not None:
+            return cand, found
+    name = name or DEFAULT_MASK_TOKEN
+    n_before = len(tok)
+    tok.add_tokens([name], special_tokens=True)
+    mask_id = find_token_id(tok, name)
+    assert mask_id is not None
+    emb = model.get_input_embeddings()
+    if mask_id >= emb.weight.shape[0]:
+        model.resize_token_embeddings(mask_id + 1, mean_resizing=False)
+    _init_rows(model, mask_id, n_before)
+    return name, mask_id
+
+
+@torch.no_grad()
+def _init_rows(model: Any, row: int, n_used: int) -> None:
+    """Set the new token's input (and untied output) embedding to the mean over the used vocabulary."""
+    emb = model.get_input_embeddings().weight
+    emb[row] = emb[: min(n_used, emb.shape[0])].float().mean(0).to(emb.dtype)
+    out = model.get_output_embeddings()
+    if out is not None and out.weight.data_ptr() != emb.data_ptr() and row < out.weight.shape[0]:
+        out.weight[row] = out.weight[: min(n_used, out.weight.shape[0])].float().mean(0).to(out.weight.dtype)
+        if getattr(out, "bias", None) is not None:
+            out.bias[row] = out.bias[: min(n_used, out.bias.shape[0])].mean()
+
+
+def wrap(model: Any, processor: Any, block_size: int | None = None, mask_token: str | None = None,
+         prediction: str | None = None, eos_token: str | None = None) -> DiffusionVLModel:
+    """In-memory conversion of a loaded AR model (see module docstring). Arguments left None keep the model's
+    recorded diffusion settings, else the defaults."""
+    adapter_class(model.config.model_type)  # fail early with the supported list
+    recorded = getattr(model.config, "diffusionvl", None) or {}
+    cfg = DiffusionConfig.from_dict(recorded) if recorded else DiffusionConfig()
+    overrides = {k: v for k, v in dict(block_size=block_size, prediction=prediction, eos_token=eos_token).items()
+                 if v is not None}
+    cfg = DiffusionConfig(**{**cfg.to_dict(), **overrides}).validate()
+    name, _ = ensure_mask_token(model, processor, mask_token or (cfg.mask_token if recorded else None))
+    cfg.mask_token = name
+    tok = _tokenizer(processor)
+    if cfg.eos_token is None:
+        cfg.eos_token = end_of_turn_token(tok) or tok.eos_token
+    model.config.diffusionvl = cfg.to_dict()
+    return DiffusionVLModel(model, processor, cfg)
+
+
+def save_atomic(model: DiffusionVLModel, path: str | os.PathLike[str]) -> Path:
+    """Write model + tokenizer/processor + diffusion config to `path` through a temporary sibling folder."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    model.hf_model.config.diffusionvl = model.config.to_dict()
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        model.hf_model.save_pretrained(tmp, safe_serialization=True)
+        model.processor.save_pretrained(tmp)
+        (tmp / "diffusionvl.json").write_text(json.dumps(model.config.to_dict(), indent=2) + "\n")
+        old = None
+        if path.exists():
+            old = path.with_name(f".{path.name}.old-{os.getpid()}")
+            os.replace(path, old)
+        os.replace(tmp, path)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+def _default_device(device: str | torch.device | None) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def _default_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype in (None, "auto"):
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+             "float16": torch.float16, "fp16": torch.float16}
+    if dtype not in table:
+        raise DiffusionVLError(f"unknown dtype {dtype!r}; choose one of {', '.join(table)}")
+    return table[dtype]
+
+
+def _check_source(src: str | os.PathLike[str]) -> None:
+    text = os.fspath(src)
+    if os.path.isdir(text):
+        if not os.path.isfile(os.path.join(text, "config.json")):
+            raise DiffusionVLError(f"{text} is a folder but has no config.json: not a transformers checkpoint")
+        return
+    if os.path.exists(text) or text.startswith((".", "/", "~")) or text.count("/") != 1:
+        raise DiffusionVLError(f"model not found: {text} (give a checkpoint folder or a hub id like org/name)")
+
+
+def load_hf(src: str | os.PathLike[str], device: torch.device, dtype: torch.dtype | str,
+            attn_implementation: str = "sdpa", trust_remote_code: bool = False) -> tuple[Any, Any]:
+    """Load a transformers checkpoint (folder or hub id) and its tokenizer/processor."""
+    import transformers
+    from transformers import AutoConfig
+
+    from diffusionvl.processing import load_processor
+
+    _check_source(src)
+    try:
+        config = AutoConfig.from_pretrained(src, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise DiffusionVLError(f"cannot read the model config at {src}: {str(exc).splitlines()[0]}") from None
+    cls = adapter_class(config.model_type)
+    auto = getattr(transformers, cls.auto_class)
+    model = auto.from_pretrained(src, dtype=dtype, attn_implementation=attn_implementation,
+                                 trust_remote_code=trust_remote_code)
+    processor = load_processor(src, cls.has_vision, trust_remote_code=trust_remote_code)
+    return model.to(device).eval(), processor
+
+
+def load(path: str | os.PathLike[str], device: str | torch.device | None = None, dtype: str | torch.dtype | None = None,
+         attn_implementation: str = "sdpa", allow_unconverted: bool = False) -> DiffusionVLModel:
+    """Load a diffusionvl checkpoint (or another registered layout) as a DiffusionVLModel."""
+    dev = _default_device(device)
+    dt = _default_dtype(dtype, dev)
+    for loader in FORMAT_LOADERS:
+        model = loader(path, device=dev, dtype=dt)
+        if model is not None:
+            return model
+    hf_model, processor = load_hf(path, dev, dt, attn_implementation)
+    if getattr(hf_model.config, "diffusionvl", None) is None and not allow_unconverted:
+        raise DiffusionVLError(f"{path} is an AR checkpoint, not a diffusion one: run `diffusionvl convert {path} DST` "
+                               "first (or load with allow_unconverted=True)")
+    return wrap(hf_model, processor)
+
+
+def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], block_size: int = 8,
+            mask_token: str | None = None, prediction: str = "shift", eos_token: str | None = None,
+            dtype: str | torch.dtype | None = None) -> Path:
+    """Translate the AR checkpoint `src` into a diffusion checkpoint at `dst` (see module docstring)."""
+    DiffusionConfig(block_size=block_size, prediction=prediction).validate()
+    dev = torch.device("cpu")
+    hf_model, processor = load_hf(src, dev, _default_dtype(dtype, dev) if dtype else "auto")  # keep its dtype
+    model = wrap(hf_model, processor, block_size=block_size, mask_token=mask_token, prediction=prediction,
+                 eos_token=eos_token)
+    return save_atomic(model, dst)

@@ -1,0 +1,78 @@
+"""One forward of the backbone over a range of slots: embeddings, positions, mask and cache, done in one place.
+
+Contract: `Runner.forward(ids, q_start)` runs the queries in slots [q_start, q_start + Q) (ids: [N, Q]) and returns
+their hidden states [N, Q, D]. With a cache, their keys/values are written into those slots and attention reads
+slots [0, kv_len); without one, the caller passes the whole prefix (q_start = 0). Image features are computed once
+at construction for the prompt region and substituted at image-token slots, so decoding steps never re-run the
+vision tower. The mask is the block-causal inference rule (masks.py) or, for the full-diffusion baseline,
+bidirectional over all real slots.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from diffusionvl import attention, masks
+from diffusionvl.cache import BlockKVCache
+from diffusionvl.decoding.layout import Layout
+
+Tensor = torch.Tensor
+
+
+class Runner:
+    def __init__(self, model: Any, layout: Layout, vision: dict[str, Any] | None, use_cache: bool,
+                 bidirectional: bool = False):
+        self.model = model
+        self.adapter = model.adapter
+        self.layout = layout
+        self.device = model.device
+        self.block_size = layout.block_size
+        self.start = layout.start.to(self.device)
+        self.positions = layout.positions.to(self.device)
+        self.bidirectional = bidirectional
+        self.forwards = 0
+        text_cfg = self.adapter.text_config
+        self.cache = BlockKVCache(text_cfg.num_hidden_layers, layout.total) if use_cache else None
+        self.vision_embeds: Tensor | None = None
+        self.vision_slots: Tensor | None = None
+        if vision:
+            region = int((layout.start + layout.prompt_len).max())
+            ids = layout.tokens[:, :region].to(self.device)
+            self.vision_embeds = self.adapter.embed(ids, vision)  # [N, R, D]
+            self.vision_slots = ids == self.adapter.image_token_id  # [N, R]
+
+    def embed(self, ids: Tensor, q_start: int) -> Tensor:
+        emb = self.adapter.input_embeddings()(ids)  # [N, Q, D]
+        if self.vision_embeds is None or q_start >= self.vision_embeds.shape[1]:
+            return emb
+        end = min(q_start + ids.shape[1], self.vision_embeds.shape[1])
+        width = end - q_start
+        where = self.vision_slots[:, q_start:end].unsqueeze(-1)
+        head = torch.where(where, self.vision_embeds[:, q_start:end], emb[:, :width])
+        return torch.cat([head, emb[:, width:]], dim=1)
+
+    def mask(self, q_slots: Tensor, kv_len: int) -> Any:
+        b = self.block_size if not self.bidirectional else self.layout.total
+        dtype = self.model.dtype
+
+        def rule(window: int | None) -> Tensor:
+            return masks.block_causal_dense_mask(q_slots, kv_len, self.start, b, window)
+
+        return attention.build(rule, self.adapter.text_config, self.adapter.text_config, dtype)
+
+    def forward(self, ids: Tensor, q_start: int, kv_len: int | None = None) -> Tensor:
+        """ids [N, Q] at slots [q_start, q_start + Q) -> hidden [N, Q, D]."""
+        q_len = ids.shape[1]
+        q_slots = torch.arange(q_start, q_start + q_len, device=self.device)
+        kv_len = kv_len if kv_len is not None else q_start + q_len
+        if self.cache is not None:
+            self.cache.set_write(q_slots, view_len=kv_len)
+        else:
+            assert q_start == 0, "without a cache the whole prefix is recomputed"
+        embeds = self.embed(ids, q_start)
+        positions = self.positions[:, :, q_start:q_start + q_len]
+        hidden = self.adapter.run_decoder(embeds, self.mask(q_slots, kv_len), positions, self.cache)
+        self.forwards += 1
+        return hidden

@@ -1,0 +1,101 @@
+"""Attention masks of block diffusion, as pure functions of token indices.
+
+Contract: one *rule* per mask, written once as elementwise tensor logic on (query index, key index). The dense
+form (a boolean [N, 1, Q, K] tensor for SDPA, or additive float for eager attention) and the FlexAttention form (a
+`mask_mod` for `create_block_mask`) both evaluate that same rule, so they cannot drift apart.
+
+Index conventions
+- Training (BD3): the backbone sees 2L tokens [x_t ; x0]. Index i < L is noisy token i, index L + i is clean token
+  i. Block of a token = (its index within its half) // B. Rules (True = may attend):
+    x_t -> x_t same block;  x_t -> x0 strictly earlier blocks;  x0 -> x0 same or earlier blocks;  x0 -> x_t never.
+- Inference: tokens live in cache *slots*; sample n's tokens start at slot `start[n]` (left padding, a multiple of
+  B, so slot blocks and position blocks coincide). Rule: key slot k visible to query slot q iff
+  start[n] <= k and k // B <= q // B (block-causal; bidirectional inside a block), and within the sliding
+  window when the layer has one.
+- Every query may always attend to itself, so padding rows never become all-masked (which would turn into NaN
+  in SDPA and leak through 0 * NaN into valid rows).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+Tensor = torch.Tensor
+
+
+def bd3_rule(q: Tensor, k: Tensor, length: int, block_size: int, window: int | None = None) -> Tensor:
+    """BD3 training rule on indices into [x_t ; x0] (each half `length` long). Broadcasts q against k.
+
+    `window` (sliding-window layers) also requires position(q) - position(k) < window.
+    """
+    q_clean, k_clean = q >= length, k >= length
+    qp = torch.where(q_clean, q - length, q)
+    kp = torch.where(k_clean, k - length, k)
+    qb, kb = qp // block_size, kp // block_size
+    noisy_self = ~q_clean & ~k_clean & (qb == kb)
+    noisy_ctx = ~q_clean & k_clean & (kb < qb)
+    clean_ctx = q_clean & k_clean & (kb <= qb)
+    allowed = noisy_self | noisy_ctx | clean_ctx
+    if window is not None:
+        allowed = allowed & (qp - kp < window)
+    return allowed
+
+
+def block_causal_rule(q: Tensor, k: Tensor, block_size: int, start: Tensor | int = 0,
+                      window: int | None = None) -> Tensor:
+    """Inference rule on cache slots: key k visible to query q (see module docstring)."""
+    allowed = (k >= start) & (k // block_size <= q // block_size)
+    if window is not None:
+        allowed = allowed & (q - k < window)
+    return allowed
+
+
+def bd3_dense_mask(valid: Tensor, block_size: int, window: int | None = None) -> Tensor:
+    """Dense BD3 training mask.
+
+    valid: [N, L] bool, True on real tokens (False on batch padding).
+    Returns [N, 1, 2L, 2L] bool.
+    """
+    n, length = valid.shape
+    idx = torch.arange(2 * length, device=valid.device)
+    allowed = bd3_rule(idx[:, None], idx[None, :], length, block_size, window)  # [2L, 2L]
+    valid2 = torch.cat([valid, valid], dim=1)  # [N, 2L]
+    allowed = allowed[None] & valid2[:, :, None] & valid2[:, None, :]  # [N, 2L, 2L]
+    allowed = allowed | torch.eye(2 * length, dtype=torch.bool, device=valid.device)[None]
+    return allowed[:, None]
+
+
+def bd3_mask_mod(valid: Tensor, block_size: int,
+                 window: int | None = None) -> Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]:
+    """FlexAttention `mask_mod` of the same BD3 rule (valid: [N, L] bool)."""
+    length = valid.shape[1]
+
+    def mask_mod(b: Tensor, h: Tensor, q: Tensor, k: Tensor) -> Tensor:
+        qv = valid[b, torch.where(q >= length, q - length, q)]
+        kv = valid[b, torch.where(k >= length, k - length, k)]
+        return (bd3_rule(q, k, length, block_size, window) & qv & kv) | (q == k)
+
+    return mask_mod
+
+
+def block_causal_dense_mask(q_slots: Tensor, kv_len: int, start: Tensor, block_size: int,
+                            window: int | None = None) -> Tensor:
+    """Dense inference mask.
+
+    q_slots: [Q] slot index of each query token (same for the whole batch).
+    start:   [N] first real slot of each sample.
+    Returns [N, 1, Q, kv_len] bool.
+    """
+    k = torch.arange(kv_len, device=q_slots.device)
+    q = q_slots[:, None]  # [Q, 1]
+    allowed = block_causal_rule(q[None], k[None, None], block_size, start[:, None, None], window)  # [N, Q, K]
+    allowed = allowed | (q == k)[None]
+    return allowed[:, None]
+
+
+def to_additive(mask: Tensor, dtype: torch.dtype) -> Tensor:
+    """Boolean mask -> additive float mask (0 where allowed, the dtype's minimum elsewhere) for eager attention."""
+    out = torch.zeros(mask.shape, dtype=dtype, device=mask.device)
+    return out.masked_fill_(~mask, torch.finfo(dtype).min)
