@@ -16,9 +16,9 @@ from typing import Any
 __version__ = "0.1.0"
 
 _LAZY = {
-    "convert": "diffusionvl.convert",
-    "load": "diffusionvl.convert",
-    "wrap": "diffusionvl.convert",
+    "convert": "diffusionvl.conversion",
+    "load": "diffusionvl.conversion",
+    "wrap": "diffusionvl.conversion",
     "make_tiny": "diffusionvl.tiny",
     "DiffusionVLModel": "diffusionvl.modeling",
     "DiffusionConfig": "diffusionvl.config",

@@ -229,7 +229,7 @@ class DiffusionVLModel(nn.Module):
 
     # ---- persistence ---------------------------------------------------------------------------------------------
     def save_pretrained(self, path: str | os.PathLike[str]) -> None:
-        from diffusionvl.convert import save_atomic
+        from diffusionvl.conversion import save_atomic
 
         save_atomic(self, path)
 

@@ -1,0 +1,49 @@
+"""Shared fixtures: tiny random models built from configs (no downloads), cached per test session."""
+
+from __future__ import annotations
+
+import copy
+import functools
+
+import pytest
+import torch
+
+from diffusionvl.conversion import wrap
+from diffusionvl.tiny import make_tiny
+
+TEXT_ARCHS = ("llama", "qwen2", "gemma3")
+VL_ARCHS = ("qwen2_5_vl",)
+
+
+@functools.lru_cache(maxsize=None)
+def _tiny(arch: str):
+    return make_tiny(arch, seed=0)
+
+
+def tiny_ar(arch: str):
+    """A fresh copy of the tiny AR model `arch` and its tokenizer/processor."""
+    model, proc = _tiny(arch)
+    return copy.deepcopy(model), copy.deepcopy(proc)
+
+
+def tiny_diffusion(arch: str, block_size: int = 4, prediction: str = "shift"):
+    model, proc = tiny_ar(arch)
+    return wrap(model, proc, block_size=block_size, prediction=prediction)
+
+
+def red_square(size=(84, 70), color="red"):
+    from PIL import Image, ImageDraw
+
+    img = Image.new("RGB", size, "white")
+    ImageDraw.Draw(img).rectangle([10, 10, 50, 50], fill=color)
+    return img
+
+
+@pytest.fixture(autouse=True)
+def _deterministic():
+    torch.manual_seed(0)
+    yield
+
+
+def has_cuda() -> bool:
+    return torch.cuda.is_available()
