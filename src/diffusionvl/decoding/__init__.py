@@ -48,6 +48,7 @@ class StreamEvent:
     done: list[bool]
     final: bool = False
     output: GenerationOutput | None = None
+    forwards: int = 0  # model forwards spent on the batch so far (prefill included)
 
 
 def _cut(ids: list[int], stop: set[int]) -> tuple[list[int], bool]:
@@ -124,7 +125,8 @@ def run(model: Any, conversations: list[Any], cfg: DecodeConfig) -> Iterator[Str
             if first_block_s is None:
                 first_block_s = time.perf_counter() - t0
             deltas = [tracker.update(i, x, done[i]) for i, x in enumerate(ids)]
-            yield StreamEvent([d[0] for d in deltas], [d[1] for d in deltas], done)
+            yield StreamEvent([d[0] for d in deltas], [d[1] for d in deltas], done,
+                              forwards=state.forwards + state.prefill_forwards)
     if model.device.type == "cuda":
         torch.cuda.synchronize(model.device)
     seconds = time.perf_counter() - t0
@@ -141,4 +143,5 @@ def run(model: Any, conversations: list[Any], cfg: DecodeConfig) -> Iterator[Str
         "tokens_per_second": n_tokens / seconds if seconds > 0 else 0.0, "first_block_seconds": first_block_s,
     }
     output = GenerationOutput(texts, ids, ["stop" if h else "length" for h in stopped], stats)
-    yield StreamEvent([[] for _ in ids], ["" for _ in ids], [True] * len(ids), final=True, output=output)
+    yield StreamEvent([[] for _ in ids], ["" for _ in ids], [True] * len(ids), final=True, output=output,
+                      forwards=forwards)
