@@ -23,7 +23,8 @@ from typing import Callable
 from diffusionvl.data.scene import COLOURS, PLURALS, SHAPES, Scene, SceneObject
 
 QUESTION_TYPES = ("shape", "colour", "count", "position", "relation", "text", "exist")
-SCENE_HINTS: dict[str, dict] = {"text": {"force_text": True}}
+# keyword arguments for sample_scene that make a scene likely to support (and balance) the question type
+SCENE_HINTS: dict[str, dict] = {"text": {"force_text": True}, "count": {"repeat_probability": 0.6}}
 NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven",
                 "twelve", "thirteen", "fourteen", "fifteen", "sixteen", "seventeen", "eighteen", "nineteen", "twenty")
 COLOUR_SYNONYMS = {"purple": ("violet",), "cyan": ("turquoise", "light blue")}

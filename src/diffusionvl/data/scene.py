@@ -145,8 +145,13 @@ def font_name() -> str:
 
 
 def sample_scene(rng: random.Random, size: int, text_probability: float = 0.35,
-                 force_text: bool | None = None) -> Scene:
-    """Sample a scene description; `force_text` True/False overrides the text coin flip."""
+                 force_text: bool | None = None, repeat_probability: float = 0.0) -> Scene:
+    """Sample a scene description.
+
+    `force_text` True/False overrides the text coin flip; `repeat_probability` is the chance that an object after
+    the first copies an earlier object's shape (and, half of those times, its colour too), which spreads the
+    answers of counting questions beyond 1.
+    """
     n_objects = rng.randint(1, MAX_OBJECTS)
     wants_text = rng.random() < text_probability if force_text is None else force_text
     background = rng.choice(sorted(BACKGROUNDS))
@@ -154,6 +159,8 @@ def sample_scene(rng: random.Random, size: int, text_probability: float = 0.35,
     texture_seed = rng.getrandbits(32)
     lo, hi = (max(3, round(f * size)) for f in _RADIUS_RANGE)
     specs = [(rng.choice(SHAPES), rng.choice(sorted(COLOURS)), rng.randint(lo, hi)) for _ in range(n_objects)]
+    if repeat_probability > 0:
+        specs = _with_repeats(rng, specs, repeat_probability)
     placed: list[tuple[int, int, int, int]] = []  # occupied boxes (x0, y0, x1, y1), bounding circles as squares
     label = _place_text(rng, size, placed) if wants_text else None
     objects = []
@@ -164,6 +171,16 @@ def sample_scene(rng: random.Random, size: int, text_probability: float = 0.35,
     if not objects:  # cannot happen above MIN_IMAGE_SIZE; keeps the "at least one object" promise regardless
         objects.append(SceneObject(specs[0][0], specs[0][1], size // 2, size // 2, lo))
     return Scene(size, background, texture, texture_seed, tuple(objects), label)
+
+
+def _with_repeats(rng: random.Random, specs: list, probability: float) -> list:
+    out = specs[:1]
+    for shape, colour, r in specs[1:]:
+        if rng.random() < probability:
+            model = rng.choice(out)
+            shape, colour = model[0], model[1] if rng.random() < 0.5 else colour
+        out.append((shape, colour, r))
+    return out
 
 
 def random_text(rng: random.Random) -> str:
