@@ -354,3 +354,17 @@ def test_cli_reports_bad_input_as_one_error_line(tmp_path, capsys):
     assert len(err) == 1 and err[0].startswith("error: image_size 40 is too small")
     assert main(["data", "--out", str(tmp_path / "x"), "--task-mix", "count=lots"]) == 2
     assert "TYPE=WEIGHT" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("n_names", [0, 1, 2, 3, 4, 25])
+@pytest.mark.parametrize("counts", [(1000, 100, 200), (1, 1, 1000), (5, 0, 0), (0, 3, 7), (1000, 1, 1)])
+def test_real_photographs_are_partitioned_without_loss(n_names, counts):
+    from diffusionvl.data.synth import partition_real
+
+    names = [f"img{i}" for i in range(n_names)]
+    pools = partition_real(names, dict(zip(("train", "val", "test"), counts)), seed=0)
+    assigned = [n for split in ("train", "val", "test") for n in pools[split]]
+    assert sorted(assigned) == sorted(names)  # every photograph in exactly one split
+    assert all(not pools[s] for s, n in zip(("train", "val", "test"), counts) if n == 0)
+    if n_names >= 3 and all(counts):
+        assert all(pools.values())

@@ -189,7 +189,10 @@ def weighted_choice(rng: random.Random, weights: Mapping[str, float]) -> str:
 
 
 def partition_real(names: list[str], counts: Mapping[str, int], seed: int) -> dict[str, list[str]]:
-    """Assign each real photograph to one split, about in proportion to the split sizes (leftovers to train)."""
+    """Assign each real photograph to exactly one split, about in proportion to the split sizes.
+
+    Every non-empty split gets at least one when there are enough photographs; leftovers go to train.
+    """
     order = sorted(names)
     random.Random(f"{_STREAM}/{seed}/real-partition").shuffle(order)
     active = [s for s in ("train", "test", "val") if counts.get(s, 0) > 0]
@@ -197,6 +200,8 @@ def partition_real(names: list[str], counts: Mapping[str, int], seed: int) -> di
     quota = {s: 0 for s in SPLITS}
     if len(order) >= len(active):
         quota.update({s: max(1, len(order) * counts[s] // total) for s in active})
+    for _ in range(sum(quota.values()) - len(order)):  # the at-least-one rule overshot: trim the largest
+        quota[max(active, key=quota.__getitem__)] -= 1
     quota[active[0]] += len(order) - sum(quota.values())
     pools, start = {}, 0
     for split in SPLITS:
