@@ -87,3 +87,24 @@ def test_loss_metrics_and_padding_invariance():
     torch.testing.assert_close(full, torch.stack(per).mean(), rtol=1e-5, atol=1e-5)
     out = dm.training_loss(batch, torch.Generator().manual_seed(0))
     assert 0 < out.metrics["masked_tokens"] <= out.metrics["loss_tokens"]
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2_5_vl"])
+def test_ar_loss_equals_transformers_causal_lm_loss(arch):
+    """ar_loss (AR instruction tuning before translation) == the HF model's own shifted CE on the same batch."""
+    dm = tiny_diffusion(arch, block_size=4).eval()
+    batch = _batch(dm, arch == "qwen2_5_vl")
+    n = int(batch["attention_mask"][0].sum())
+    one = {k: (v[:1, :n] if torch.is_tensor(v) and v.dim() == 2 else v) for k, v in batch.items()}
+    if arch == "qwen2_5_vl":  # first sample's image only
+        one["pixel_values"] = batch["pixel_values"][: int(batch["image_grid_thw"][0].prod())]
+        one["image_grid_thw"] = batch["image_grid_thw"][:1]
+        one["image_grid_thw_per_sample"] = batch["image_grid_thw_per_sample"][:1]
+    with torch.no_grad():
+        ours = dm.ar_loss(one).loss
+        kwargs = {}
+        if arch == "qwen2_5_vl":
+            kwargs = {"pixel_values": one["pixel_values"], "image_grid_thw": one["image_grid_thw"],
+                      "mm_token_type_ids": (one["input_ids"] == dm.adapter.image_token_id).int()}
+        ref = dm.hf_model(input_ids=one["input_ids"], labels=one["labels"], **kwargs).loss
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
