@@ -17,6 +17,10 @@ from diffusionvl.errors import DiffusionVLError
 COMMANDS: dict[str, tuple[str, str]] = {
     "convert": ("diffusionvl.commands.convert", "Translate an AR model (or a tiny random one) into a diffusion model."),
     "generate": ("diffusionvl.commands.generate", "Generate an answer for a prompt (and images), streamed."),
+    "chat": ("diffusionvl.commands.chat", "Chat interactively with a model in the terminal."),
+    "assets": ("diffusionvl.commands.assets",
+               "Prepare and check the offline pretrained assets (SmolLM2, EfficientNet-Lite0)."),
+    "data": ("diffusionvl.commands.data", "Generate the synthetic visual QA dataset (LLaVA JSON + eval JSONL)."),
 }
 
 

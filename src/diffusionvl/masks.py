@@ -95,6 +95,15 @@ def block_causal_dense_mask(q_slots: Tensor, kv_len: int, start: Tensor, block_s
     return allowed[:, None]
 
 
+def causal_dense_mask(valid: Tensor, window: int | None = None) -> Tensor:
+    """Plain causal mask of a right-padded batch (AR training). valid: [N, L] bool -> [N, 1, L, L] bool."""
+    length = valid.shape[1]
+    idx = torch.arange(length, device=valid.device)
+    allowed = block_causal_rule(idx[:, None], idx[None, :], 1, 0, window)[None] & valid[:, None, :]  # [N, L, L]
+    allowed = allowed | torch.eye(length, dtype=torch.bool, device=valid.device)[None]
+    return allowed[:, None]
+
+
 def to_additive(mask: Tensor, dtype: torch.dtype) -> Tensor:
     """Boolean mask -> additive float mask (0 where allowed, the dtype's minimum elsewhere) for eager attention."""
     out = torch.zeros(mask.shape, dtype=dtype, device=mask.device)

@@ -22,7 +22,7 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-from diffusionvl import attention, objective
+from diffusionvl import attention, masks, objective
 from diffusionvl.adapters import Adapter, adapter_class
 from diffusionvl.config import DecodeConfig, DiffusionConfig
 from diffusionvl.errors import DiffusionVLError
@@ -167,6 +167,22 @@ class DiffusionVLModel(nn.Module):
         metrics = {"loss_tokens": float(n_loss), "masked_tokens": float(where.shape[0]),
                    "mask_rate": float(where.shape[0]) / max(n_loss, 1)}
         return LossOutput(loss, metrics)
+
+    def ar_loss(self, batch: dict[str, Any]) -> LossOutput:
+        """Next-token cross entropy of the same backbone (AR instruction tuning before translation), mean over the
+        loss tokens. Same batch format as `training_loss`."""
+        prep = self.prepare_batch(batch)
+        x0, labels, valid, vision = prep["x0"], prep["labels"], prep["valid"], prep["vision"]
+        feats = self.adapter.image_features(vision) if vision else None
+        embeds = self.adapter.embed(x0, features=feats) if feats is not None else self.adapter.input_embeddings()(x0)
+        text_cfg = self.adapter.text_config
+        mask = attention.build(lambda w: masks.causal_dense_mask(valid, w), text_cfg, text_cfg, embeds.dtype)
+        hidden = self.adapter.run_decoder(embeds, mask, prep["positions"])  # [N, L, D]
+        target = labels[:, 1:]  # token i+1 is predicted at position i
+        where = (target != objective.IGNORE_INDEX).nonzero()  # [M, 2]
+        logits = self.adapter.head(hidden[where[:, 0], where[:, 1]])  # [M, V]
+        loss = torch.nn.functional.cross_entropy(logits.float(), target[where[:, 0], where[:, 1]])
+        return LossOutput(loss, {"loss_tokens": float(where.shape[0])})
 
     def bd3_prediction_logits(self, x_t: Tensor, prepared: dict[str, Any]) -> Tensor:
         """Logits predicting every x_t position, [N, L, V] (for tests and likelihood evaluation)."""

@@ -1,0 +1,37 @@
+"""Helpers shared by subcommands: loading the model a command runs on, and printing decoding stats."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from diffusionvl.errors import DiffusionVLError
+
+
+def add_model_arguments(parser: argparse.ArgumentParser, required: bool = False) -> None:
+    parser.add_argument("--model", required=required, default=None,
+                        help="diffusion model folder (default: the embedded default model)")
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    parser.add_argument("--dtype", default=None, help="float32, bfloat16, float16 (default: bf16 on GPU, fp32 on CPU)")
+
+
+def load_model(args: argparse.Namespace) -> Any:
+    """The model named by --model, or the embedded default when none is given."""
+    if args.model is None:
+        try:
+            from diffusionvl.default import load_default
+        except ImportError:
+            raise DiffusionVLError("no --model given and this installation has no embedded default model") from None
+        return load_default(device=args.device, dtype=args.dtype)
+    from diffusionvl.conversion import load
+
+    return load(args.model, device=args.device, dtype=args.dtype)
+
+
+def stats_line(stats: dict[str, Any]) -> str:
+    head = f"[{stats['decoder']}"
+    if stats["decoder"] != "ar":
+        head += f" B={stats['block_size']} S={stats['steps']} {stats['policy']}"
+    return (f"{head}] {stats['tokens']} tokens, {stats['forwards']} forwards, "
+            f"{stats['tokens_per_forward']:.2f} tokens/forward, {stats['seconds']:.2f} s, "
+            f"{stats['tokens_per_second']:.1f} tokens/s")

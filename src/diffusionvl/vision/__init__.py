@@ -1,0 +1,1 @@
+"""Vision encoders (pure PyTorch, no timm/torchvision): `efficientnet.EfficientNetLite0` and its preprocessing."""

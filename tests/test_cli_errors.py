@@ -1,0 +1,124 @@
+"""Bad input gives one clear line (DiffusionVLError / `error: ...`, exit 2), never a traceback; the CLI works."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from conftest import tiny_diffusion
+from diffusionvl.cli import main
+from diffusionvl.errors import DiffusionVLError
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("models") / "tiny-llama"
+    assert main(["convert", "--tiny", "llama", str(path), "--block-size", "4"]) == 0
+    return path
+
+
+@pytest.mark.parametrize("kwargs,needle", [
+    (dict(block_size=0), "block size must be an integer >= 1"),
+    (dict(block_size=4, steps=5), "cannot exceed the block size"),
+    (dict(threshold=0.0), "threshold must be in (0, 1]"),
+    (dict(threshold=1.2), "threshold must be in (0, 1]"),
+    (dict(temperature=-0.5), "temperature must be >= 0"),
+    (dict(top_p=0.0), "top_p must be in (0, 1]"),
+    (dict(max_new_tokens=0), "max_new_tokens must be an integer >= 1"),
+    (dict(decoder="beam"), "decoder must be block, ar or full"),
+    (dict(nonsense=1), "unknown generation option"),
+])
+def test_invalid_decoding_parameters(kwargs, needle):
+    dm = tiny_diffusion("llama")
+    with pytest.raises(DiffusionVLError, match=None) as info:
+        dm.generate("hi", **kwargs)
+    assert needle in str(info.value) and "\n" not in str(info.value)
+
+
+def test_bad_images(tmp_path):
+    dm = tiny_diffusion("qwen2_5_vl")
+    with pytest.raises(DiffusionVLError, match="image file not found"):
+        dm.generate("what?", images=[str(tmp_path / "missing.png")])
+    bad = tmp_path / "bad.png"
+    bad.write_text("this is not an image")
+    with pytest.raises(DiffusionVLError, match="not an image"):
+        dm.generate("what?", images=[str(bad)])
+    from conftest import red_square
+
+    red_square().save(tmp_path / "ok.png")
+    truncated = tmp_path / "truncated.png"
+    truncated.write_bytes((tmp_path / "ok.png").read_bytes()[:60])
+    with pytest.raises(DiffusionVLError, match="corrupt or truncated|not an image"):
+        dm.generate("what?", images=[str(truncated)])
+    with pytest.raises(DiffusionVLError, match="remote image URLs are not allowed"):
+        dm.generate("what?", images=["http://example.com/cat.png"])
+    with pytest.raises(DiffusionVLError, match="no vision encoder"):
+        tiny_diffusion("llama").generate("what?", images=[str(tmp_path / "ok.png")])
+
+
+def test_prompt_too_long():
+    dm = tiny_diffusion("llama")
+    with pytest.raises(DiffusionVLError, match="prompt too long"):
+        dm.generate("hello " * 2000, max_new_tokens=8)
+
+
+def test_missing_path_and_unsupported_architecture(tmp_path):
+    import diffusionvl
+
+    with pytest.raises(DiffusionVLError, match="model not found"):
+        diffusionvl.load(tmp_path / "nope")
+    with pytest.raises(DiffusionVLError, match="has no config.json"):
+        diffusionvl.load(tmp_path)
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=64)).save_pretrained(tmp_path / "gpt2")
+    with pytest.raises(DiffusionVLError, match="unsupported architecture 'gpt2'; supported model types: .*llama"):
+        diffusionvl.convert(tmp_path / "gpt2", tmp_path / "out")
+
+
+def test_unconverted_checkpoint_is_refused_with_hint(tmp_path):
+    import diffusionvl
+    from conftest import tiny_ar
+
+    model, tok = tiny_ar("llama")
+    model.save_pretrained(tmp_path / "ar")
+    tok.save_pretrained(tmp_path / "ar")
+    with pytest.raises(DiffusionVLError, match="run `diffusionvl convert"):
+        diffusionvl.load(tmp_path / "ar")
+    assert diffusionvl.load(tmp_path / "ar", allow_unconverted=True).config.block_size == 8
+
+
+def test_cli_generate_streams_and_json(tiny_dir, capsys):
+    assert main(["generate", "--model", str(tiny_dir), "--prompt", "Hello", "--max-new-tokens", "8"]) == 0
+    captured = capsys.readouterr()
+    assert "tokens/forward" in captured.err
+    assert main(["generate", "--model", str(tiny_dir), "--prompt", "Hello", "--max-new-tokens", "8",
+                 "--decoder", "ar", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["stats"]["decoder"] == "ar" and len(out["token_ids"]) <= 8
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["generate", "--model", "{tiny}", "--prompt", "x", "--steps", "9"], "cannot exceed the block size (4)"),
+    (["generate", "--model", "{tiny}", "--prompt", "x", "--image", "/no/such.png"], "image file not found"),
+    (["generate", "--model", "/no/such/model", "--prompt", "x"], "model not found"),
+    (["generate", "--model", "{tiny}", "--prompt", "x", "--threshold", "2"], "threshold must be in (0, 1]"),
+    (["convert", "--tiny", "llama", "/tmp/x", "--block-size", "0"], "block_size must be an integer >= 1"),
+    (["convert", "{tiny}/../nothing-here", "/tmp/y"], "model not found"),
+])
+def test_cli_errors_are_one_line(tiny_dir, capsys, argv, needle):
+    argv = [a.replace("{tiny}", str(tiny_dir)) for a in argv]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: ") and needle in err[-1]
+    assert not any("Traceback" in line for line in err)
+
+
+def test_cli_subprocess_has_no_traceback(tiny_dir):
+    proc = subprocess.run([sys.executable, "-m", "diffusionvl", "generate", "--model", str(tiny_dir),
+                           "--prompt", "x", "--temperature", "-1"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr and "error: temperature must be >= 0" in proc.stderr
