@@ -31,7 +31,8 @@ class ServeConfig:
     max_request_mb: float = option(32.0, "Largest request body in MiB (larger: HTTP 413).")
     allow_local_images: str | None = option(
         None, "Folder whose files requests may name as images (file paths or file:// URLs); default: none allowed.")
-    allow_remote_images: bool = option(False, "Let requests name http(s) image URLs, which the server downloads.")
+    allow_remote_images: bool = option(False, "Let requests name http(s) image URLs, which the server downloads.",
+                                       cli=False)  # a plain switch, added by the serve command
 
     def validate(self) -> "ServeConfig":
         check(isinstance(self.port, int) and 0 <= self.port < 65536, f"port must be in 0..65535, got {self.port!r}")
