@@ -10,6 +10,7 @@ import io
 import json
 import os
 import socket
+import sys
 import threading
 import time
 
@@ -134,6 +135,35 @@ def test_streaming_sse_format_and_text(client):
     assert chunks[-1]["choices"] == [] and chunks[-1]["usage"] == full["usage"]
 
 
+def test_request_decode_fields_override_server_defaults(client, text_model):
+    body = _body("Hello", max_tokens=9, block_size=2, decoder="block", policy="threshold", threshold=0.5)
+    out = client.post("/v1/chat/completions", json=body).json()
+    ref = text_model.generate([{"role": "user", "content": "Hello"}], max_new_tokens=9, block_size=2,
+                              policy="threshold", threshold=0.5)
+    assert out["choices"][0]["message"]["content"] == ref.texts[0]
+    assert (out["diffusionvl"]["block_size"], out["diffusionvl"]["steps"]) == (2, 2)
+
+
+def test_seeded_sampling_reproduces_generate_and_runs_alone(client, text_model):
+    import dataclasses
+
+    from diffusionvl.config import DecodeConfig
+    from diffusionvl.serve.engine import batch_key
+
+    body = _body("Hello", max_tokens=10, temperature=0.9, top_p=0.9, seed=7)
+    out = client.post("/v1/chat/completions", json=body).json()
+    ref = text_model.generate([{"role": "user", "content": "Hello"}], max_new_tokens=10, temperature=0.9, top_p=0.9,
+                              seed=7)
+    assert out["choices"][0]["message"]["content"] == ref.texts[0]
+    greedy = DecodeConfig(seed=1).resolved(4)
+    sampled = dataclasses.replace(greedy, temperature=0.9)
+    assert batch_key(greedy, 1) == batch_key(dataclasses.replace(greedy, seed=2, max_new_tokens=5), 2)
+    assert batch_key(sampled, 1) != batch_key(sampled, 2)  # a seeded sampled request runs alone
+    assert batch_key(dataclasses.replace(sampled, seed=None), 1) == batch_key(dataclasses.replace(sampled, seed=None), 2)
+    full = dataclasses.replace(greedy, decoder="full")
+    assert batch_key(full, 1) != batch_key(dataclasses.replace(full, max_new_tokens=5), 2)
+
+
 def test_stop_strings_cut_the_text(client, text_model):
     ref = client.post("/v1/chat/completions", json=_body("Count to five.", max_tokens=16)).json()
     text = ref["choices"][0]["message"]["content"]
@@ -171,6 +201,7 @@ def test_text_assembler_holds_back_possible_stop_prefixes():
     (json.dumps(_body(n=2)), 400, "n"),
     (json.dumps(_body(stop=["a", "b", "c", "d", "e"])), 400, "stop"),
     (json.dumps(_body(block_size=4, steps=9)), 400, "cannot exceed the block size"),
+    (json.dumps(_body(steps=5)), 400, "cannot exceed the block size"),
     (json.dumps(_body(policy="greedy")), 400, "policy"),
     (json.dumps(_body(frobnicate=True)), 400, "unrecognized request argument supplied: frobnicate"),
     (json.dumps({"model": NAME, "messages": [{"role": "robot", "content": "hi"}]}), 400, "role"),
@@ -311,8 +342,9 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def test_openai_client_against_uvicorn(text_model):
-    openai = pytest.importorskip("openai")
+@pytest.fixture(scope="module")
+def live_server(text_model):
+    """A real uvicorn server on 127.0.0.1 (free port) in a thread; yields its base URL."""
     uvicorn = pytest.importorskip("uvicorn")
     port = _free_port()
     app = create_app(text_model, ServeConfig(port=port), model_name=NAME)
@@ -324,22 +356,53 @@ def test_openai_client_against_uvicorn(text_model):
         while not server.started:
             assert time.monotonic() < deadline and thread.is_alive(), "uvicorn did not start"
             time.sleep(0.02)
-        api = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0)
-        assert [m.id for m in api.models.list()] == [NAME]
-        messages = [{"role": "user", "content": "Hello"}]
-        out = api.chat.completions.create(model=NAME, messages=messages, max_tokens=12, temperature=0,
-                                          extra_body={"block_size": 4, "steps": 2, "policy": "threshold"})
-        ref = text_model.generate([{"role": "user", "content": "Hello"}], max_new_tokens=12, block_size=4, steps=2,
-                                  policy="threshold")
-        assert out.choices[0].message.content == ref.texts[0]
-        assert out.usage.completion_tokens == len(ref.token_ids[0])
-        stream = api.chat.completions.create(model=NAME, messages=messages, max_tokens=12, stream=True,
-                                             extra_body={"block_size": 4, "steps": 2, "policy": "threshold"})
-        assert "".join(ch.choices[0].delta.content or "" for ch in stream if ch.choices) == ref.texts[0]
-        with pytest.raises(openai.NotFoundError):
-            api.chat.completions.create(model="nope", messages=messages)
-        with pytest.raises(openai.BadRequestError):
-            api.chat.completions.create(model=NAME, messages=messages, top_p=5)
+        yield f"http://127.0.0.1:{port}"
     finally:
         server.should_exit = True
         thread.join(15)
+
+
+def test_openai_client_against_uvicorn(live_server, text_model):
+    openai = pytest.importorskip("openai")
+    api = openai.OpenAI(base_url=f"{live_server}/v1", api_key="unused", max_retries=0)
+    assert [m.id for m in api.models.list()] == [NAME]
+    messages = [{"role": "user", "content": "Hello"}]
+    extra = {"block_size": 4, "steps": 2, "policy": "threshold"}
+    out = api.chat.completions.create(model=NAME, messages=messages, max_tokens=12, temperature=0, extra_body=extra)
+    ref = text_model.generate(messages, max_new_tokens=12, **extra)
+    assert out.choices[0].message.content == ref.texts[0]
+    assert out.usage.completion_tokens == len(ref.token_ids[0])
+    assert out.model_extra["diffusionvl"]["steps"] == 2
+    stream = api.chat.completions.create(model=NAME, messages=messages, max_tokens=12, stream=True, extra_body=extra)
+    assert "".join(ch.choices[0].delta.content or "" for ch in stream if ch.choices) == ref.texts[0]
+    with pytest.raises(openai.NotFoundError):
+        api.chat.completions.create(model="nope", messages=messages)
+    with pytest.raises(openai.BadRequestError):
+        api.chat.completions.create(model=NAME, messages=messages, top_p=5)
+
+
+def _loadtest_module():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "loadtest.py"
+    spec = importlib.util.spec_from_file_location("loadtest", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["loadtest"] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_loadtest_script_is_bounded_and_loopback_only(live_server, tmp_path):
+    lt = _loadtest_module()
+    assert lt.percentile([1.0, 2.0, 3.0, 4.0], 50) == 2.5 and lt.percentile([5.0], 95) == 5.0
+    with pytest.raises(SystemExit):
+        lt.parse_args(["--url", "http://example.com:8000"])
+    with pytest.raises(SystemExit):
+        lt.parse_args(["--clients", "100000"])
+    out = tmp_path / "load.json"
+    assert lt.main(["--url", live_server, "--clients", "3", "--duration", "30", "--max-requests", "6",
+                    "--max-tokens", "8", "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["completed"] == report["requests"] == 6 and report["errors"] == 0
+    assert report["tokens_per_s"] > 0 and report["latency_p95_s"] >= report["latency_p50_s"] > 0

@@ -126,8 +126,9 @@ def create_app(model: Any, config: ServeConfig | None = None, decode: DecodeConf
     from fastapi import FastAPI
 
     cfg = (config or ServeConfig()).validate()
-    state = _State(model, cfg, (decode or DecodeConfig()).resolved(model.config.block_size),
-                   model_name or cfg.model_name or default_model_name(model))
+    decode = decode or DecodeConfig()
+    decode.resolved(model.config.block_size)  # fail now on bad defaults; keep None = "derive per request"
+    state = _State(model, cfg, decode, model_name or cfg.model_name or default_model_name(model))
 
     @asynccontextmanager
     async def lifespan(app: Any) -> AsyncIterator[None]:
