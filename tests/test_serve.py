@@ -159,7 +159,8 @@ def test_seeded_sampling_reproduces_generate_and_runs_alone(client, text_model):
     sampled = dataclasses.replace(greedy, temperature=0.9)
     assert batch_key(greedy, 1) == batch_key(dataclasses.replace(greedy, seed=2, max_new_tokens=5), 2)
     assert batch_key(sampled, 1) != batch_key(sampled, 2)  # a seeded sampled request runs alone
-    assert batch_key(dataclasses.replace(sampled, seed=None), 1) == batch_key(dataclasses.replace(sampled, seed=None), 2)
+    unseeded = dataclasses.replace(sampled, seed=None)
+    assert batch_key(unseeded, 1) == batch_key(unseeded, 2)
     full = dataclasses.replace(greedy, decoder="full")
     assert batch_key(full, 1) != batch_key(dataclasses.replace(full, max_new_tokens=5), 2)
 
@@ -208,6 +209,7 @@ def test_text_assembler_holds_back_possible_stop_prefixes():
     (json.dumps(_body(max_tokens=100000)), 400, "exceeds this server's limit"),
     (json.dumps(_body(max_tokens=1020)), 400, "prompt too long"),
     (json.dumps(_body("word " * 1100, max_tokens=8)), 400, "prompt too long"),
+    (json.dumps(_body("word " * 1100, max_tokens=8, stream=True)), 400, "prompt too long"),
     (json.dumps(_image_body(_data_url())), 400, "takes no images"),
 ])
 def test_bad_requests_get_openai_errors(client, raw, status, needle):
@@ -224,6 +226,11 @@ def test_unknown_route_and_too_large_body(text_model):
         assert c.get("/v1/nothing").json()["error"]["type"] == "not_found_error"
         r = c.post("/v1/chat/completions", json=_body("x" * 20000))
         assert r.status_code == 413 and "larger than" in r.json()["error"]["message"]
+        raw = json.dumps(_body("x" * 20000)).encode()
+        chunked = c.post("/v1/chat/completions", content=iter([raw[:8000], raw[8000:]]),  # no content-length
+                         headers={"content-type": "application/json"})
+        assert chunked.status_code == 413
+        assert c.post("/v1/chat/completions", json=_body("small")).status_code == 200
 
 
 # ---- images -----------------------------------------------------------------------------------------------------

@@ -144,7 +144,8 @@ def load_synth(data: str | None, image_folder: str | None, metric: str | None) -
     file = path / "test.jsonl" if path.is_dir() else path
     check(file.is_file(), f"{file} not found: generate the data with `diffusionvl data --out {data}`")
     folder = Path(image_folder) if image_folder else file.resolve().parent
-    return [sample_from(obj, i, folder, f"{file}:{n}", metric or "exact") for i, (n, obj) in enumerate(read_jsonl(file))]
+    rows = read_jsonl(file)
+    return [sample_from(obj, i, folder, f"{file}:{n}", metric or "exact") for i, (n, obj) in enumerate(rows)]
 
 
 def load_elbo(data: str | None, image_folder: str | None, metric: str | None) -> list[Sample]:

@@ -77,10 +77,9 @@ def resolve_decode(base: DecodeConfig, body: schema.ChatRequest, model_block_siz
 
 
 class _BodyLimit:
-    """ASGI middleware: refuse request bodies larger than `limit` bytes with HTTP 413 (declared or streamed)."""
+    """ASGI middleware: refuse request bodies larger than `limit` bytes with HTTP 413 (declared or streamed).
 
-    class TooLarge(Exception):
-        pass
+    The body is read here, up to the limit, and replayed to the app (which reads it whole anyway)."""
 
     def __init__(self, app: Any, limit: int):
         self.app, self.limit = app, limit
@@ -91,26 +90,27 @@ class _BodyLimit:
         declared = dict(scope.get("headers") or []).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.limit:
             return await self._refuse(scope, receive, send)
-        seen, started = 0, False
-
-        async def counted() -> dict[str, Any]:
-            nonlocal seen
+        chunks, size = [], 0
+        while True:
             message = await receive()
-            seen += len(message.get("body", b""))
-            if seen > self.limit:
-                raise self.TooLarge()
-            return message
+            if message["type"] != "http.request":  # the client went away before sending everything
+                return
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.limit:
+                return await self._refuse(scope, receive, send)
+            if not message.get("more_body", False):
+                break
+        replayed = False
 
-        async def tracked_send(message: dict[str, Any]) -> None:
-            nonlocal started
-            started = started or message["type"] == "http.response.start"
-            await send(message)
+        async def replay() -> dict[str, Any]:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+            return await receive()
 
-        try:
-            await self.app(scope, counted, tracked_send)
-        except self.TooLarge:
-            if not started:
-                await self._refuse(scope, receive, send)
+        await self.app(scope, replay, send)
 
     async def _refuse(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         from starlette.responses import JSONResponse
