@@ -211,12 +211,19 @@ class DiffusionVLModel(nn.Module):
             raise DiffusionVLError(f"unknown generation option(s): {', '.join(unknown)}")
         return dataclasses.replace(base, **kwargs)
 
-    def generate(self, prompts: Any, images: Any = None, config: DecodeConfig | None = None, **kwargs: Any) -> Any:
+    def generate(self, prompts: Any = None, images: Any = None, config: DecodeConfig | None = None,
+                 **kwargs: Any) -> Any:
         """Generate answers. prompts: str | list[str] | messages | list[messages]; images: per sample.
 
         Keyword options are DecodeConfig fields (decoder, max_new_tokens, block_size, steps, policy, threshold,
         temperature, top_k, top_p, seed, use_cache). Returns a GenerationOutput (texts, token_ids, stats).
+        A call in the DiffusionVL reference form (token id tensor, `inputs=`/`gen_length=`) goes to
+        `diffusionvl.compat.generate_compat` and returns a LongTensor [N, gen_length] like the reference.
         """
+        if prompts is None or isinstance(prompts, Tensor) or "gen_length" in kwargs:
+            from diffusionvl.compat import generate_compat
+
+            return generate_compat(self, prompts, images=images, config=config, **kwargs)
         final = None
         for event in self.stream_events(prompts, images, config, **kwargs):
             final = event
