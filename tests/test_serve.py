@@ -303,7 +303,7 @@ def test_full_queue_answers_429_and_shutdown_503(text_model):
     app = create_app(text_model, ServeConfig(max_batch=1, max_queue=1, batch_wait_ms=0), model_name=NAME)
     engine = app.state.diffusionvl.engine
     gate = threading.Event()
-    real = text_model.stream_events
+    real = engine._events
 
     def gated(*args, **kwargs):
         gate.wait(30)
@@ -320,11 +320,10 @@ def test_full_queue_answers_429_and_shutdown_503(text_model):
             gate.set()
             return third, await first, await second
 
-    text_model.stream_events = gated
+    engine._events = gated
     try:
         third, first, second = asyncio.run(scenario())
     finally:
-        del text_model.stream_events
         gate.set()
     assert third.status_code == 429 and third.json()["error"]["code"] == "queue_full"
     assert third.headers["retry-after"] == "1"
@@ -333,6 +332,36 @@ def test_full_queue_answers_429_and_shutdown_503(text_model):
     with TestClient(app, raise_server_exceptions=False) as c:
         r = c.post("/v1/chat/completions", json=_body("four"))
         assert r.status_code == 503 and c.get("/health").status_code == 503
+
+
+def test_requests_that_do_not_fit_the_context_together_are_split(text_model):
+    """A long prompt with a small budget and a short prompt with a large budget each fit the context, but not in
+    one batch (longest prompt + largest budget): both still succeed, in two batches."""
+    def n_tokens(words):
+        return len(text_model.adapter.encode(text_model_conversation("word " * words)).input_ids[0])
+
+    lo, hi = 1, 2000  # the most words whose prompt stays within 1000 of the 1024 positions
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if n_tokens(mid) <= 1000 else (lo, mid - 1)
+    words = lo
+    assert n_tokens(words) + 200 > text_model.max_positions >= n_tokens(words) + 8
+    long_body = _body("word " * words, max_tokens=8)
+    short_body = _body("Hello", max_tokens=200)
+    app = create_app(text_model, ServeConfig(max_batch=8, batch_wait_ms=300), model_name=NAME)
+
+    async def both():
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test", timeout=120) as ac:
+            return await asyncio.gather(ac.post("/v1/chat/completions", json=long_body),
+                                        ac.post("/v1/chat/completions", json=short_body))
+
+    with TestClient(app) as c:
+        alone = [c.post("/v1/chat/completions", json=b).json() for b in (long_body, short_body)]
+        together = [r.json() for r in asyncio.run(both())]
+    assert [r["choices"][0]["message"]["content"] for r in together] == \
+        [r["choices"][0]["message"]["content"] for r in alone]
+    assert [r["diffusionvl"]["batch_size"] for r in together] == [1, 1]
 
 
 async def _until(condition, timeout=30.0):

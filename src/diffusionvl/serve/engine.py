@@ -16,6 +16,9 @@ Contract:
   `TextAssembler` turns a request's token ids into text deltas: its own token budget, stop strings (the text is
   cut at the first one and the request finishes, even though its batch row may continue), no half characters,
   and nothing streamed that a stop string could still remove.
+- The batch is tokenized once on the decode thread (tokenizers are not shared across threads) and decoded with
+  `decoding.run_encoded`. Requests whose longest prompt + largest budget would not fit the model's context
+  together are split: the ones that do not fit go back to the front of the queue for the next batch.
 - A batch stops decoding as soon as every request in it has finished or was cancelled (client gone).
 """
 
@@ -166,7 +169,7 @@ class DecodeEngine:
     """Bounded queue + one decode thread (module docstring)."""
 
     def __init__(self, model: Any, *, max_batch: int = 8, max_queue: int = 64, batch_wait_s: float = 0.005):
-        self.model = model
+        self.model = model.eval()  # the server never trains; decoding.run_encoded does not switch modes itself
         self.max_batch = max_batch
         self.max_queue = max_queue
         self.batch_wait_s = batch_wait_s
@@ -263,30 +266,64 @@ class DecodeEngine:
                     return batch
                 self._cond.wait(remaining)
 
-    def _admit(self, batch: list[PendingRequest]) -> list[tuple[PendingRequest, int]]:
-        """Encode each prompt alone to count its tokens and refuse too-long ones (HTTP 400)."""
+    def _admit(self, batch: list[PendingRequest]) -> tuple[list[tuple[PendingRequest, int]], Any]:
+        """Tokenize the batch once; refuse (HTTP 400) prompts that are bad or too long for their own budget.
+
+        Returns the admitted (request, prompt tokens) and the batch encoding when it covers exactly them."""
+        adapter = self.model.adapter
+        try:
+            encoded = adapter.encode([r.conversation for r in batch])
+        except DiffusionVLError:  # find the offending request(s) one by one
+            encoded = None
         admitted = []
-        for request in batch:
+        for i, request in enumerate(batch):
             try:
-                encoded = self.model.adapter.encode([request.conversation])
-                self.model.check_prompt_lengths(encoded.input_ids, request.config.max_new_tokens)
-                admitted.append((request, len(encoded.input_ids[0])))
+                alone = encoded is None
+                ids = (adapter.encode([request.conversation]) if alone else encoded).input_ids[0 if alone else i]
+                self.model.check_prompt_lengths([ids], request.config.max_new_tokens)
+                admitted.append((request, len(ids)))
             except DiffusionVLError as exc:
                 request.post(Failed(400, str(exc)))
-        return admitted
+        return admitted, encoded if len(admitted) == len(batch) else None
+
+    def _fit(self, admitted: list[tuple[PendingRequest, int]]) -> tuple[list[tuple[PendingRequest, int]], list[Any]]:
+        """Keep the requests whose longest prompt + largest budget fit the context together; the rest wait."""
+        limit = self.model.max_positions
+        chosen: list[tuple[PendingRequest, int]] = []
+        rest = []
+        for request, n_prompt in admitted:
+            longest = max([n for _, n in chosen] + [n_prompt])
+            budget = max([r.config.max_new_tokens for r, _ in chosen] + [request.config.max_new_tokens])
+            if not chosen or not limit or longest + budget <= limit:
+                chosen.append((request, n_prompt))
+            else:
+                rest.append(request)
+        return chosen, rest
+
+    def _events(self, encoded: Any, cfg: DecodeConfig) -> Any:
+        """The decoder's per-block events for an encoded batch (a seam for tests)."""
+        from diffusionvl.decoding import run_encoded
+
+        return run_encoded(self.model, encoded, cfg)
 
     def _run_batch(self, batch: list[PendingRequest]) -> None:
         started = time.monotonic()
-        admitted = self._admit([r for r in batch if not r.cancelled])
+        admitted, encoded = self._admit([r for r in batch if not r.cancelled])
+        admitted, rest = self._fit(admitted)
+        if rest:  # served by the next batch, ahead of everything else
+            with self._cond:
+                self._pending.extendleft(reversed(rest))
+            encoded = None
         if not admitted:
             return
         requests = [r for r, _ in admitted]
-        budget = max(r.config.max_new_tokens for r in requests)
-        cfg = dataclasses.replace(requests[0].config, max_new_tokens=budget)
+        if encoded is None:
+            encoded = self.model.adapter.encode([r.conversation for r in requests])
+        cfg = dataclasses.replace(requests[0].config, max_new_tokens=max(r.config.max_new_tokens for r in requests))
         for request, n_prompt in admitted:
             request.post(Accepted(n_prompt, len(requests), started - request.enqueued))
         texts = [TextAssembler(self.model.tokenizer, r.config.max_new_tokens, r.stops) for r in requests]
-        events = self.model.stream_events([r.conversation for r in requests], None, config=cfg)
+        events = self._events(encoded, cfg)
         try:
             for event in events:
                 if event.final:
