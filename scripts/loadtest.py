@@ -3,7 +3,8 @@
 
 Contract: each of `--clients` asyncio clients sends streaming chat completions back to back (`stream: true`,
 usage included) until `--duration` seconds have passed or `--max-requests` requests were sent in all (bounded in
-count and time). It reports requests/s, completion tokens/s, latency and time-to-first-token p50/p95 and the
+count and time: no request starts after the duration, and each one in flight then is bounded by
+`--request-timeout`; requests/s and tokens/s divide by the whole run's wall time). It reports requests/s, completion tokens/s, latency and time-to-first-token p50/p95 and the
 error count as a table and optionally as JSON (`--json FILE`, written atomically); the exit status is 1 when any
 request failed. Only loopback hosts are allowed unless `--allow-non-loopback` is given. `--launch MODEL_DIR`
 starts `diffusionvl serve` on a free loopback port for the run and stops it afterwards (extra server flags after

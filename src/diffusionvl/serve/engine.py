@@ -238,8 +238,10 @@ class DecodeEngine:
                 self._run_batch(batch)
             except Exception:  # noqa: BLE001 - never let one batch kill the server
                 log.exception("decode batch failed")
+                with self._cond:
+                    requeued = set(map(id, self._pending))
                 for request in batch:
-                    if not request.finished:
+                    if not request.finished and id(request) not in requeued:
                         request.post(Failed(500, "internal error while decoding", "server_error"))
             finally:
                 self.running = 0
