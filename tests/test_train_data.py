@@ -148,7 +148,8 @@ def test_bad_samples_are_counted_and_skipped(qwen_vl, tmp_path):
     lines = [
         ok,
         "{not json",
-        {"image": "missing.png", "conversations": [{"from": "human", "value": "<image>"}, {"from": "gpt", "value": "x"}]},
+        {"image": "missing.png", "conversations": [{"from": "human", "value": "<image>"},
+                                                   {"from": "gpt", "value": "x"}]},
         {"conversations": [{"from": "human", "value": "Only a question"}]},
         {"conversations": [{"from": "robot", "value": "?"}, {"from": "gpt", "value": "x"}]},
         {"image": ["ok.png", "ok.png"], "conversations": [{"from": "human", "value": "<image> one marker"},
@@ -176,7 +177,8 @@ def test_bad_samples_are_counted_and_skipped(qwen_vl, tmp_path):
 
 def test_text_model_skips_image_samples_and_errors_are_one_line(llama, tmp_path):
     red_square().save(tmp_path / "a.png")
-    items = [{"image": "a.png", "conversations": [{"from": "human", "value": "<image>q"}, {"from": "gpt", "value": "a"}]},
+    items = [{"image": "a.png", "conversations": [{"from": "human", "value": "<image>q"},
+                                                  {"from": "gpt", "value": "a"}]},
              {"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]}]
     records, report = read_records(_write_jsonl(tmp_path / "d.jsonl", items), has_vision=False)
     assert report.kept == 1 and report.skipped["images for a text-only model"] == 1

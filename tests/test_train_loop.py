@@ -189,3 +189,35 @@ def test_cuda_trains_with_flex_attention_by_default(vl_run, tmp_path):
     model, data = vl_run
     summary = train(_cfg(model, data, tmp_path / "run", max_steps=2, bf16=True))
     assert summary["attention"] == "flex_attention" and summary["train_loss"] > 0
+
+
+def test_bench_script_smoke_on_cpu(tmp_path):
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "bench_train_attention.py"
+    spec = importlib.util.spec_from_file_location("bench_train_attention", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "bench.json"
+    results = bench.main(["--tiny", "--lengths", "16", "32", "--steps", "1", "--warmup", "1", "--device", "cpu",
+                          "--out", str(out)])
+    assert [(r["backend"], r["length"]) for r in results] == [("sdpa", 16), ("sdpa", 32)]
+    assert all(r["step_ms"] > 0 for r in results) and json.loads(out.read_text())["shape"] == "tiny"
+
+
+def test_gradient_checkpointing_gives_the_same_losses(llama_run, tmp_path):
+    model, data = llama_run
+    calls = {}
+
+    def run(name, **kw):
+        trainer = Trainer(_cfg(model, data, tmp_path / name, max_steps=3, lr=3e-3, **kw))
+        layer = trainer.model.hf_model.model.layers[0].mlp  # inside the checkpointed forward
+        hook = layer.register_forward_pre_hook(lambda *a: calls.__setitem__(name, calls.get(name, 0) + 1))
+        trainer.fit()
+        hook.remove()
+        return _log(tmp_path / name, "loss")
+
+    la, lb = run("plain"), run("ckpt", gradient_checkpointing=True)
+    assert calls == {"plain": 3, "ckpt": 6}  # each layer is recomputed in the backward pass
+    for step in (1, 2, 3):
+        assert lb[step] == pytest.approx(la[step], rel=1e-5)

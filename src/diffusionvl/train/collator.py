@@ -4,8 +4,8 @@ Contract: `Collator(pad_id, block_size, adapter)(items)` returns
     input_ids [N, L] (pad id after each sample), labels [N, L] (-100 on padding), attention_mask [N, L],
     position_ids [P, N, L] (the adapter's own positions, M-RoPE included; 0 on padding),
     position [N] (each sample's place in its global batch: keys the masking noise),
-    pixel_values / image_grid_thw (images of all samples in order) and image_grid_thw_per_sample (one [k, 3] per
-    sample, k = 0 for text-only samples), only when the batch has images,
+    the processor's vision tensors (Qwen-VL: pixel_values, image_grid_thw), images of all samples in order, and
+    image_grid_thw_per_sample (one [k, 3] per sample, k = 0 for text-only samples), only when the batch has images,
     meta: plain-Python bookkeeping (dataset indices, skipped / truncated samples, token counts) for the trainer.
 L is the longest sample rounded up to a multiple of the block size. Runs on CPU in the DataLoader workers, so the
 per-sample work (positions) stays off the training step.
@@ -53,12 +53,15 @@ class Collator:
 
     @staticmethod
     def _vision(samples: list[Any]) -> dict[str, Any]:
-        if not any(s.vision for s in samples):
+        """Each vision tensor of the samples with images, concatenated in sample order (images along dim 0)."""
+        with_images = [s.vision for s in samples if s.vision]
+        if not with_images:
             return {}
-        grids = [s.vision.get("image_grid_thw", torch.zeros(0, 3, dtype=torch.long)) for s in samples]
-        pixels = [s.vision["pixel_values"] for s in samples if s.vision]
-        return {"pixel_values": torch.cat(pixels), "image_grid_thw": torch.cat(grids),
-                "image_grid_thw_per_sample": grids}
+        out: dict[str, Any] = {k: torch.cat([v[k] for v in with_images]) for k in with_images[0]}
+        if "image_grid_thw" in out:  # per-sample grids for M-RoPE positions ([0, 3] for text-only samples)
+            out["image_grid_thw_per_sample"] = [s.vision.get("image_grid_thw", torch.zeros(0, 3, dtype=torch.long))
+                                                for s in samples]
+        return out
 
     def _positions(self, ids: Tensor, lengths: list[int], batch: dict[str, Any]) -> Tensor:
         """[P, N, L] positions from the adapter, sample by sample (0 on padding)."""

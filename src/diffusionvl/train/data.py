@@ -257,8 +257,8 @@ def split_records(records: list[Record], eval_size: float, seed: int) -> tuple[l
 class SFTDataset:
     """Map-style dataset over records; items are encoded on access (see module docstring)."""
 
-    def __init__(self, records: list[Record], encoder: Any):
-        check(len(records) > 0, "no usable training samples (see the data report above)")
+    def __init__(self, records: list[Record], encoder: Any, what: str = "training"):
+        check(len(records) > 0, f"no usable {what} samples (see the data report above)")
         self.records = records
         self.encoder = encoder
         self._bad: dict[int, str] = {}  # index -> reason, known in this process / worker

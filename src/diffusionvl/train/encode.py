@@ -30,13 +30,14 @@ from diffusionvl.train.data import Record, SampleError
 
 Tensor = torch.Tensor
 IGNORE = objective.IGNORE_INDEX
+TEXT_KEYS = ("input_ids", "attention_mask", "mm_token_type_ids", "token_type_ids")
 
 
 @dataclass
 class EncodedSample:
     input_ids: Tensor  # [L] long, L a multiple of B
     labels: Tensor  # [L] long, -100 off the loss tokens
-    vision: dict[str, Tensor] = field(default_factory=dict)  # pixel_values [P, C], image_grid_thw [k, 3]
+    vision: dict[str, Tensor] = field(default_factory=dict)  # e.g. pixel_values [P, C], image_grid_thw [k, 3]
     truncated: bool = False
 
 
@@ -127,13 +128,14 @@ class SampleEncoder:
             expanded = out["input_ids"][0][out["attention_mask"][0].bool()]
             counts = expansion_counts(ids, expanded, self.image_token_id)
             ids, labels = expanded, labels.repeat_interleave(counts)
-            if conv.images:
-                vision = {"pixel_values": out["pixel_values"], "image_grid_thw": out["image_grid_thw"]}
+            if conv.images:  # every image tensor the processor gives (Qwen-VL: pixel_values, image_grid_thw)
+                vision = {k: v for k, v in out.items() if k not in TEXT_KEYS and isinstance(v, torch.Tensor)}
         return self._finish(ids, labels, vision)
 
     def _finish(self, ids: Tensor, labels: Tensor, vision: dict[str, Tensor]) -> EncodedSample:
         if labels[-1] != self.eos_id:  # a template without an end-of-turn token: end the answer explicitly
-            ids, labels = torch.cat([ids, ids.new_tensor([self.eos_id])]), torch.cat([labels, ids.new_tensor([self.eos_id])])
+            eos = ids.new_tensor([self.eos_id])
+            ids, labels = torch.cat([ids, eos]), torch.cat([labels, eos])
         id_list, label_list = objective.pad_to_block(ids.tolist(), labels.tolist(), self.block, self.eos_id)
         ids, labels = torch.tensor(id_list), torch.tensor(label_list)
         if ids.numel() <= self.limit:

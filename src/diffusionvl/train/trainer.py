@@ -130,6 +130,15 @@ def quiet_transformers() -> Iterator[None]:
             hf_logging.enable_progress_bar()
 
 
+def enable_checkpointing(hf_model: Any) -> None:
+    """Recompute each decoder layer in the backward pass (non-reentrant; transformers 5.x names both ways)."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(hf_model, "activation_checkpointing_enable"):
+        hf_model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        hf_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
 def to_device(obj: Any, device: torch.device) -> Any:
     if isinstance(obj, Tensor):
         return obj.to(device, non_blocking=True)
@@ -184,7 +193,7 @@ class Trainer:
         self.attention = choose_attention(cfg.attention, acc.device)
         set_attention(model, self.attention)
         if cfg.gradient_checkpointing:
-            model.hf_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            enable_checkpointing(model.hf_model)
         self.peft_model = apply_lora(model, cfg) if cfg.lora else None
         self.trainable = trainable_counts(model) if cfg.lora else configure_trainable(model, cfg)
         self.model = model.train()
@@ -198,6 +207,7 @@ class Trainer:
         self.eval_report = None
         if cfg.eval_data:
             held, self.eval_report = read_records(cfg.eval_data, cfg.image_folder, has_vision)
+            check(bool(held), f"no usable eval samples in {cfg.eval_data} ({self.eval_report.summary()})")
         else:
             records, held = split_records(records, cfg.eval_size, cfg.seed)
         encoder = SampleEncoder(model, cfg.max_length, cfg.overlong)
@@ -212,7 +222,7 @@ class Trainer:
             bs = cfg.eval_batch_size or cfg.batch_size
             self.eval_group = bs * acc.num_processes
             sampler = EvalSampler(len(held), bs, acc.num_processes, acc.process_index)
-            self.eval_loader = DataLoader(SFTDataset(held, encoder), batch_sampler=sampler, **common)
+            self.eval_loader = DataLoader(SFTDataset(held, encoder, "eval"), batch_sampler=sampler, **common)
 
     def _build_optimizer(self) -> None:
         acc, cfg = self.accelerator, self.cfg
