@@ -48,7 +48,7 @@ def test_two_processes_equal_one_process_with_the_same_global_batch(tmp_path):
     # 2 processes x batch 1 x 2 micro-steps = global batch 4
     src = str(Path(diffusionvl.__file__).resolve().parents[1])
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")]),
-           "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1"}
+           "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1", "GLOO_SOCKET_IFNAME": "lo"}  # loopback only
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--nnodes", "1",
            "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), "-m", "diffusionvl", "train",
            *common, "--output", str(tmp_path / "two"), "--batch-size", "1", "--grad-accum", "2",

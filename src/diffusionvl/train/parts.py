@@ -35,6 +35,10 @@ def part_of(name: str) -> str:
     return "language"
 
 
+def _numel(p: nn.Parameter) -> int:
+    return int(getattr(p, "ds_numel", p.numel()))  # DeepSpeed ZeRO-3 partitions: the full size
+
+
 def configure_trainable(model: Any, cfg: TrainConfig) -> dict[str, int]:
     """Freeze parts (full finetuning); returns trainable parameter counts per part."""
     counts: Counter = Counter()
@@ -43,7 +47,7 @@ def configure_trainable(model: Any, cfg: TrainConfig) -> dict[str, int]:
         train = part not in cfg.freeze and cfg.part_lr(part) > 0
         p.requires_grad_(train)
         if train:
-            counts[part] += p.numel()
+            counts[part] += _numel(p)
     if not counts:
         raise DiffusionVLError("nothing to train: every part of this model is frozen (see --freeze and the "
                                "per-part learning rates)")
@@ -87,5 +91,5 @@ def trainable_counts(model: Any) -> dict[str, int]:
     counts: Counter = Counter()
     for name, p in model.hf_model.named_parameters():
         if p.requires_grad:
-            counts[part_of(name)] += p.numel()
+            counts[part_of(name)] += _numel(p)
     return dict(counts)
