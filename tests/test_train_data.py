@@ -143,6 +143,7 @@ def test_llava_json_list_and_image_folder(qwen_vl, tmp_path):
 
 def test_bad_samples_are_counted_and_skipped(qwen_vl, tmp_path):
     red_square().save(tmp_path / "ok.png")
+    red_square((2000, 8)).save(tmp_path / "sliver.png")  # the Qwen-VL processor rejects this aspect ratio
     (tmp_path / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
     ok = {"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello."}]}
     lines = [
@@ -159,10 +160,12 @@ def test_bad_samples_are_counted_and_skipped(qwen_vl, tmp_path):
         [1, 2],
         {"image": "corrupt.png", "conversations": [{"from": "human", "value": "<image>\nq"},
                                                    {"from": "gpt", "value": "a"}]},
+        {"image": "sliver.png", "conversations": [{"from": "human", "value": "<image>\nq"},
+                                                  {"from": "gpt", "value": "a"}]},
         ok,
     ]
     records, report = read_records(_write_jsonl(tmp_path / "d.jsonl", lines))
-    assert report.total == 10 and report.kept == 3
+    assert report.total == 11 and report.kept == 4
     assert dict(report.skipped) == {"bad JSON line": 1, "missing image": 1, "no assistant turn": 1,
                                     "unknown role": 1, "image count mismatch": 1, "remote image": 1,
                                     "not an object": 1}
@@ -170,9 +173,10 @@ def test_bad_samples_are_counted_and_skipped(qwen_vl, tmp_path):
     # the corrupt image is only found when decoding: the dataset moves on to the next sample, deterministically
     ds = SFTDataset(records, SampleEncoder(qwen_vl, max_length=256))
     item = ds[(1, 7)]
-    assert item["index"] == 2 and item["position"] == 7
-    assert [i for i, _ in item["skipped"]] == [1] and "corrupt" in item["skipped"][0][1]
-    assert ds[(1, 0)]["index"] == 2  # same answer the second time
+    assert item["index"] == 3 and item["position"] == 7
+    assert [i for i, _ in item["skipped"]] == [1, 2] and "corrupt" in item["skipped"][0][1]
+    assert ds[(1, 0)]["index"] == 3  # same answer the second time
+    assert ds[(2, 0)]["index"] == 3 and "processor rejected" in ds[(2, 0)]["skipped"][0][1]
 
 
 def test_text_model_skips_image_samples_and_errors_are_one_line(llama, tmp_path):

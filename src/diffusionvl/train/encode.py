@@ -124,7 +124,12 @@ class SampleEncoder:
         labels = torch.where(span_mask(torch.tensor(enc["offset_mapping"]).view(-1, 2), spans), ids, IGNORE)
         vision: dict[str, Tensor] = {}
         if self.processor is not None:
-            out = self.processor(text=[text], images=conv.images or None, return_tensors="pt")
+            try:
+                out = self.processor(text=[text], images=conv.images or None, return_tensors="pt")
+            except DiffusionVLError as exc:
+                raise SampleError("processor rejected the sample", str(exc)) from None
+            except Exception as exc:  # noqa: BLE001 - e.g. an image with an extreme aspect ratio
+                raise SampleError("processor rejected the sample", str(exc).splitlines()[0][:160]) from None
             expanded = out["input_ids"][0][out["attention_mask"][0].bool()]
             counts = expansion_counts(ids, expanded, self.image_token_id)
             ids, labels = expanded, labels.repeat_interleave(counts)
