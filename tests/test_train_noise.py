@@ -50,12 +50,12 @@ def test_block_rates_split_invariant_and_stratified_over_the_global_batch():
 
 def test_block_rates_are_uniform_marginally():
     pos = torch.arange(4)
-    rates = torch.cat([noise.block_rates(0, s, pos, 4, 8, 0.0) for s in range(3000)])  # [12000, 8]
+    rates = torch.cat([noise.block_rates(0, s, pos, 4, 8, 0.0) for s in range(600)])  # [2400, 8]
     assert abs(float(rates.mean()) - 0.5) < 0.01
-    per_block = rates.mean(0)
-    assert float((per_block - 0.5).abs().max()) < 0.02
-    one = torch.cat([noise.block_rates(0, s, torch.zeros(1, dtype=torch.long), 1, 4, 0.0) for s in range(4000)])
-    assert abs(float(one.mean()) - 0.5) < 0.02 and float(one.std()) > 0.25  # group of 1: still U[0, 1)
+    per_sample_block = rates.view(600, 4, 8).mean(0)  # each (position, block) over steps: ~U[0, 1) mean 0.5
+    assert float((per_sample_block - 0.5).abs().max()) < 0.06  # 5 sigma of a 600-sample mean
+    one = torch.cat([noise.block_rates(0, s, torch.zeros(1, dtype=torch.long), 1, 4, 0.0) for s in range(800)])
+    assert abs(float(one.mean()) - 0.5) < 0.03 and abs(float(one.std()) - 12 ** -0.5) < 0.02  # group of 1
     iid = noise.block_rates(0, 0, pos, 4, 8, 0.0, stratified=False)
     assert iid.shape == (4, 8)
 
