@@ -23,6 +23,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "data": ("diffusionvl.commands.data", "Generate the synthetic visual QA dataset (LLaVA JSON + eval JSONL)."),
     "serve": ("diffusionvl.commands.serve", "Serve a model over an OpenAI-compatible HTTP API (chat completions)."),
     "eval": ("diffusionvl.commands.eval", "Evaluate accuracy / ELBO on a task, with decoding speed next to quality."),
+    "train": ("diffusionvl.commands.train", "Finetune a diffusion model on LLaVA / OpenAI-messages data (accelerate)."),
 }
 
 

@@ -87,14 +87,17 @@ def wrap(model: Any, processor: Any, block_size: int | None = None, mask_token: 
     return DiffusionVLModel(model, processor, cfg)
 
 
-def save_atomic(model: DiffusionVLModel, path: str | os.PathLike[str]) -> Path:
-    """Write model + tokenizer/processor + diffusion config to `path` through a temporary sibling folder."""
+def save_atomic(model: DiffusionVLModel, path: str | os.PathLike[str],
+                state_dict: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write model + tokenizer/processor + diffusion config to `path` through a temporary sibling folder.
+
+    `state_dict`: the backbone's full weights when they live elsewhere (gathered from FSDP / ZeRO-3 shards)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     model.hf_model.config.diffusionvl = model.config.to_dict()
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
-        model.hf_model.save_pretrained(tmp, safe_serialization=True)
+        model.hf_model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
         model.processor.save_pretrained(tmp)
         (tmp / "diffusionvl.json").write_text(json.dumps(model.config.to_dict(), indent=2) + "\n")
         old = None
