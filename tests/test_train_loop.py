@@ -81,6 +81,17 @@ def test_overfit_loss_falls(llama_run, tmp_path):
     assert summary["steps"] == 40 and summary["eval_loss"] == evals[40] and summary["tokens_per_s"] > 0
 
 
+def test_ar_objective_trains_with_the_next_token_loss(llama_run, tmp_path):
+    """objective='ar' (AR instruction tuning before translation): the logged loss is the model's ar_loss."""
+    model, data = llama_run
+    out = tmp_path / "ar"
+    train(_cfg(model, data, out, objective="ar", max_steps=15, batch_size=8, lr=5e-3, lr_scheduler="constant",
+               eval_data=str(data), eval_every=15, log_every=5))
+    evals = _log(out, "eval_loss")
+    assert evals[15] < 0.6 * evals[0]
+    assert load(out / "final", device="cpu").config.block_size == 4  # the AR run keeps the diffusion settings
+
+
 def test_resume_gives_the_same_next_losses_and_weights(llama_run, tmp_path):
     model, data = llama_run
     kw = dict(max_steps=6, save_every=3, keep_checkpoints=0, grad_accum=2, lr=3e-3, eval_size=2, eval_every=3)

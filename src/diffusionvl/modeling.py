@@ -176,8 +176,8 @@ class DiffusionVLModel(nn.Module):
         return LossOutput(per_sample.mean(), metrics, per_sample)
 
     def ar_loss(self, batch: dict[str, Any]) -> LossOutput:
-        """Next-token cross entropy of the same backbone (AR instruction tuning before translation), mean over the
-        loss tokens. Same batch format as `training_loss`."""
+        """Next-token cross entropy of the same backbone (AR instruction tuning before translation): each sample's
+        mean over its loss tokens, averaged over the batch. Same batch format as `training_loss`."""
         prep = self.prepare_batch(batch)
         x0, labels, valid, vision = prep["x0"], prep["labels"], prep["valid"], prep["vision"]
         feats = self.adapter.image_features(vision) if vision else None
@@ -188,8 +188,11 @@ class DiffusionVLModel(nn.Module):
         target = labels[:, 1:]  # token i+1 is predicted at position i
         where = (target != objective.IGNORE_INDEX).nonzero()  # [M, 2]
         logits = self.adapter.head(hidden[where[:, 0], where[:, 1]])  # [M, V]
-        loss = torch.nn.functional.cross_entropy(logits.float(), target[where[:, 0], where[:, 1]])
-        return LossOutput(loss, {"loss_tokens": float(where.shape[0])})
+        ce = torch.nn.functional.cross_entropy(logits.float(), target[where[:, 0], where[:, 1]], reduction="none")
+        n = x0.shape[0]
+        count = torch.zeros(n, device=ce.device).index_add_(0, where[:, 0], torch.ones_like(ce))
+        per_sample = torch.zeros(n, device=ce.device).index_add_(0, where[:, 0], ce) / count.clamp(min=1)  # [N]
+        return LossOutput(per_sample.mean(), {"loss_tokens": float(where.shape[0])}, per_sample)
 
     def bd3_prediction_logits(self, x_t: Tensor, prepared: dict[str, Any]) -> Tensor:
         """Logits predicting every x_t position, [N, L, V] (for tests and likelihood evaluation)."""

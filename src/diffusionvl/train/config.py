@@ -35,6 +35,9 @@ class TrainConfig:
                               "a fraction if < 1, else a number of samples (0 = no eval).")
     resume: str | None = option(None, "Continue from a checkpoint folder, or 'auto' = the latest checkpoint in "
                                 "--output (starts fresh when there is none).")
+    objective: Literal["bd3", "ar"] = option(
+        "bd3", "Training objective: 'bd3' = block diffusion (the translation); 'ar' = next-token cross entropy of the "
+        "same backbone (AR instruction tuning, e.g. before translating a freshly composed VLM).")
     # ---- optimization ------------------------------------------------------------------------------------------
     lr: float = option(2e-5, "Peak learning rate (AdamW).")
     lr_vision: float | None = option(None, "Learning rate of the vision tower (default: --lr).")
@@ -125,6 +128,7 @@ class TrainConfig:
         check(self.weight_decay >= 0 and self.max_grad_norm >= 0, "weight_decay and max_grad_norm must be >= 0")
         check(0.0 <= self.lora_dropout < 1.0, f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
         check(self.lr_scheduler in ("cosine", "linear", "constant"), f"unknown lr_scheduler {self.lr_scheduler!r}")
+        check(self.objective in ("bd3", "ar"), f"objective must be bd3 or ar, got {self.objective!r}")
         check(self.overlong in ("truncate", "skip"), f"overlong must be truncate or skip, got {self.overlong!r}")
         check(self.attention in ("auto", "sdpa", "flex_attention", "eager"),
               f"attention must be auto, sdpa, flex_attention or eager, got {self.attention!r}")

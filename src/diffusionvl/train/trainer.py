@@ -50,16 +50,20 @@ MAX_REPORTED = 5
 class TrainModule(nn.Module):
     """What accelerate wraps: forward(batch, rates, draw) -> (mean loss, per-sample losses [N])."""
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, objective: str = "bd3"):
         super().__init__()
         self.model = model
+        self.objective = objective
 
     @property
     def _no_split_modules(self) -> list[str] | None:  # FSDP auto-wrap: the backbone's transformer blocks
         return getattr(self.model.hf_model, "_no_split_modules", None)
 
     def forward(self, batch: dict[str, Any], rates: Tensor, draw: Tensor) -> tuple[Tensor, Tensor]:
-        out = self.model.training_loss(batch, rates=rates, draw=draw)
+        if self.objective == "ar":
+            out = self.model.ar_loss(batch)
+        else:
+            out = self.model.training_loss(batch, rates=rates, draw=draw)
         return out.loss, out.per_sample
 
 
@@ -234,7 +238,7 @@ class Trainer:
             ds.deepspeed_config.update({"train_micro_batch_size_per_gpu": cfg.batch_size,
                                         "gradient_accumulation_steps": cfg.grad_accum,
                                         "gradient_clipping": cfg.max_grad_norm})
-        self.module, self.optimizer = acc.prepare(TrainModule(self.model), optimizer)
+        self.module, self.optimizer = acc.prepare(TrainModule(self.model, cfg.objective), optimizer)
         acc.register_for_checkpointing(self.scheduler)
 
     def _resume(self) -> Path | None:
