@@ -21,6 +21,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "assets": ("diffusionvl.commands.assets",
                "Prepare and check the offline pretrained assets (SmolLM2, EfficientNet-Lite0)."),
     "data": ("diffusionvl.commands.data", "Generate the synthetic visual QA dataset (LLaVA JSON + eval JSONL)."),
+    "compose": ("diffusionvl.commands.compose",
+                "Compose a text LM and a vision encoder into an AR VLM (modality shift)."),
 }
 
 
