@@ -57,14 +57,19 @@ class Adapter:
         return cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
 
     @property
+    def causal_lm(self) -> nn.Module:
+        """The module holding `.model` (decoder stack) and `.lm_head`."""
+        return self.model
+
+    @property
     def decoder(self) -> nn.Module:
-        return self.model.model
+        return self.causal_lm.model
 
     def input_embeddings(self) -> nn.Embedding:
         return self.model.get_input_embeddings()
 
     def head(self, hidden: Tensor) -> Tensor:
-        logits = self.model.lm_head(hidden)
+        logits = self.causal_lm.lm_head(hidden)
         cap = getattr(self.text_config, "final_logit_softcapping", None)
         if cap:
             logits = torch.tanh(logits / cap) * cap
@@ -134,11 +139,7 @@ class QwenVLAdapter(Adapter):
         if features is None and (not vision or vision.get("pixel_values") is None):
             return embeds
         feats = features if features is not None else self.image_features(vision)
-        where = (input_ids == self.image_token_id).unsqueeze(-1)  # [N, L, 1]
-        n_tokens = int(where.sum())
-        if n_tokens != feats.shape[0]:
-            raise DiffusionVLError(f"prompt has {n_tokens} image tokens but the images give {feats.shape[0]} features")
-        return embeds.masked_scatter(where, feats.to(embeds.dtype))
+        return scatter_image_features(embeds, input_ids, self.image_token_id, feats)
 
     def image_features(self, vision: dict[str, Tensor]) -> Tensor:
         """[sum of image tokens, D] in sample/image order."""
@@ -175,6 +176,71 @@ class QwenVLAdapter(Adapter):
             vision = {"pixel_values": out["pixel_values"], "image_grid_thw": grid,
                       "image_grid_thw_per_sample": list(torch.split(grid, counts))}
         return Encoded(input_ids=ids, vision=vision, images_per_sample=counts)
+
+
+class ComposedAdapter(Adapter):
+    """LLaVA-style VLMs composed by `diffusionvl.compose`: vision tower + projector + a causal LM, 1-D positions,
+    `num_image_tokens` copies of the image token per image (expanded by the ComposedProcessor)."""
+
+    model_types = ("diffusionvl_llava",)
+    auto_class = "AutoModelForImageTextToText"
+    has_vision = True
+    position_dims = 1
+
+    def __init__(self, model: nn.Module, processor: Any):
+        super().__init__(model, processor)
+        cfg = model.config
+        tok = self.tokenizer
+        found = tok.convert_tokens_to_ids(cfg.image_token)
+        if found is None or tok.convert_ids_to_tokens(found) != cfg.image_token:
+            raise DiffusionVLError(f"the tokenizer lacks the image token {cfg.image_token!r} of this composed model")
+        if cfg.image_token_id is not None and int(found) != int(cfg.image_token_id):
+            raise DiffusionVLError(f"image token {cfg.image_token!r} is id {found} in the tokenizer but "
+                                   f"{cfg.image_token_id} in the model config: tokenizer and model do not match")
+        self._image_token_id = int(found)
+
+    @property
+    def causal_lm(self) -> nn.Module:
+        return self.model.language_model
+
+    @property
+    def image_token_id(self) -> int:
+        return self._image_token_id
+
+    def embed(self, input_ids: Tensor, vision: dict[str, Tensor] | None = None,
+              features: Tensor | None = None) -> Tensor:
+        embeds = self.input_embeddings()(input_ids)
+        if features is None and (not vision or vision.get("pixel_values") is None):
+            return embeds
+        feats = features if features is not None else self.image_features(vision)
+        return scatter_image_features(embeds, input_ids, self.image_token_id, feats)
+
+    def image_features(self, vision: dict[str, Tensor]) -> Tensor:
+        """[N_img * T, D] in sample/image order."""
+        return self.model.image_features(vision["pixel_values"]).flatten(0, 1)
+
+    def render(self, conv: Conversation, add_generation_prompt: bool = True) -> str:
+        return self.processor.apply_chat_template(conv.messages, add_generation_prompt=add_generation_prompt,
+                                                  tokenize=False)
+
+    def encode(self, conversations: list[Conversation]) -> Encoded:
+        return self.tokenize([self.render(c) for c in conversations], [c.images for c in conversations])
+
+    def tokenize(self, texts: list[str], images: list[list[Any]]) -> Encoded:
+        flat = [im for ims in images for im in ims]
+        out = self.processor(text=texts, images=flat or None, return_tensors="pt", padding=True)
+        ids = [row[m.bool()].tolist() for row, m in zip(out["input_ids"], out["attention_mask"])]
+        vision = {"pixel_values": out["pixel_values"]} if flat else {}
+        return Encoded(input_ids=ids, vision=vision, images_per_sample=[len(ims) for ims in images])
+
+
+def scatter_image_features(embeds: Tensor, input_ids: Tensor, image_token_id: int, features: Tensor) -> Tensor:
+    """embeds [N, L, D] with `features` [M, D] written, in order, at the M image-token positions of input_ids."""
+    where = (input_ids == image_token_id).unsqueeze(-1)  # [N, L, 1]
+    n_tokens = int(where.sum())
+    if n_tokens != features.shape[0]:
+        raise DiffusionVLError(f"prompt has {n_tokens} image tokens but the images give {features.shape[0]} features")
+    return embeds.masked_scatter(where, features.to(embeds.dtype))
 
 
 def mrope_positions(ids: list[int], image_token_id: int, grids: Tensor | None, merge: int) -> tuple[Tensor, int]:
@@ -220,6 +286,7 @@ TEXT_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral", "gemma", "gemma2", "ge
                     "granite", "olmo2")
 register_adapter(Adapter, TEXT_MODEL_TYPES)
 register_adapter(QwenVLAdapter)
+register_adapter(ComposedAdapter)
 
 
 def adapter_class(model_type: str) -> type[Adapter]:

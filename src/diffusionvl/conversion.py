@@ -92,14 +92,23 @@ def save_atomic(model: DiffusionVLModel, path: str | os.PathLike[str],
     """Write model + tokenizer/processor + diffusion config to `path` through a temporary sibling folder.
 
     `state_dict`: the backbone's full weights when they live elsewhere (gathered from FSDP / ZeRO-3 shards)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     model.hf_model.config.diffusionvl = model.config.to_dict()
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    try:
+
+    def write(tmp: Path) -> None:
         model.hf_model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
         model.processor.save_pretrained(tmp)
         (tmp / "diffusionvl.json").write_text(json.dumps(model.config.to_dict(), indent=2) + "\n")
+
+    return write_atomic(path, write)
+
+
+def write_atomic(path: str | os.PathLike[str], write: Callable[[Path], None]) -> Path:
+    """Run `write(folder)` on a temporary sibling folder, then move it to `path` (replacing any old folder)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        write(tmp)
         old = None
         if path.exists():
             old = path.with_name(f".{path.name}.old-{os.getpid()}")
@@ -150,6 +159,7 @@ def load_hf(src: str | os.PathLike[str], device: torch.device, dtype: torch.dtyp
     from diffusionvl.processing import load_processor
 
     _check_source(src)
+    import diffusionvl.compose  # noqa: F401 - registers composed VLMs (model_type diffusionvl_llava) with Auto*
     try:
         config = AutoConfig.from_pretrained(src, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:

@@ -86,6 +86,7 @@ class DiffusionVLModel(nn.Module):
         gen_eos = [gen_eos] if isinstance(gen_eos, int) else list(gen_eos or [])
         self.stop_token_ids = sorted({eos_id, *gen_eos, *([tok.eos_token_id] if tok.eos_token_id is not None else [])})
         self.pad_token_id = tok.pad_token_id if tok.pad_token_id is not None else eos_id
+        self.train(hf_model.training)  # mirror the wrapped model's mode: generate() restores it afterwards
 
     # ---- basic properties ----------------------------------------------------------------------------------------
     @property

@@ -6,7 +6,8 @@ engine uses, with the same token layout: `__call__(text=[...], images=[...], ret
 returns input_ids/attention_mask/pixel_values/image_grid_thw, each `<|image_pad|>` in the text expanded to
 grid_t * grid_h * grid_w / merge^2 copies; `apply_chat_template`, `tokenizer`, `image_processor`,
 `save_pretrained`/`from_pretrained` (standard tokenizer + preprocessor_config.json files, so the real processor
-loads the same folder). `load_processor` prefers the transformers processor and falls back to this one.
+loads the same folder). `load_processor` prefers the transformers processor and falls back to this one; a folder
+saved by `diffusionvl.compose.ComposedProcessor` (its `processor_config.json` names the class) loads as that.
 """
 
 from __future__ import annotations
@@ -81,6 +82,10 @@ def load_processor(path: str | os.PathLike[str], vision: bool, **kwargs: Any) ->
 
     if not vision:
         return AutoTokenizer.from_pretrained(path, **kwargs)
+    from diffusionvl.compose import ComposedProcessor, read_processor_config
+
+    if read_processor_config(path) is not None:  # a composed VLM (diffusionvl.compose)
+        return ComposedProcessor.from_pretrained(path, **kwargs)
     try:
         return AutoProcessor.from_pretrained(path, **kwargs)
     except (AttributeError, TypeError, ValueError, ImportError, OSError):

@@ -23,14 +23,16 @@ from diffusionvl.train.config import TrainConfig
 # (part, markers in the dotted parameter name); first match wins, no match = "language"
 PART_RULES: list[tuple[str, tuple[str, ...]]] = [
     ("projector", (".visual.merger.", ".multi_modal_projector.", ".mm_projector.", ".vision_projector.")),
+    ("projector", ("^projector.",)),  # diffusionvl_llava compositions (compose.py): a top-level `projector`
     ("vision", (".visual.", ".vision_tower.", ".vision_model.", ".vision_encoder.")),
 ]
 
 
 def part_of(name: str) -> str:
+    """The part of a backbone parameter name (a marker starting with '^' must start the name)."""
     dotted = f".{name}."
     for part, markers in PART_RULES:
-        if any(m in dotted for m in markers):
+        if any(name.startswith(m[1:]) if m.startswith("^") else m in dotted for m in markers):
             return part
     return "language"
 

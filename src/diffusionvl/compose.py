@@ -1,0 +1,491 @@
+"""Modality shift: compose a pretrained AR text LM + a vision encoder + a projector into a LLaVA-style AR VLM.
+
+Contract:
+- `compose(lm, tokenizer, vision=..., projector="mlp2x_gelu", pool=None, image_token="<image>")` returns
+  `(ComposedVLM, ComposedProcessor)`. The LM's and the encoder's weights are copied in unchanged; the projector is
+  new (random). The image token is added to the tokenizer by name (special) and the LM's own chat template is
+  wrapped so that `{"type": "image"}` content parts render as the image token at their position.
+- `ComposedVLM` (`model_type = "diffusionvl_llava"`) is an ordinary transformers model: `.vision_tower`,
+  `.projector`, `.language_model` (the full CausalLM); `forward(input_ids, pixel_values, attention_mask, labels)`
+  is the plain AR forward (HF's shifted CE on labels) with the projected image features scattered in at the image
+  tokens, so it trains and `generate`s as a normal AR VLM. `save_pretrained`/`from_pretrained` round-trip through
+  safetensors (vision tower included); importing this module registers the classes with `AutoConfig` and
+  `AutoModelForImageTextToText`.
+- `ComposedProcessor`: tokenizer + torchvision-free image preprocessing; `__call__` expands every image token in
+  the text to `num_image_tokens` copies and returns input_ids, attention_mask and pixel_values [N_img, 3, S, S];
+  saved as tokenizer files + `processor_config.json` (loaded by `diffusionvl.processing.load_processor`).
+- `composed_parameter_groups(model)` splits any supported model (composed, Qwen-VL, text-only) into the parts
+  `vision_tower`, `projector`, `language_model` (every parameter exactly once); `set_trainable(model, parts)`
+  freezes the rest. `STAGES` names the two LLaVA training stages.
+The engine then treats the composed model like any other VLM (adapter `ComposedAdapter` in adapters.py):
+`diffusionvl.wrap(model, processor)` converts it to block diffusion.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Literal
+
+import torch
+from torch import nn
+from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, GenerationMixin,
+                          PretrainedConfig, PreTrainedModel)
+
+from diffusionvl.adapters import scatter_image_features
+from diffusionvl.config import option
+from diffusionvl.errors import DiffusionVLError, check
+from diffusionvl.vision.encoders import ImageTransform, build_tower, preprocess_images, resolve_vision
+
+Tensor = torch.Tensor
+MODEL_TYPE = "diffusionvl_llava"
+PROCESSOR_FILE = "processor_config.json"
+TEMPLATE_MARK = "{#- diffusionvl: image parts -> image token -#}"
+
+
+# ------------------------------------------------------------------------------------------------- projector
+
+
+class Projector(nn.Sequential):
+    """Visual tokens [.., C] -> LM embeddings [.., D]."""
+
+    def reset_parameters(self, std: float = 0.02) -> None:
+        for layer in self.modules():
+            if isinstance(layer, nn.Linear):
+                nn.init.normal_(layer.weight, 0.0, std)
+                nn.init.zeros_(layer.bias)
+
+
+PROJECTORS = {
+    "linear": lambda c, d: Projector(nn.Linear(c, d)),
+    "mlp2x_gelu": lambda c, d: Projector(nn.Linear(c, d), nn.GELU(), nn.Linear(d, d)),  # LLaVA-1.5
+}
+
+
+def build_projector(kind: str, vision_width: int, text_width: int) -> Projector:
+    if kind not in PROJECTORS:
+        raise DiffusionVLError(f"unknown projector {kind!r}; choose one of {', '.join(PROJECTORS)}")
+    return PROJECTORS[kind](vision_width, text_width)
+
+
+# ---------------------------------------------------------------------------------------------------- config
+
+
+class ComposedVLMConfig(PretrainedConfig):
+    """LM config + vision spec + projector + image-token and preprocessing settings.
+
+    text_config: the language model's full transformers config (num_hidden_layers, max_position_embeddings,
+        sliding window, ... are read from here). vision: the tower spec (vision/encoders.py: kind efficientnet_lite0,
+        hf + config dict, or timm + name). vision_hidden_size: width C of a visual token. projector: "linear" or
+        "mlp2x_gelu". image_token / image_token_id: the placeholder token's name and id. num_image_tokens: visual
+        tokens per image (fixed by the tower, its input size and pool). pool: grid average-pool size or None.
+        feature_layer: hidden layer of HF ViT towers. image_size / image_mean / image_std / image_crop_pct: the
+        preprocessing (crop_pct None = plain resize to a square).
+    """
+
+    model_type = MODEL_TYPE
+    sub_configs = {"text_config": AutoConfig}
+
+    def __init__(self, text_config: Any = None, vision: dict[str, Any] | None = None, vision_hidden_size: int = 0,
+                 projector: str = "mlp2x_gelu", image_token: str = "<image>", image_token_id: int | None = None,
+                 num_image_tokens: int = 0, pool: int | None = None, feature_layer: int = -2,
+                 image_size: int = 224, image_mean: Any = (0.5, 0.5, 0.5), image_std: Any = (0.5, 0.5, 0.5),
+                 image_crop_pct: float | None = None, **kwargs: Any):
+        if isinstance(text_config, dict):
+            data = dict(text_config)
+            text_config = AutoConfig.for_model(data.pop("model_type"), **data)
+        self.text_config = text_config
+        self.vision = dict(vision or {})
+        self.vision_hidden_size = vision_hidden_size
+        self.projector = projector
+        self.image_token = image_token
+        self.image_token_id = image_token_id
+        self.num_image_tokens = num_image_tokens
+        self.pool = pool
+        self.feature_layer = feature_layer
+        self.image_size = image_size
+        self.image_mean = list(image_mean)
+        self.image_std = list(image_std)
+        self.image_crop_pct = image_crop_pct
+        kwargs.setdefault("tie_word_embeddings", False)  # tying lives inside the language model's own config
+        super().__init__(**kwargs)
+
+    @property
+    def image_transform(self) -> ImageTransform:
+        return ImageTransform(self.image_size, tuple(self.image_mean), tuple(self.image_std), self.image_crop_pct)
+
+
+# ----------------------------------------------------------------------------------------------------- model
+
+
+class ComposedVLM(PreTrainedModel, GenerationMixin):
+    """vision tower -> projector -> image tokens of the language model's input embeddings (LLaVA)."""
+
+    config_class = ComposedVLMConfig
+    config: ComposedVLMConfig
+    base_model_prefix = ""
+    main_input_name = "input_ids"
+    input_modalities = ("image", "text")
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+    _skip_keys_device_placement = ["past_key_values"]
+
+    def __init__(self, config: ComposedVLMConfig):
+        super().__init__(config)
+        text = config.text_config
+        self.vision_tower = build_tower(config.vision, config.pool, config.feature_layer)
+        self.projector = build_projector(config.projector, config.vision_hidden_size, text.hidden_size)
+        self.language_model = AutoModelForCausalLM.from_config(text)
+        self.post_init()
+
+    def _init_weights(self, module: nn.Module) -> None:
+        """Only the projector is ours to initialize; the tower and the LM come with their weights."""
+        if isinstance(module, Projector):
+            module.reset_parameters(getattr(self.config.text_config, "initializer_range", 0.02))
+
+    # ---- embeddings delegate to the language model ------------------------------------------------------------
+    def get_input_embeddings(self) -> nn.Module:
+        return self.language_model.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.language_model.set_input_embeddings(value)
+
+    def get_output_embeddings(self) -> nn.Module | None:
+        return self.language_model.get_output_embeddings()
+
+    def set_output_embeddings(self, value: nn.Module) -> None:
+        self.language_model.set_output_embeddings(value)
+
+    def get_decoder(self) -> nn.Module:
+        return self.language_model.get_decoder()
+
+    def resize_token_embeddings(self, new_num_tokens: int | None = None, pad_to_multiple_of: int | None = None,
+                                mean_resizing: bool = True) -> nn.Embedding:
+        return self.language_model.resize_token_embeddings(new_num_tokens, pad_to_multiple_of, mean_resizing)
+
+    # ---- vision ------------------------------------------------------------------------------------------------
+    def image_features(self, pixel_values: Tensor) -> Tensor:
+        """pixels [N_img, 3, H, W] -> projected visual tokens [N_img, T, D_text]."""
+        tokens = self.vision_tower(pixel_values)  # [N_img, T, C]
+        return self.projector(tokens.to(self.projector[0].weight.dtype))
+
+    def embed(self, input_ids: Tensor, pixel_values: Tensor | None = None) -> Tensor:
+        """ids [N, L] (+ pixels) -> embeddings [N, L, D] with image features at the image tokens."""
+        embeds = self.get_input_embeddings()(input_ids)
+        if pixel_values is None:
+            return embeds
+        feats = self.image_features(pixel_values).flatten(0, 1)  # [N_img * T, D]
+        return scatter_image_features(embeds, input_ids, self.config.image_token_id, feats)
+
+    def forward(self, input_ids: Tensor | None = None, pixel_values: Tensor | None = None,
+                attention_mask: Tensor | None = None, labels: Tensor | None = None,
+                inputs_embeds: Tensor | None = None, **kwargs: Any) -> Any:
+        """The AR forward of the language model on the merged embeddings (loss = shifted CE when labels)."""
+        if inputs_embeds is None:
+            inputs_embeds = self.embed(input_ids, pixel_values)
+        return self.language_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, labels=labels,
+                                   **kwargs)
+
+
+def register() -> None:
+    """Make `AutoConfig` / `AutoModelForImageTextToText.from_pretrained` know `diffusionvl_llava` (idempotent)."""
+    AutoConfig.register(MODEL_TYPE, ComposedVLMConfig, exist_ok=True)
+    AutoModelForImageTextToText.register(ComposedVLMConfig, ComposedVLM, exist_ok=True)
+
+
+register()
+
+
+# ------------------------------------------------------------------------------------------------ processor
+
+
+def image_chat_template(template: str, image_token: str) -> str:
+    """Wrap a text chat template so list contents are flattened to text, image parts becoming `image_token`."""
+    if template.startswith(TEMPLATE_MARK):
+        return template
+    literal = json.dumps(image_token)
+    preamble = (
+        TEMPLATE_MARK
+        + "{%- set _dvl = namespace(messages=[]) -%}"
+        "{%- for _m in messages -%}"
+        "{%- if _m.content is defined and _m.content is not string and _m.content is iterable"
+        " and _m.content is not mapping -%}"
+        "{%- set _t = namespace(text='') -%}"
+        "{%- for _p in _m.content -%}"
+        "{%- if _p is string -%}{%- set _t.text = _t.text + _p -%}"
+        "{%- elif _p['type'] in ('image', 'image_url') -%}{%- set _t.text = _t.text + " + literal + " -%}"
+        "{%- elif _p['type'] == 'text' -%}{%- set _t.text = _t.text + _p['text'] -%}{%- endif -%}"
+        "{%- endfor -%}"
+        "{%- set _dvl.messages = _dvl.messages + [dict(_m, content=_t.text)] -%}"
+        "{%- else -%}{%- set _dvl.messages = _dvl.messages + [_m] -%}{%- endif -%}"
+        "{%- endfor -%}"
+        "{%- set messages = _dvl.messages -%}"
+    )
+    return preamble + template
+
+
+class ComposedProcessor:
+    """Tokenizer + image preprocessing of a composed VLM (module docstring)."""
+
+    def __init__(self, tokenizer: Any, image_token: str = "<image>", num_image_tokens: int = 49,
+                 transform: ImageTransform | None = None):
+        self.tokenizer = tokenizer
+        self.image_token = image_token
+        self.num_image_tokens = int(num_image_tokens)
+        self.transform = transform or ImageTransform()
+        self.image_token_id = token_id(tokenizer, image_token)
+        if self.image_token_id is None:
+            raise DiffusionVLError(f"the tokenizer has no image token {image_token!r}; compose the model first")
+
+    @property
+    def chat_template(self) -> str | None:
+        return getattr(self.tokenizer, "chat_template", None)
+
+    def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = False,
+                            tokenize: bool = False, **kwargs: Any) -> Any:
+        return self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
+                                                  tokenize=tokenize, **kwargs)
+
+    def preprocess(self, images: list[Any]) -> Tensor:
+        """PIL images -> pixels [N_img, 3, S, S]."""
+        return preprocess_images(list(images), self.transform)
+
+    def __call__(self, text: str | list[str], images: Any = None, return_tensors: str = "pt",
+                 padding: bool | str = True, **kwargs: Any) -> Any:
+        from transformers import BatchFeature
+
+        texts = [text] if isinstance(text, str) else list(text)
+        images = [] if images is None else ([images] if not isinstance(images, (list, tuple)) else list(images))
+        n_placeholders = sum(t.count(self.image_token) for t in texts)
+        if n_placeholders != len(images):
+            raise DiffusionVLError(f"{len(images)} image(s) given but the text has {n_placeholders} "
+                                   f"{self.image_token} placeholder(s)")
+        expanded = [t.replace(self.image_token, self.image_token * self.num_image_tokens) for t in texts]
+        kwargs.setdefault("add_special_tokens", not self.chat_template)  # the chat template writes BOS itself
+        enc = dict(self.tokenizer(expanded, padding=padding, return_tensors=return_tensors, **kwargs))
+        if images:
+            enc["pixel_values"] = self.preprocess(images)
+        return BatchFeature(enc)
+
+    def batch_decode(self, *args: Any, **kwargs: Any) -> Any:
+        return self.tokenizer.batch_decode(*args, **kwargs)
+
+    def decode(self, *args: Any, **kwargs: Any) -> Any:
+        return self.tokenizer.decode(*args, **kwargs)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"processor_class": type(self).__name__, "image_token": self.image_token,
+                "num_image_tokens": self.num_image_tokens, "image_transform": self.transform.to_dict()}
+
+    def save_pretrained(self, path: str | os.PathLike[str], **kwargs: Any) -> None:
+        os.makedirs(path, exist_ok=True)
+        self.tokenizer.save_pretrained(path)
+        with open(os.path.join(path, PROCESSOR_FILE), "w", encoding="utf-8") as fh:
+            fh.write(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike[str], **kwargs: Any) -> "ComposedProcessor":
+        from transformers import AutoTokenizer
+
+        data = read_processor_config(path)
+        if data is None:
+            raise DiffusionVLError(f"{path} has no {PROCESSOR_FILE} of a composed VLM")
+        tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
+        return cls(tokenizer, data["image_token"], data["num_image_tokens"],
+                   ImageTransform.from_dict(data["image_transform"]))
+
+
+def read_processor_config(path: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """The saved ComposedProcessor settings at `path`, or None when the folder holds another kind of processor."""
+    file = os.path.join(path, PROCESSOR_FILE)
+    try:
+        with open(file, encoding="utf-8") as fh:
+            data = json.load(fh)
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) and data.get("processor_class") == ComposedProcessor.__name__ else None
+
+
+def token_id(tokenizer: Any, name: str) -> int | None:
+    """Id of the token spelled exactly `name`, or None."""
+    found = tokenizer.convert_tokens_to_ids(name)
+    if found is None or tokenizer.convert_ids_to_tokens(found) != name:
+        return None
+    return int(found)
+
+
+# -------------------------------------------------------------------------------------------------- compose
+
+
+def _no_init() -> contextlib.AbstractContextManager[Any]:
+    """Skip random initialization of modules whose weights are copied in right after (saves seconds)."""
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:  # older transformers: initialize, then overwrite
+        return contextlib.nullcontext()
+    return no_init_weights()
+
+
+def _prepare_tokenizer(tokenizer: Any, image_token: str, chat_template: str | None) -> Any:
+    """A copy of the LM tokenizer with the image token (special) and an image-aware chat template."""
+    tok = copy.deepcopy(tokenizer)
+    if token_id(tok, image_token) is None:
+        tok.add_tokens([image_token], special_tokens=True)
+    template = chat_template or getattr(tok, "chat_template", None)
+    if not template:
+        raise DiffusionVLError("the language model's tokenizer has no chat template; pass chat_template=... "
+                               "(a Jinja chat template) to compose")
+    tok.chat_template = image_chat_template(template, image_token)
+    return tok
+
+
+def compose(lm: Any, tokenizer: Any, vision: Any = "efficientnet_lite0", projector: str = "mlp2x_gelu",
+            pool: int | None = None, image_token: str = "<image>", feature_layer: int = -2,
+            chat_template: str | None = None, vision_pretrained: bool = True) -> tuple[ComposedVLM, ComposedProcessor]:
+    """AR text LM + vision encoder -> (ComposedVLM, ComposedProcessor); see the module docstring.
+
+    vision: "efficientnet_lite0" (offline ImageNet weights), "timm:NAME", a HF vision model folder, or a module
+    (EfficientNetLite0, a transformers vision model such as SiglipVisionModel/CLIPVisionModel or a dual encoder,
+    a timm model). pool: average-pool the encoder's grid to pool x pool tokens per image.
+    """
+    check(projector in PROJECTORS, f"unknown projector {projector!r}; choose one of {', '.join(PROJECTORS)}")
+    check(pool is None or (isinstance(pool, int) and pool >= 1), f"pool must be an integer >= 1, got {pool!r}")
+    source = resolve_vision(vision, pretrained=vision_pretrained)
+    tower = build_tower(source.spec, pool, feature_layer)
+    tower.encoder.load_state_dict(tower.loadable_state(source.state))
+    n_tokens, width = tower.output_shape(source.transform.size)
+    tok = _prepare_tokenizer(tokenizer, image_token, chat_template)
+    t = source.transform
+    config = ComposedVLMConfig(
+        text_config=copy.deepcopy(lm.config), vision=source.spec, vision_hidden_size=width, projector=projector,
+        image_token=image_token, image_token_id=token_id(tok, image_token), num_image_tokens=n_tokens, pool=pool,
+        feature_layer=feature_layer, image_size=t.size, image_mean=t.mean, image_std=t.std, image_crop_pct=t.crop_pct)
+    with _no_init():
+        model = ComposedVLM(config)
+    model.vision_tower.load_state_dict(tower.state_dict())
+    model.language_model.load_state_dict(lm.state_dict())
+    model.tie_weights()  # construction without init skipped the tying of a tied LM head
+    model.projector.reset_parameters(getattr(config.text_config, "initializer_range", 0.02))
+    if len(tok) > model.get_input_embeddings().weight.shape[0]:
+        model.resize_token_embeddings(len(tok), mean_resizing=False)  # the image token's row is never read
+    model.generation_config = copy.deepcopy(lm.generation_config)
+    model.to(next(lm.parameters()).dtype)
+    processor = ComposedProcessor(tok, image_token, n_tokens, source.transform)
+    return model.train(lm.training), processor
+
+
+# --------------------------------------------------------------------------------------- training parts
+
+PARTS = ("vision_tower", "projector", "language_model")
+# The two stages of the modality shift: 1 = align the projector (encoder and LM frozen), 2 = train everything.
+# "stage2_frozen_tower" is stage 2 with the encoder kept frozen (LLaVA-1.5's choice; much cheaper on CPU, where the
+# backward of EfficientNet's depthwise convolutions is slow).
+STAGES: dict[str, tuple[str, ...]] = {"stage1": ("projector",), "stage2": PARTS,
+                                      "stage2_frozen_tower": ("projector", "language_model")}
+# The trainer's part names (train/parts.py holds the one rule table) -> the names used here.
+_PART_NAMES = {"vision": "vision_tower", "projector": "projector", "language": "language_model"}
+
+
+def _hf_model(model: Any) -> Any:
+    """The transformers model inside a DiffusionVLModel / PEFT wrapper (or the model itself)."""
+    model = getattr(model, "hf_model", model)
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def composed_parameter_groups(model: Any) -> dict[str, list[nn.Parameter]]:
+    """{"vision_tower": [...], "projector": [...], "language_model": [...]}: every parameter exactly once.
+
+    Works on composed VLMs, Qwen2-VL/Qwen2.5-VL (`model.visual` = tower, `visual.merger` = projector), HF LLaVA and
+    text-only LMs (all `language_model`); accepts a DiffusionVLModel too. Shared (tied) parameters count once.
+    """
+    from diffusionvl.train.parts import part_of
+
+    hf = _hf_model(model)
+    groups: dict[str, list[nn.Parameter]] = {part: [] for part in PARTS}
+    for name, param in hf.named_parameters():  # deduplicated: tied weights appear once
+        groups[_PART_NAMES[part_of(name)]].append(param)
+    return groups
+
+
+def set_trainable(model: Any, parts: Iterable[str]) -> dict[str, int]:
+    """Train only `parts` (names from PARTS, or a STAGES key); returns the trainable parameter count per part."""
+    parts = STAGES[parts] if isinstance(parts, str) and parts in STAGES else tuple(parts)
+    unknown = sorted(set(parts) - set(PARTS))
+    check(not unknown, f"unknown model part(s) {', '.join(unknown)}; choose from {', '.join(PARTS)}")
+    counts = {}
+    for part, params in composed_parameter_groups(model).items():
+        for p in params:
+            p.requires_grad_(part in parts)
+        counts[part] = sum(p.numel() for p in params) if part in parts else 0
+    return counts
+
+
+def parameter_counts(model: Any) -> dict[str, int]:
+    """Number of parameters per part (and "total")."""
+    counts = {part: sum(p.numel() for p in params) for part, params in composed_parameter_groups(model).items()}
+    return {**counts, "total": sum(counts.values())}
+
+
+# ---------------------------------------------------------------------------------------------- disk job
+
+
+@dataclass
+class ComposeOptions:
+    """What to compose (the `diffusionvl compose` flags)."""
+
+    lm: str = option("smollm2", "Text LM: a causal LM folder or hub id, or 'smollm2' (the offline "
+                     "SmolLM2-135M-Instruct asset).")
+    vision: str = option("efficientnet_lite0", "Vision encoder: 'efficientnet_lite0' (offline ImageNet asset), a "
+                         "HF vision model folder (SigLIP, CLIP, ...) or 'timm:NAME'.")
+    projector: Literal["linear", "mlp2x_gelu"] = option("mlp2x_gelu", "Projector from visual tokens to LM "
+                                                        "embeddings (LLaVA-1.5 uses mlp2x_gelu).")
+    pool: int | None = option(None, "Average-pool the encoder's grid to POOL x POOL tokens per image; unset keeps "
+                              "all of them (7 x 7 = 49 for EfficientNet-Lite0 at 224 px).")
+    image_token: str = option("<image>", "Name of the image placeholder token added to the tokenizer.")
+    feature_layer: int = option(-2, "Hidden layer of a HF ViT tower whose patch tokens are used (LLaVA: -2).")
+    random_vision: bool = option(False, "Initialize the vision encoder randomly instead of loading pretrained "
+                                 "weights (for tests and smoke runs).")
+
+
+def load_lm(spec: str) -> tuple[Any, Any]:
+    """'smollm2' (offline asset) or a causal LM folder / hub id -> (model, tokenizer)."""
+    from transformers import AutoTokenizer
+
+    if spec == "smollm2":
+        from diffusionvl import assets
+
+        return assets.load_smollm2(progress=False)
+    from diffusionvl.conversion import _check_source
+
+    _check_source(spec)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(spec)
+    except (OSError, ValueError) as exc:
+        raise DiffusionVLError(f"cannot load the language model {spec}: {str(exc).splitlines()[0]}") from None
+    return model, AutoTokenizer.from_pretrained(spec)
+
+
+def compose_to_disk(options: ComposeOptions, output: str | os.PathLike[str]) -> tuple[Path, dict[str, Any]]:
+    """Compose as `options` says and save the AR VLM folder at `output` atomically; returns (path, summary)."""
+    from diffusionvl.conversion import write_atomic
+
+    lm, tokenizer = load_lm(options.lm)
+    model, processor = compose(lm, tokenizer, options.vision, options.projector, options.pool, options.image_token,
+                               options.feature_layer, vision_pretrained=not options.random_vision)
+
+    def write(folder: Path) -> None:
+        model.save_pretrained(folder, safe_serialization=True)
+        processor.save_pretrained(folder)
+
+    path = write_atomic(output, write)
+    summary = {"output": str(path), "lm": options.lm, "vision": model.config.vision.get("name", options.vision),
+               "projector": options.projector, "num_image_tokens": model.config.num_image_tokens,
+               "image_token": options.image_token, "parameters": parameter_counts(model)}
+    return path, summary
