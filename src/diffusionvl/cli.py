@@ -24,6 +24,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("diffusionvl.commands.serve", "Serve a model over an OpenAI-compatible HTTP API (chat completions)."),
     "eval": ("diffusionvl.commands.eval", "Evaluate accuracy / ELBO on a task, with decoding speed next to quality."),
     "train": ("diffusionvl.commands.train", "Finetune a diffusion model on LLaVA / OpenAI-messages data (accelerate)."),
+    "recipe": ("diffusionvl.commands.recipe", "Run an end-to-end recipe (tiny-vlm: AR VLM -> diffusion VLM, on CPU)."),
     "compose": ("diffusionvl.commands.compose",
                 "Compose a text LM and a vision encoder into an AR VLM (modality shift)."),
 }

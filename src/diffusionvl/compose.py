@@ -174,7 +174,7 @@ class ComposedVLM(PreTrainedModel, GenerationMixin):
     def image_features(self, pixel_values: Tensor) -> Tensor:
         """pixels [N_img, 3, H, W] -> projected visual tokens [N_img, T, D_text]."""
         tokens = self.vision_tower(pixel_values)  # [N_img, T, C]
-        return self.projector(tokens.to(self.projector[0].weight.dtype))
+        return self.projector(tokens.to(next(self.projector.parameters()).dtype))
 
     def embed(self, input_ids: Tensor, pixel_values: Tensor | None = None) -> Tensor:
         """ids [N, L] (+ pixels) -> embeddings [N, L, D] with image features at the image tokens."""

@@ -1,0 +1,1 @@
+"""End-to-end recipes (data -> compose -> train -> translate -> evaluate -> export), one module each."""
