@@ -163,7 +163,10 @@ def test_ar_forward_loss_equals_engine_ar_loss():
     model, proc = composed("llama", "siglip")
     batch = ar_batch(model, proc)
     dm = wrap(model, proc, block_size=4)  # adds the mask token (one more output row for llama)
-    torch.testing.assert_close(dm.ar_loss(batch).loss, model(**batch).loss, rtol=1e-5, atol=1e-5)
+    out = dm.ar_loss(batch)  # mean over samples of each sample's token mean; HF: mean over all tokens
+    counts = (batch["labels"][:, 1:] != -100).sum(dim=1).float()
+    token_mean = (out.per_sample * counts).sum() / counts.sum()
+    torch.testing.assert_close(token_mean, model(**batch).loss, rtol=1e-5, atol=1e-5)
 
 
 def test_image_content_reaches_the_answer():

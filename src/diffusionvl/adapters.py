@@ -144,12 +144,15 @@ class QwenVLAdapter(Adapter):
     def image_features(self, vision: dict[str, Tensor]) -> Tensor:
         """[sum of image tokens, D] in sample/image order."""
         inner = self.model.model
-        pixels = vision["pixel_values"].to(inner.visual.dtype if hasattr(inner.visual, "dtype") else torch.float32)
-        out = inner.get_image_features(pixels, vision["image_grid_thw"])
+        weight = next(inner.visual.parameters())  # the processor's tensors are on the CPU
+        pixels = vision["pixel_values"].to(device=weight.device, dtype=weight.dtype)
+        out = inner.get_image_features(pixels, vision["image_grid_thw"].to(weight.device))
         out = getattr(out, "pooler_output", out)
         return torch.cat(list(out), dim=0) if isinstance(out, (list, tuple)) else out
 
     def prompt_positions(self, ids: list[int], vision: dict[str, Tensor] | None, index: int) -> tuple[Tensor, int]:
+        if (getattr(self.model.config, "diffusionvl", None) or {}).get("positions") == "sequential":
+            return torch.arange(len(ids)).expand(3, -1).clone(), 0  # DiffusionConfig.positions: one 1-D ramp
         grids = vision["image_grid_thw_per_sample"][index] if vision and "image_grid_thw_per_sample" in vision else None
         merge = int(self.model.config.vision_config.spatial_merge_size)
         return mrope_positions(ids, self.image_token_id, grids, merge)

@@ -21,6 +21,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "assets": ("diffusionvl.commands.assets",
                "Prepare and check the offline pretrained assets (SmolLM2, EfficientNet-Lite0)."),
     "data": ("diffusionvl.commands.data", "Generate the synthetic visual QA dataset (LLaVA JSON + eval JSONL)."),
+    "serve": ("diffusionvl.commands.serve", "Serve a model over an OpenAI-compatible HTTP API (chat completions)."),
+    "eval": ("diffusionvl.commands.eval", "Evaluate accuracy / ELBO on a task, with decoding speed next to quality."),
+    "train": ("diffusionvl.commands.train", "Finetune a diffusion model on LLaVA / OpenAI-messages data (accelerate)."),
     "compose": ("diffusionvl.commands.compose",
                 "Compose a text LM and a vision encoder into an AR VLM (modality shift)."),
 }

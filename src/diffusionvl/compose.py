@@ -391,15 +391,8 @@ PARTS = ("vision_tower", "projector", "language_model")
 # backward of EfficientNet's depthwise convolutions is slow).
 STAGES: dict[str, tuple[str, ...]] = {"stage1": ("projector",), "stage2": PARTS,
                                       "stage2_frozen_tower": ("projector", "language_model")}
-# (parameter-name prefix, part), first match wins; text-only models are all language_model.
-PART_RULES: dict[str, tuple[tuple[str, str], ...]] = {
-    MODEL_TYPE: (("vision_tower.", "vision_tower"), ("projector.", "projector"), ("language_model.", "language_model")),
-    "qwen2_vl": (("model.visual.merger.", "projector"), ("model.visual.", "vision_tower"),
-                 ("model.language_model.", "language_model"), ("lm_head.", "language_model")),
-    "llava": (("model.vision_tower.", "vision_tower"), ("model.multi_modal_projector.", "projector"),
-              ("model.language_model.", "language_model"), ("lm_head.", "language_model")),
-}
-PART_RULES["qwen2_5_vl"] = PART_RULES["qwen2_vl"]
+# The trainer's part names (train/parts.py holds the one rule table) -> the names used here.
+_PART_NAMES = {"vision": "vision_tower", "projector": "projector", "language": "language_model"}
 
 
 def _hf_model(model: Any) -> Any:
@@ -414,18 +407,12 @@ def composed_parameter_groups(model: Any) -> dict[str, list[nn.Parameter]]:
     Works on composed VLMs, Qwen2-VL/Qwen2.5-VL (`model.visual` = tower, `visual.merger` = projector), HF LLaVA and
     text-only LMs (all `language_model`); accepts a DiffusionVLModel too. Shared (tied) parameters count once.
     """
+    from diffusionvl.train.parts import part_of
+
     hf = _hf_model(model)
-    rules = PART_RULES.get(hf.config.model_type)
-    if rules is None:
-        if getattr(hf.config, "vision_config", None) is not None:
-            raise DiffusionVLError(f"no parameter grouping for the {hf.config.model_type} vision model")
-        rules = (("", "language_model"),)
     groups: dict[str, list[nn.Parameter]] = {part: [] for part in PARTS}
     for name, param in hf.named_parameters():  # deduplicated: tied weights appear once
-        part = next((p for prefix, p in rules if name.startswith(prefix)), None)
-        if part is None:
-            raise DiffusionVLError(f"parameter {name} belongs to no part of {hf.config.model_type}")
-        groups[part].append(param)
+        groups[_PART_NAMES[part_of(name)]].append(param)
     return groups
 
 

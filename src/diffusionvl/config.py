@@ -43,6 +43,12 @@ class DiffusionConfig:
     eos_token: str | None = option(
         None, "Name of the end-of-answer token: block padding in training and the stop token in decoding "
         "(default: the chat template's end-of-turn token, else the tokenizer's EOS).")
+    positions: Literal["model", "sequential"] = option(
+        "model",
+        "Prompt position ids: 'model' = the backbone's own scheme (3-D M-RoPE grid positions for Qwen-VL image "
+        "tokens); 'sequential' = 0, 1, 2, ... on every channel, image tokens included (how the DiffusionVL "
+        "reference trains and decodes its Qwen2.5-VL checkpoints).",
+    )
     noise_eps: float = option(1e-3, "Smallest masking rate t drawn in training (t ~ U[eps, 1]).")
     antithetic: bool = option(True, "Stratify the per-block masking rates over the batch (lower-variance loss).")
 
@@ -50,6 +56,8 @@ class DiffusionConfig:
         check(isinstance(self.block_size, int) and self.block_size >= 1,
               f"block_size must be an integer >= 1, got {self.block_size!r}")
         check(self.prediction in ("shift", "same"), f"prediction must be 'shift' or 'same', got {self.prediction!r}")
+        check(self.positions in ("model", "sequential"),
+              f"positions must be 'model' or 'sequential', got {self.positions!r}")
         check(0.0 < self.noise_eps < 1.0, f"noise_eps must be in (0, 1), got {self.noise_eps!r}")
         check(bool(self.mask_token), "mask_token must be a non-empty token name")
         return self

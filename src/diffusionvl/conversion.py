@@ -6,8 +6,9 @@ Contract:
   row, and initializing its input/output rows to the mean embedding), records the DiffusionConfig in
   `model.config.diffusionvl`, and returns a DiffusionVLModel. Weights are otherwise untouched.
 - `convert(src, dst, ...)` = load the AR model + wrap + save; `load(path)` reads a converted folder (or, with
-  `allow_unconverted=True`, wraps an AR folder in memory). Other checkpoint layouts register a detector in
-  `FORMAT_LOADERS` (e.g. the paper's released checkpoints).
+  `allow_unconverted=True`, wraps an AR folder in memory). Other checkpoint layouts register a loader in
+  `FORMAT_LOADERS` (`loader(path, device=, dtype=) -> DiffusionVLModel | None`, tried first by both `load` and
+  `convert`; `diffusionvl.compat`, imported lazily here, registers the paper's released checkpoints).
 - Saving is atomic: everything is written into a temporary sibling folder that is renamed into place, so an
   interrupted save never damages an existing checkpoint.
 """
@@ -86,12 +87,15 @@ def wrap(model: Any, processor: Any, block_size: int | None = None, mask_token: 
     return DiffusionVLModel(model, processor, cfg)
 
 
-def save_atomic(model: DiffusionVLModel, path: str | os.PathLike[str]) -> Path:
-    """Write model + tokenizer/processor + diffusion config to `path` through a temporary sibling folder."""
+def save_atomic(model: DiffusionVLModel, path: str | os.PathLike[str],
+                state_dict: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write model + tokenizer/processor + diffusion config to `path` through a temporary sibling folder.
+
+    `state_dict`: the backbone's full weights when they live elsewhere (gathered from FSDP / ZeRO-3 shards)."""
     model.hf_model.config.diffusionvl = model.config.to_dict()
 
     def write(tmp: Path) -> None:
-        model.hf_model.save_pretrained(tmp, safe_serialization=True)
+        model.hf_model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
         model.processor.save_pretrained(tmp)
         (tmp / "diffusionvl.json").write_text(json.dumps(model.config.to_dict(), indent=2) + "\n")
 
@@ -177,15 +181,26 @@ def load_hf(src: str | os.PathLike[str], device: torch.device, dtype: torch.dtyp
     return model.to(device).eval(), processor
 
 
+def load_registered(path: str | os.PathLike[str], device: torch.device,
+                    dtype: torch.dtype | None) -> DiffusionVLModel | None:
+    """The first FORMAT_LOADERS match for `path` (dtype None = keep the stored dtype), or None."""
+    import diffusionvl.compat  # noqa: F401 - registers the DiffusionVL reference-checkpoint loaders
+
+    for loader in FORMAT_LOADERS:
+        model = loader(path, device=device, dtype=dtype)
+        if model is not None:
+            return model
+    return None
+
+
 def load(path: str | os.PathLike[str], device: str | torch.device | None = None, dtype: str | torch.dtype | None = None,
          attn_implementation: str = "sdpa", allow_unconverted: bool = False) -> DiffusionVLModel:
     """Load a diffusionvl checkpoint (or another registered layout) as a DiffusionVLModel."""
     dev = _default_device(device)
     dt = _default_dtype(dtype, dev)
-    for loader in FORMAT_LOADERS:
-        model = loader(path, device=dev, dtype=dt)
-        if model is not None:
-            return model
+    model = load_registered(path, dev, dt)
+    if model is not None:
+        return model
     hf_model, processor = load_hf(path, dev, dt, attn_implementation)
     if getattr(hf_model.config, "diffusionvl", None) is None and not allow_unconverted:
         raise DiffusionVLError(f"{path} is an AR checkpoint, not a diffusion one: run `diffusionvl convert {path} DST` "
@@ -193,13 +208,21 @@ def load(path: str | os.PathLike[str], device: str | torch.device | None = None,
     return wrap(hf_model, processor)
 
 
-def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], block_size: int = 8,
-            mask_token: str | None = None, prediction: str = "shift", eos_token: str | None = None,
+def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], block_size: int | None = None,
+            mask_token: str | None = None, prediction: str | None = None, eos_token: str | None = None,
             dtype: str | torch.dtype | None = None) -> Path:
-    """Translate the AR checkpoint `src` into a diffusion checkpoint at `dst` (see module docstring)."""
-    DiffusionConfig(block_size=block_size, prediction=prediction).validate()
+    """Translate the AR checkpoint `src` into a diffusion checkpoint at `dst` (see module docstring).
+
+    `src` may also be a layout from FORMAT_LOADERS (e.g. a DiffusionVL reference checkpoint). Options left None
+    keep the source's recorded diffusion settings, else the defaults (block size 8, prediction 'shift')."""
+    DiffusionConfig(block_size=8 if block_size is None else block_size, prediction=prediction or "shift").validate()
     dev = torch.device("cpu")
-    hf_model, processor = load_hf(src, dev, _default_dtype(dtype, dev) if dtype else "auto")  # keep its dtype
+    dt = _default_dtype(dtype, dev) if dtype else None  # None: keep the stored dtype
+    loaded = load_registered(src, dev, dt)
+    if loaded is not None:
+        hf_model, processor = loaded.hf_model, loaded.processor
+    else:
+        hf_model, processor = load_hf(src, dev, dt or "auto")
     model = wrap(hf_model, processor, block_size=block_size, mask_token=mask_token, prediction=prediction,
                  eos_token=eos_token)
     return save_atomic(model, dst)

@@ -34,6 +34,7 @@ Tensor = torch.Tensor
 class LossOutput:
     loss: Tensor
     metrics: dict[str, float]
+    per_sample: Tensor | None = None  # [N] each sample's loss (loss = per_sample.mean())
 
 
 def find_token_id(tokenizer: Any, name: str) -> int | None:
@@ -150,28 +151,34 @@ class DiffusionVLModel(nn.Module):
         mask = attention.bd3_training_masks(valid, self.config.block_size, text_cfg, text_cfg, embeds.dtype)
         return self.adapter.run_decoder(embeds, mask, torch.cat([positions, positions], dim=-1))
 
-    def training_loss(self, batch: dict[str, Any], generator: torch.Generator | None = None) -> LossOutput:
-        """One BD3 forward on a batch (module docstring) -> 1/t-weighted masked CE and metrics."""
+    def training_loss(self, batch: dict[str, Any], generator: torch.Generator | None = None,
+                      rates: Tensor | None = None, draw: Tensor | None = None) -> LossOutput:
+        """One BD3 forward on a batch (module docstring) -> 1/t-weighted masked CE and metrics.
+
+        `rates` [N, L/B] and `draw` [N, L] (L = the batch length, a multiple of B) replace the random masking rates
+        and masking uniforms drawn from `generator` (the trainer passes split-invariant ones)."""
         cfg = self.config
         prep = self.prepare_batch(batch)
         x0, labels = prep["x0"], prep["labels"]
         n, length = x0.shape
-        rates = objective.sample_block_rates(n, length // cfg.block_size, cfg.noise_eps, cfg.antithetic,
-                                             generator, x0.device)
-        x_t, masked, t = objective.noise_tokens(x0, labels, rates, cfg.block_size, self.mask_token_id, generator)
+        if rates is None:
+            rates = objective.sample_block_rates(n, length // cfg.block_size, cfg.noise_eps, cfg.antithetic,
+                                                 generator, x0.device)
+        x_t, masked, t = objective.noise_tokens(x0, labels, rates, cfg.block_size, self.mask_token_id, generator,
+                                                draw)
         hidden = self.bd3_hidden(x_t, prep)  # [N, 2L, D]
         rows = objective.prediction_index(length, cfg.block_size, cfg.prediction, x0.device)  # [L]
         where = masked.nonzero()  # [M, 2]
         logits = self.adapter.head(hidden[where[:, 0], rows[where[:, 1]]])  # [M, V]: lm_head on masked rows only
-        loss = objective.bd3_loss(logits, x0, masked, t, labels)
+        per_sample = objective.bd3_sample_losses(logits, x0, masked, t, labels)  # [N]
         n_loss = int((labels != objective.IGNORE_INDEX).sum())
         metrics = {"loss_tokens": float(n_loss), "masked_tokens": float(where.shape[0]),
                    "mask_rate": float(where.shape[0]) / max(n_loss, 1)}
-        return LossOutput(loss, metrics)
+        return LossOutput(per_sample.mean(), metrics, per_sample)
 
     def ar_loss(self, batch: dict[str, Any]) -> LossOutput:
-        """Next-token cross entropy of the same backbone (AR instruction tuning before translation), mean over the
-        loss tokens. Same batch format as `training_loss`."""
+        """Next-token cross entropy of the same backbone (AR instruction tuning before translation): each sample's
+        mean over its loss tokens, averaged over the batch. Same batch format as `training_loss`."""
         prep = self.prepare_batch(batch)
         x0, labels, valid, vision = prep["x0"], prep["labels"], prep["valid"], prep["vision"]
         feats = self.adapter.image_features(vision) if vision else None
@@ -182,8 +189,11 @@ class DiffusionVLModel(nn.Module):
         target = labels[:, 1:]  # token i+1 is predicted at position i
         where = (target != objective.IGNORE_INDEX).nonzero()  # [M, 2]
         logits = self.adapter.head(hidden[where[:, 0], where[:, 1]])  # [M, V]
-        loss = torch.nn.functional.cross_entropy(logits.float(), target[where[:, 0], where[:, 1]])
-        return LossOutput(loss, {"loss_tokens": float(where.shape[0])})
+        ce = torch.nn.functional.cross_entropy(logits.float(), target[where[:, 0], where[:, 1]], reduction="none")
+        n = x0.shape[0]
+        count = torch.zeros(n, device=ce.device).index_add_(0, where[:, 0], torch.ones_like(ce))
+        per_sample = torch.zeros(n, device=ce.device).index_add_(0, where[:, 0], ce) / count.clamp(min=1)  # [N]
+        return LossOutput(per_sample.mean(), {"loss_tokens": float(where.shape[0])}, per_sample)
 
     def bd3_prediction_logits(self, x_t: Tensor, prepared: dict[str, Any]) -> Tensor:
         """Logits predicting every x_t position, [N, L, V] (for tests and likelihood evaluation)."""
@@ -212,12 +222,19 @@ class DiffusionVLModel(nn.Module):
             raise DiffusionVLError(f"unknown generation option(s): {', '.join(unknown)}")
         return dataclasses.replace(base, **kwargs)
 
-    def generate(self, prompts: Any, images: Any = None, config: DecodeConfig | None = None, **kwargs: Any) -> Any:
+    def generate(self, prompts: Any = None, images: Any = None, config: DecodeConfig | None = None,
+                 **kwargs: Any) -> Any:
         """Generate answers. prompts: str | list[str] | messages | list[messages]; images: per sample.
 
         Keyword options are DecodeConfig fields (decoder, max_new_tokens, block_size, steps, policy, threshold,
         temperature, top_k, top_p, seed, use_cache). Returns a GenerationOutput (texts, token_ids, stats).
+        A call in the DiffusionVL reference form (token id tensor, `inputs=`/`gen_length=`) goes to
+        `diffusionvl.compat.generate_compat` and returns a LongTensor [N, gen_length] like the reference.
         """
+        if prompts is None or isinstance(prompts, Tensor) or "gen_length" in kwargs:
+            from diffusionvl.compat import generate_compat
+
+            return generate_compat(self, prompts, images=images, config=config, **kwargs)
         final = None
         for event in self.stream_events(prompts, images, config, **kwargs):
             final = event

@@ -39,15 +39,17 @@ def sample_block_rates(n_samples: int, n_blocks: int, eps: float = 1e-3, antithe
 
 
 def noise_tokens(x0: Tensor, labels: Tensor, rates: Tensor, block_size: int, mask_id: int,
-                 generator: torch.Generator | None = None) -> tuple[Tensor, Tensor, Tensor]:
+                 generator: torch.Generator | None = None, draw: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """Mask each loss token of block b of sample n with probability rates[n, b].
 
-    x0, labels: [N, L]; rates: [N, ceil(L / B)].
+    x0, labels: [N, L]; rates: [N, ceil(L / B)]; draw: optional [N, L] uniforms in [0, 1) to use instead of
+    drawing from `generator` (the trainer passes split-invariant, counter-based draws).
     Returns x_t [N, L] (mask id at masked positions), masked [N, L] bool, t [N, L] (each token's block rate).
     """
     length = x0.shape[1]
     t = rates.repeat_interleave(block_size, dim=1)[:, :length]  # [N, L]
-    draw = torch.rand(x0.shape, generator=generator, device=x0.device)
+    if draw is None:
+        draw = torch.rand(x0.shape, generator=generator, device=x0.device)
     masked = (draw < t) & (labels != IGNORE_INDEX)
     x_t = torch.where(masked, torch.full_like(x0, mask_id), x0)
     return x_t, masked, t
@@ -70,17 +72,22 @@ def prediction_index(length: int, block_size: int, prediction: str, device: torc
     return prev
 
 
-def bd3_loss(logits: Tensor, x0: Tensor, masked: Tensor, t: Tensor, labels: Tensor) -> Tensor:
-    """1/t-weighted masked cross entropy.
+def bd3_sample_losses(logits: Tensor, x0: Tensor, masked: Tensor, t: Tensor, labels: Tensor) -> Tensor:
+    """Per-sample 1/t-weighted masked cross entropy: [N].
 
     logits: [M, V] for the M masked positions (in `masked.nonzero()` order), x0/masked/t/labels: [N, L].
-    Each sample's sum is divided by its number of loss tokens; the result is averaged over the batch.
+    Sample n's value = sum over its masked positions of CE / t, divided by its number of loss tokens.
     """
     n = x0.shape[0]
     if logits.shape[0] == 0:
-        return logits.sum() * 0.0
+        return logits.sum() * 0.0 + logits.new_zeros(n, dtype=torch.float32)
     ce = F.cross_entropy(logits.float(), x0[masked], reduction="none")  # [M]
     per_token = ce / t[masked]
     n_loss = (labels != IGNORE_INDEX).sum(dim=1).clamp(min=1).to(per_token.dtype)  # [N]
     rows = masked.nonzero()[:, 0]  # [M] sample index of each masked position
-    return (per_token / n_loss[rows]).sum() / n
+    return per_token.new_zeros(n).index_add(0, rows, per_token / n_loss[rows])
+
+
+def bd3_loss(logits: Tensor, x0: Tensor, masked: Tensor, t: Tensor, labels: Tensor) -> Tensor:
+    """1/t-weighted masked cross entropy, averaged over the batch (see `bd3_sample_losses`)."""
+    return bd3_sample_losses(logits, x0, masked, t, labels).mean()

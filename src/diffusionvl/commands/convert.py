@@ -19,10 +19,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("src", nargs="?", help="AR model: checkpoint folder or hub id (omit with --tiny)")
     parser.add_argument("dst", help="output folder of the diffusion model")
     parser.add_argument("--tiny", choices=TINY_ARCHS, help="convert a tiny random model of this architecture")
-    parser.add_argument("--block-size", type=int, default=8, help="tokens per block B (default: 8)")
+    parser.add_argument("--block-size", type=int, default=None,
+                        help="tokens per block B (default: the source's recorded value, else 8)")
     parser.add_argument("--mask-token", default=None, help="mask token name (default: an existing one, else <|mask|>)")
-    parser.add_argument("--prediction", choices=["shift", "same"], default="shift",
-                        help="which position's logits predict token i (default: shift, as the AR model)")
+    parser.add_argument("--prediction", choices=["shift", "same"], default=None,
+                        help="which position's logits predict token i (default: the source's, else shift = as AR)")
     parser.add_argument("--eos-token", default=None, help="end-of-answer token name (default: from the chat template)")
     parser.add_argument("--dtype", default=None, help="weights dtype to save (default: keep the source dtype)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the tiny random model (with --tiny)")

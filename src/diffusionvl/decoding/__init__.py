@@ -1,9 +1,10 @@
 """Generation front end: prompts -> batch layout -> a decoder from the registry -> texts, token ids, stats, streams.
 
-Contract: `run(model, conversations, cfg)` is a generator of `StreamEvent`s, one per finished block (or AR chunk),
-carrying each sample's newly final token ids and text; its last event has `final=True` and the complete
-`GenerationOutput`. `generate` drains it; `stream` forwards it. Every sample stops at its own first stop token or
-after `max_new_tokens`; the returned ids exclude the stop token. Decoders come from `DECODERS` by name.
+Contract: `run(model, conversations, cfg)` (or `run_encoded(model, encoded, cfg)` for a batch the caller already
+tokenized) is a generator of `StreamEvent`s, one per finished block (or AR chunk), carrying each sample's newly
+final token ids and text; its last event has `final=True` and the complete `GenerationOutput`. `generate` drains
+it; `stream` forwards it. Every sample stops at its own first stop token or after `max_new_tokens`; the returned
+ids exclude the stop token. Decoders come from `DECODERS` by name.
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ class StreamEvent:
     done: list[bool]
     final: bool = False
     output: GenerationOutput | None = None
+    forwards: int = 0  # model forwards spent on the batch so far (prefill included)
 
 
 def _cut(ids: list[int], stop: set[int]) -> tuple[list[int], bool]:
@@ -101,18 +103,28 @@ def _outputs(state: DecodeState, stop: set[int], max_new: int) -> tuple[list[lis
     return out, stopped
 
 
-def run(model: Any, conversations: list[Any], cfg: DecodeConfig) -> Iterator[StreamEvent]:
+def _resolve(model: Any, cfg: DecodeConfig) -> DecodeConfig:
     cfg = cfg.resolved(model.config.block_size)
     if cfg.decoder not in DECODERS:
         raise DiffusionVLError(f"unknown decoder {cfg.decoder!r}; choose one of {', '.join(DECODERS)}")
-    encoded = model.adapter.encode(conversations)
+    return cfg
+
+
+def run(model: Any, conversations: list[Any], cfg: DecodeConfig) -> Iterator[StreamEvent]:
+    cfg = _resolve(model, cfg)
+    yield from run_encoded(model, model.adapter.encode(conversations), cfg)
+
+
+def run_encoded(model: Any, encoded: Any, cfg: DecodeConfig) -> Iterator[StreamEvent]:
+    """`run` on an already tokenized batch (`adapters.Encoded`), e.g. ids and pixels made by the caller."""
+    cfg = _resolve(model, cfg)
     model.check_prompt_lengths(encoded.input_ids, cfg.max_new_tokens)
     generator = None
     if cfg.seed is not None:
         generator = torch.Generator(device=model.device).manual_seed(cfg.seed)
     stop = set(model.stop_token_ids)
     stop_ids = torch.tensor(sorted(stop), device=model.device)
-    tracker = _TextTracker(model.tokenizer, len(conversations))
+    tracker = _TextTracker(model.tokenizer, len(encoded.input_ids))
     t0 = time.perf_counter()
     first_block_s: float | None = None
     state: DecodeState | None = None
@@ -124,7 +136,8 @@ def run(model: Any, conversations: list[Any], cfg: DecodeConfig) -> Iterator[Str
             if first_block_s is None:
                 first_block_s = time.perf_counter() - t0
             deltas = [tracker.update(i, x, done[i]) for i, x in enumerate(ids)]
-            yield StreamEvent([d[0] for d in deltas], [d[1] for d in deltas], done)
+            yield StreamEvent([d[0] for d in deltas], [d[1] for d in deltas], done,
+                              forwards=state.forwards + state.prefill_forwards)
     if model.device.type == "cuda":
         torch.cuda.synchronize(model.device)
     seconds = time.perf_counter() - t0
@@ -141,4 +154,5 @@ def run(model: Any, conversations: list[Any], cfg: DecodeConfig) -> Iterator[Str
         "tokens_per_second": n_tokens / seconds if seconds > 0 else 0.0, "first_block_seconds": first_block_s,
     }
     output = GenerationOutput(texts, ids, ["stop" if h else "length" for h in stopped], stats)
-    yield StreamEvent([[] for _ in ids], ["" for _ in ids], [True] * len(ids), final=True, output=output)
+    yield StreamEvent([[] for _ in ids], ["" for _ in ids], [True] * len(ids), final=True, output=output,
+                      forwards=forwards)

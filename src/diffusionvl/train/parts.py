@@ -1,0 +1,97 @@
+"""Which parameters train, at which learning rate: model parts, freezing, optimizer groups, LoRA.
+
+Contract: every backbone parameter belongs to one part, "vision" (the vision tower), "projector" (vision features
+-> language embeddings) or "language" (everything else: embeddings, decoder, head), decided by the first rule of
+`PART_RULES` whose marker occurs in its dotted name (compositions add their own markers there). A part listed in
+`freeze`, or whose learning rate is 0, gets requires_grad=False. `param_groups` gives AdamW one group per
+(part, decay) with the part's learning rate; biases and other 1-D weights (norms) get no weight decay.
+`apply_lora` injects peft LoRA adapters (default targets: every nn.Linear of the language part except the output
+head) into the backbone in place and freezes everything else but `lora_modules_to_save`.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from diffusionvl.errors import DiffusionVLError
+from diffusionvl.train.config import TrainConfig
+
+# (part, markers in the dotted parameter name); first match wins, no match = "language"
+PART_RULES: list[tuple[str, tuple[str, ...]]] = [
+    ("projector", (".visual.merger.", ".multi_modal_projector.", ".mm_projector.", ".vision_projector.")),
+    ("projector", ("^projector.",)),  # diffusionvl_llava compositions (compose.py): a top-level `projector`
+    ("vision", (".visual.", ".vision_tower.", ".vision_model.", ".vision_encoder.")),
+]
+
+
+def part_of(name: str) -> str:
+    """The part of a backbone parameter name (a marker starting with '^' must start the name)."""
+    dotted = f".{name}."
+    for part, markers in PART_RULES:
+        if any(name.startswith(m[1:]) if m.startswith("^") else m in dotted for m in markers):
+            return part
+    return "language"
+
+
+def _numel(p: nn.Parameter) -> int:
+    return int(getattr(p, "ds_numel", p.numel()))  # DeepSpeed ZeRO-3 partitions: the full size
+
+
+def configure_trainable(model: Any, cfg: TrainConfig) -> dict[str, int]:
+    """Freeze parts (full finetuning); returns trainable parameter counts per part."""
+    counts: Counter = Counter()
+    for name, p in model.hf_model.named_parameters():
+        part = part_of(name)
+        train = part not in cfg.freeze and cfg.part_lr(part) > 0
+        p.requires_grad_(train)
+        if train:
+            counts[part] += _numel(p)
+    if not counts:
+        raise DiffusionVLError("nothing to train: every part of this model is frozen (see --freeze and the "
+                               "per-part learning rates)")
+    return dict(counts)
+
+
+def param_groups(model: Any, cfg: TrainConfig) -> list[dict[str, Any]]:
+    groups: dict[tuple[str, bool], list[nn.Parameter]] = {}
+    for name, p in model.hf_model.named_parameters():
+        if p.requires_grad:
+            groups.setdefault((part_of(name), p.ndim >= 2), []).append(p)
+    return [{"params": params, "lr": cfg.part_lr(part), "weight_decay": cfg.weight_decay if decay else 0.0,
+             "name": f"{part}{'' if decay else '/no_decay'}"} for (part, decay), params in sorted(groups.items())]
+
+
+def default_lora_targets(model: Any) -> list[str]:
+    """Full names of the language model's linear layers, output head excluded."""
+    head = model.hf_model.get_output_embeddings()
+    return [name for name, mod in model.hf_model.named_modules()
+            if isinstance(mod, nn.Linear) and mod is not head and part_of(name) == "language"]
+
+
+def apply_lora(model: Any, cfg: TrainConfig) -> Any:
+    """Inject LoRA adapters into model.hf_model in place; returns the PeftModel (for saving the adapter)."""
+    from peft import LoraConfig, get_peft_model
+
+    targets = cfg.lora_targets or default_lora_targets(model)
+    if not targets:
+        raise DiffusionVLError("no linear layers to put LoRA adapters on; name them with --lora-targets")
+    lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, bias="none",
+                      target_modules=targets, modules_to_save=cfg.lora_modules_to_save or None)
+    try:
+        peft_model = get_peft_model(model.hf_model, lora)
+    except ValueError as exc:
+        raise DiffusionVLError(f"cannot apply LoRA: {str(exc).splitlines()[0]}") from None
+    peft_model.peft_config["default"].base_model_name_or_path = str(Path(cfg.model).resolve())
+    return peft_model
+
+
+def trainable_counts(model: Any) -> dict[str, int]:
+    counts: Counter = Counter()
+    for name, p in model.hf_model.named_parameters():
+        if p.requires_grad:
+            counts[part_of(name)] += _numel(p)
+    return dict(counts)

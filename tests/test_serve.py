@@ -1,0 +1,444 @@
+"""The OpenAI-compatible server: endpoints, SSE format, OpenAI-shaped errors, image source policy, dynamic batching
+(8 concurrent clients give the same greedy texts as sequential calls), the bounded queue (429), stop strings, and
+the official `openai` client against a real uvicorn on 127.0.0.1."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import json
+import os
+import socket
+import sys
+import threading
+import time
+
+import pytest
+
+from conftest import red_square, tiny_diffusion
+
+pytest.importorskip("fastapi")
+httpx = pytest.importorskip("httpx")
+from fastapi.testclient import TestClient  # noqa: E402
+
+from diffusionvl.serve import ServeConfig, create_app  # noqa: E402
+from diffusionvl.serve.engine import TextAssembler  # noqa: E402
+
+NAME = "tiny"
+PROMPTS = ["Hello, how are you?", "What is the capital of France?", "Name a colour.", "Count to five.",
+           "Describe a cat.", "Yes or no?", "The quick brown fox", "Tell me about blocks and caches, please."]
+
+
+def _body(content="Hello", **extra):
+    return {"model": NAME, "messages": [{"role": "user", "content": content}], "max_tokens": 10, **extra}
+
+
+def _data_url(img=None, fmt="PNG"):
+    buf = io.BytesIO()
+    (img or red_square()).save(buf, format=fmt)
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def _image_body(url, text="What is this?"):
+    return {"model": NAME, "max_tokens": 6, "messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": text}]}]}
+
+
+def _events(text):
+    """Parse an SSE body into its `data:` payloads (JSON objects, or the string "[DONE]")."""
+    out = []
+    for block in text.split("\n\n"):
+        if not block.strip():
+            continue
+        assert block.startswith("data: "), block
+        payload = block[len("data: "):]
+        out.append(payload if payload == "[DONE]" else json.loads(payload))
+    return out
+
+
+@pytest.fixture(scope="module")
+def text_model():
+    return tiny_diffusion("llama", block_size=4)
+
+
+@pytest.fixture(scope="module")
+def client(text_model):
+    app = create_app(text_model, ServeConfig(max_batch=8, batch_wait_ms=2), model_name=NAME)
+    with TestClient(app) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def vl_client(tmp_path_factory):
+    root = tmp_path_factory.mktemp("allowed")
+    red_square().save(root / "red.png")
+    outside = tmp_path_factory.mktemp("secret")
+    red_square(color="blue").save(outside / "blue.png")
+    os.symlink(outside / "blue.png", root / "link.png")
+    model = tiny_diffusion("qwen2_5_vl", block_size=4)
+    app = create_app(model, ServeConfig(allow_local_images=str(root)), model_name=NAME)
+    with TestClient(app) as c:
+        c.paths = {"root": root, "outside": outside / "blue.png"}
+        yield c
+
+
+# ---- endpoints ------------------------------------------------------------------------------------------------------
+def test_models_and_health(client):
+    models = client.get("/v1/models").json()
+    assert models["object"] == "list" and [m["id"] for m in models["data"]] == [NAME]
+    assert client.get(f"/v1/models/{NAME}").json()["id"] == NAME
+    assert client.get("/v1/models/other").status_code == 404
+    health = client.get("/health")
+    assert health.status_code == 200 and health.json()["status"] == "ok"
+
+
+def test_completion_equals_generate_and_counts_usage(client, text_model):
+    r = client.post("/v1/chat/completions", json=_body("Hello", max_tokens=12))
+    assert r.status_code == 200
+    out = r.json()
+    ref = text_model.generate([{"role": "user", "content": "Hello"}], max_new_tokens=12)
+    assert out["object"] == "chat.completion" and out["model"] == NAME
+    assert out["choices"][0]["message"] == {"role": "assistant", "content": ref.texts[0]}
+    assert out["choices"][0]["finish_reason"] == ref.finish_reasons[0]
+    n_prompt = len(text_model.adapter.encode(text_model_conversation("Hello")).input_ids[0])
+    assert out["usage"] == {"prompt_tokens": n_prompt, "completion_tokens": len(ref.token_ids[0]),
+                            "total_tokens": n_prompt + len(ref.token_ids[0])}
+    ext = out["diffusionvl"]
+    assert ext["block_size"] == 4 and ext["forwards"] >= 1 and ext["tokens_per_forward"] > 0
+
+
+def text_model_conversation(text):
+    from diffusionvl.prompts import to_conversation
+
+    return [to_conversation([{"role": "user", "content": text}])]
+
+
+def test_streaming_sse_format_and_text(client):
+    body = _body("Tell me a story.", max_tokens=14)
+    full = client.post("/v1/chat/completions", json=body).json()
+    r = client.post("/v1/chat/completions", json={**body, "stream": True, "stream_options": {"include_usage": True}})
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+    events = _events(r.text)
+    assert events[-1] == "[DONE]"
+    chunks = events[:-1]
+    assert all(c["object"] == "chat.completion.chunk" and c["model"] == NAME for c in chunks)
+    assert len({c["id"] for c in chunks}) == 1
+    assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    with_choice = [c for c in chunks if c["choices"]]
+    text = "".join(c["choices"][0]["delta"].get("content", "") for c in with_choice)
+    assert text == full["choices"][0]["message"]["content"]
+    assert len([c for c in with_choice if c["choices"][0]["delta"].get("content")]) >= 2  # block by block
+    finals = [c for c in with_choice if c["choices"][0]["finish_reason"]]
+    assert len(finals) == 1 and finals[0] is with_choice[-1]
+    assert finals[0]["choices"][0]["finish_reason"] == full["choices"][0]["finish_reason"]
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"] == full["usage"]
+
+
+def test_request_decode_fields_override_server_defaults(client, text_model):
+    body = _body("Hello", max_tokens=9, block_size=2, decoder="block", policy="threshold", threshold=0.5)
+    out = client.post("/v1/chat/completions", json=body).json()
+    ref = text_model.generate([{"role": "user", "content": "Hello"}], max_new_tokens=9, block_size=2,
+                              policy="threshold", threshold=0.5)
+    assert out["choices"][0]["message"]["content"] == ref.texts[0]
+    assert (out["diffusionvl"]["block_size"], out["diffusionvl"]["steps"]) == (2, 2)
+
+
+def test_seeded_sampling_reproduces_generate_and_runs_alone(client, text_model):
+    import dataclasses
+
+    from diffusionvl.config import DecodeConfig
+    from diffusionvl.serve.engine import batch_key
+
+    body = _body("Hello", max_tokens=10, temperature=0.9, top_p=0.9, seed=7)
+    out = client.post("/v1/chat/completions", json=body).json()
+    ref = text_model.generate([{"role": "user", "content": "Hello"}], max_new_tokens=10, temperature=0.9, top_p=0.9,
+                              seed=7)
+    assert out["choices"][0]["message"]["content"] == ref.texts[0]
+    greedy = DecodeConfig(seed=1).resolved(4)
+    sampled = dataclasses.replace(greedy, temperature=0.9)
+    assert batch_key(greedy, 1) == batch_key(dataclasses.replace(greedy, seed=2, max_new_tokens=5), 2)
+    assert batch_key(sampled, 1) != batch_key(sampled, 2)  # a seeded sampled request runs alone
+    unseeded = dataclasses.replace(sampled, seed=None)
+    assert batch_key(unseeded, 1) == batch_key(unseeded, 2)
+    full = dataclasses.replace(greedy, decoder="full")
+    assert batch_key(full, 1) != batch_key(dataclasses.replace(full, max_new_tokens=5), 2)
+
+
+def test_stop_strings_cut_the_text(client, text_model):
+    ref = client.post("/v1/chat/completions", json=_body("Count to five.", max_tokens=16)).json()
+    text = ref["choices"][0]["message"]["content"]
+    at = next(i for i in range(3, len(text) - 3) if text.find(text[i:i + 3]) == i and "\ufffd" not in text[i:i + 3])
+    stop, cut = text[at:at + 3], text[:at]  # a stop string that first occurs mid-answer
+    body = _body("Count to five.", max_tokens=16, stop=[stop, "never-seen"])
+    r = client.post("/v1/chat/completions", json=body).json()
+    assert r["choices"][0]["message"]["content"] == cut and r["choices"][0]["finish_reason"] == "stop"
+    streamed = _events(client.post("/v1/chat/completions", json={**body, "stream": True}).text)
+    pieces = [c["choices"][0]["delta"].get("content", "") for c in streamed[:-1] if c["choices"]]
+    assert "".join(pieces) == cut
+
+
+def test_text_assembler_holds_back_possible_stop_prefixes():
+    class Chars:  # one token per character
+        def decode(self, ids, skip_special_tokens=True):
+            return "".join(chr(i) for i in ids)
+
+    asm = TextAssembler(Chars(), max_tokens=100, stops=["STOP"])
+    out = [asm.feed([ord(c) for c in piece], False) for piece in ["abcS", "TO", "xyST", "OPzz"]]
+    assert out == ["abc", "", "STOxy", ""] and asm.text == "abcSTOxy" and asm.finish_reason == "stop"
+    budget = TextAssembler(Chars(), max_tokens=5, stops=[])
+    assert budget.feed([ord(c) for c in "abcdefg"], False) == "abcde" and budget.finish_reason == "length"
+
+
+# ---- errors -----------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("raw,status,needle", [
+    ("{not json", 400, "malformed JSON"),
+    ("[]", 400, "request body"),
+    (json.dumps({"model": NAME}), 400, "messages"),
+    (json.dumps({"model": "gpt-4", "messages": [{"role": "user", "content": "hi"}]}), 404, "not found"),
+    (json.dumps(_body(temperature=-1)), 400, "temperature"),
+    (json.dumps(_body(top_p=0)), 400, "top_p"),
+    (json.dumps(_body(max_tokens=0)), 400, "max_tokens"),
+    (json.dumps(_body(n=2)), 400, "n"),
+    (json.dumps(_body(stop=["a", "b", "c", "d", "e"])), 400, "stop"),
+    (json.dumps(_body(block_size=4, steps=9)), 400, "cannot exceed the block size"),
+    (json.dumps(_body(steps=5)), 400, "cannot exceed the block size"),
+    (json.dumps(_body(policy="greedy")), 400, "policy"),
+    (json.dumps(_body(frobnicate=True)), 400, "unrecognized request argument supplied: frobnicate"),
+    (json.dumps({"model": NAME, "messages": [{"role": "robot", "content": "hi"}]}), 400, "role"),
+    (json.dumps(_body(max_tokens=100000)), 400, "exceeds this server's limit"),
+    (json.dumps(_body(max_tokens=1020)), 400, "prompt too long"),
+    (json.dumps(_body("word " * 1100, max_tokens=8)), 400, "prompt too long"),
+    (json.dumps(_body("word " * 1100, max_tokens=8, stream=True)), 400, "prompt too long"),
+    (json.dumps(_image_body(_data_url())), 400, "takes no images"),
+])
+def test_bad_requests_get_openai_errors(client, raw, status, needle):
+    r = client.post("/v1/chat/completions", content=raw, headers={"content-type": "application/json"})
+    assert r.status_code == status
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"}
+    assert needle in err["message"] and "\n" not in err["message"]
+
+
+def test_unknown_route_and_too_large_body(text_model):
+    app = create_app(text_model, ServeConfig(max_request_mb=0.01), model_name=NAME)
+    with TestClient(app) as c:
+        assert c.get("/v1/nothing").json()["error"]["type"] == "not_found_error"
+        r = c.post("/v1/chat/completions", json=_body("x" * 20000))
+        assert r.status_code == 413 and "larger than" in r.json()["error"]["message"]
+        raw = json.dumps(_body("x" * 20000)).encode()
+        chunked = c.post("/v1/chat/completions", content=iter([raw[:8000], raw[8000:]]),  # no content-length
+                         headers={"content-type": "application/json"})
+        assert chunked.status_code == 413
+        assert c.post("/v1/chat/completions", json=_body("small")).status_code == 200
+
+
+# ---- images -----------------------------------------------------------------------------------------------------
+def test_image_sources(vl_client):
+    root, outside = vl_client.paths["root"], vl_client.paths["outside"]
+    ok = [_data_url(), "red.png", str(root / "red.png"), f"file://{root / 'red.png'}"]
+    for url in ok:
+        r = vl_client.post("/v1/chat/completions", json=_image_body(url))
+        assert r.status_code == 200, (url, r.text)
+    texts = {vl_client.post("/v1/chat/completions", json=_image_body(u)).json()["choices"][0]["message"]["content"]
+             for u in ok}
+    assert len(texts) == 1  # the same picture, however it is referenced
+    bad = [
+        ("data:image/png;base64,@@@@", "invalid base64"),
+        ("data:image/png;base64," + base64.b64encode(b"not an image").decode(), "not an image"),
+        (str(outside), "outside the folder"),
+        ("../" + outside.parent.name + "/blue.png", "outside the folder"),
+        ("link.png", "outside the folder"),  # a symlink inside the folder pointing out of it
+        ("missing.png", "not found"),
+        ("http://127.0.0.1:9/cat.png", "remote image URLs are refused"),
+        ("ftp://example.com/cat.png", "unsupported image URL scheme"),
+    ]
+    for url, needle in bad:
+        r = vl_client.post("/v1/chat/completions", json=_image_body(url))
+        assert r.status_code == 400, url
+        assert needle in r.json()["error"]["message"], (url, r.json())
+
+
+def test_local_images_refused_without_allowed_folder(client, tmp_path):
+    from diffusionvl.errors import DiffusionVLError
+    from diffusionvl.serve.images import ImagePolicy
+
+    red_square().save(tmp_path / "red.png")
+    with pytest.raises(DiffusionVLError, match="--allow-local-images"):
+        ImagePolicy.create(None, False).load(str(tmp_path / "red.png"))
+    assert ImagePolicy.create(tmp_path, False).load(str(tmp_path / "red.png")).size == (84, 70)
+
+
+# ---- batching -----------------------------------------------------------------------------------------------------
+def test_eight_concurrent_clients_equal_sequential(client, text_model):
+    bodies = [_body(p, max_tokens=6 + 2 * i) for i, p in enumerate(PROMPTS)]
+    sequential = [client.post("/v1/chat/completions", json=b).json() for b in bodies]
+    app = create_app(text_model, ServeConfig(max_batch=8, batch_wait_ms=300), model_name=NAME)
+    with TestClient(app):
+
+        async def concurrent():
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://test", timeout=120) as ac:
+                streamed = [asyncio.create_task(_stream_text(ac, b)) for b in bodies[::2]]
+                plain = [ac.post("/v1/chat/completions", json=b) for b in bodies[1::2]]
+                results = await asyncio.gather(*plain)
+                return [r.json() for r in results], await asyncio.gather(*streamed)
+
+        plain, streamed = asyncio.run(concurrent())
+    texts = [r["choices"][0]["message"]["content"] for r in sequential]
+    assert [r["choices"][0]["message"]["content"] for r in plain] == texts[1::2]
+    assert streamed == texts[::2]
+    assert [r["usage"] for r in plain] == [r["usage"] for r in sequential[1::2]]
+    assert max(r["diffusionvl"]["batch_size"] for r in plain) > 1  # they really were decoded together
+    assert all(r["diffusionvl"]["batch_size"] == 1 for r in sequential)
+
+
+async def _stream_text(ac, body):
+    r = await ac.post("/v1/chat/completions", json={**body, "stream": True})
+    assert r.status_code == 200
+    return "".join(c["choices"][0]["delta"].get("content", "") for c in _events(r.text)[:-1] if c["choices"])
+
+
+def test_full_queue_answers_429_and_shutdown_503(text_model):
+    app = create_app(text_model, ServeConfig(max_batch=1, max_queue=1, batch_wait_ms=0), model_name=NAME)
+    engine = app.state.diffusionvl.engine
+    gate = threading.Event()
+    real = engine._events
+
+    def gated(*args, **kwargs):
+        gate.wait(30)
+        yield from real(*args, **kwargs)
+
+    async def scenario():
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test", timeout=60) as ac:
+            first = asyncio.create_task(ac.post("/v1/chat/completions", json=_body("one")))
+            await _until(lambda: engine.running == 1)
+            second = asyncio.create_task(ac.post("/v1/chat/completions", json=_body("two")))
+            await _until(lambda: engine.queued == 1)
+            third = await ac.post("/v1/chat/completions", json=_body("three"))
+            gate.set()
+            return third, await first, await second
+
+    engine._events = gated
+    try:
+        third, first, second = asyncio.run(scenario())
+    finally:
+        gate.set()
+    assert third.status_code == 429 and third.json()["error"]["code"] == "queue_full"
+    assert third.headers["retry-after"] == "1"
+    assert first.status_code == 200 and second.status_code == 200
+    engine.shutdown()
+    with TestClient(app, raise_server_exceptions=False) as c:
+        r = c.post("/v1/chat/completions", json=_body("four"))
+        assert r.status_code == 503 and c.get("/health").status_code == 503
+
+
+def test_requests_that_do_not_fit_the_context_together_are_split(text_model):
+    """A long prompt with a small budget and a short prompt with a large budget each fit the context, but not in
+    one batch (longest prompt + largest budget): both still succeed, in two batches."""
+    def n_tokens(words):
+        return len(text_model.adapter.encode(text_model_conversation("word " * words)).input_ids[0])
+
+    lo, hi = 1, 2000  # the most words whose prompt stays within 1000 of the 1024 positions
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if n_tokens(mid) <= 1000 else (lo, mid - 1)
+    words = lo
+    assert n_tokens(words) + 200 > text_model.max_positions >= n_tokens(words) + 8
+    long_body = _body("word " * words, max_tokens=8)
+    short_body = _body("Hello", max_tokens=200)
+    app = create_app(text_model, ServeConfig(max_batch=8, batch_wait_ms=300), model_name=NAME)
+
+    async def both():
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test", timeout=120) as ac:
+            return await asyncio.gather(ac.post("/v1/chat/completions", json=long_body),
+                                        ac.post("/v1/chat/completions", json=short_body))
+
+    with TestClient(app) as c:
+        alone = [c.post("/v1/chat/completions", json=b).json() for b in (long_body, short_body)]
+        together = [r.json() for r in asyncio.run(both())]
+    assert [r["choices"][0]["message"]["content"] for r in together] == \
+        [r["choices"][0]["message"]["content"] for r in alone]
+    assert [r["diffusionvl"]["batch_size"] for r in together] == [1, 1]
+
+
+async def _until(condition, timeout=30.0):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        await asyncio.sleep(0.005)
+
+
+# ---- the official openai client against a real server -------------------------------------------------------------
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def live_server(text_model):
+    """A real uvicorn server on 127.0.0.1 (free port) in a thread; yields its base URL."""
+    uvicorn = pytest.importorskip("uvicorn")
+    port = _free_port()
+    app = create_app(text_model, ServeConfig(port=port), model_name=NAME)
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 30
+        while not server.started:
+            assert time.monotonic() < deadline and thread.is_alive(), "uvicorn did not start"
+            time.sleep(0.02)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(15)
+
+
+def test_openai_client_against_uvicorn(live_server, text_model):
+    openai = pytest.importorskip("openai")
+    api = openai.OpenAI(base_url=f"{live_server}/v1", api_key="unused", max_retries=0)
+    assert [m.id for m in api.models.list()] == [NAME]
+    messages = [{"role": "user", "content": "Hello"}]
+    extra = {"block_size": 4, "steps": 2, "policy": "threshold"}
+    out = api.chat.completions.create(model=NAME, messages=messages, max_tokens=12, temperature=0, extra_body=extra)
+    ref = text_model.generate(messages, max_new_tokens=12, **extra)
+    assert out.choices[0].message.content == ref.texts[0]
+    assert out.usage.completion_tokens == len(ref.token_ids[0])
+    assert out.model_extra["diffusionvl"]["steps"] == 2
+    stream = api.chat.completions.create(model=NAME, messages=messages, max_tokens=12, stream=True, extra_body=extra)
+    assert "".join(ch.choices[0].delta.content or "" for ch in stream if ch.choices) == ref.texts[0]
+    with pytest.raises(openai.NotFoundError):
+        api.chat.completions.create(model="nope", messages=messages)
+    with pytest.raises(openai.BadRequestError):
+        api.chat.completions.create(model=NAME, messages=messages, top_p=5)
+
+
+def _loadtest_module():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "loadtest.py"
+    spec = importlib.util.spec_from_file_location("loadtest", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["loadtest"] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_loadtest_script_is_bounded_and_loopback_only(live_server, tmp_path):
+    lt = _loadtest_module()
+    assert lt.percentile([1.0, 2.0, 3.0, 4.0], 50) == 2.5 and lt.percentile([5.0], 95) == 5.0
+    with pytest.raises(SystemExit):
+        lt.parse_args(["--url", "http://example.com:8000"])
+    with pytest.raises(SystemExit):
+        lt.parse_args(["--clients", "100000"])
+    out = tmp_path / "load.json"
+    assert lt.main(["--url", live_server, "--clients", "3", "--duration", "30", "--max-requests", "6",
+                    "--max-tokens", "8", "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["completed"] == report["requests"] == 6 and report["errors"] == 0
+    assert report["tokens_per_s"] > 0 and report["latency_p95_s"] >= report["latency_p50_s"] > 0

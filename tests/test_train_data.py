@@ -1,0 +1,236 @@
+"""Training data: file formats, bad-sample handling, labels on exactly the assistant tokens, length policy, collator."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from conftest import red_square, tiny_diffusion
+from diffusionvl.errors import DiffusionVLError
+from diffusionvl.train.collator import Collator
+from diffusionvl.train.data import SFTDataset, read_records, split_records
+from diffusionvl.train.encode import SampleEncoder
+
+MULTI_TURN = [{"from": "system", "value": "Be brief."}, {"from": "human", "value": "Say hello."},
+              {"from": "gpt", "value": "Hello, how can I help you today?"},
+              {"from": "human", "value": "What is the capital of France?"},
+              {"from": "gpt", "value": "The capital of France is Paris."}]
+
+
+@pytest.fixture(scope="module")
+def llama():
+    return tiny_diffusion("llama", block_size=4)
+
+
+@pytest.fixture(scope="module")
+def qwen_vl():
+    return tiny_diffusion("qwen2_5_vl", block_size=4)
+
+
+def _write_jsonl(path, items):
+    path.write_text("".join((x if isinstance(x, str) else json.dumps(x)) + "\n" for x in items))
+    return path
+
+
+def _label_runs(ids, labels):
+    """Contiguous runs of loss tokens -> list of token lists."""
+    runs, cur = [], []
+    for i, lab in zip(ids.tolist(), labels.tolist()):
+        if lab != -100:
+            assert lab == i
+            cur.append(i)
+        elif cur:
+            runs.append(cur)
+            cur = []
+    return runs + ([cur] if cur else [])
+
+
+def _strip_block_padding(dm, ids, labels):
+    """The sample without its block-aligned EOS padding (the trailing EOS run beyond the first)."""
+    n = len(ids)
+    while n > 1 and ids[n - 1] == dm.eos_token_id and ids[n - 2] == dm.eos_token_id:
+        n -= 1
+    return ids[:n], labels[:n]
+
+
+def test_labels_are_exactly_the_assistant_turns_multi_turn(llama, tmp_path):
+    records, report = read_records(_write_jsonl(tmp_path / "d.jsonl", [{"conversations": MULTI_TURN}]),
+                                   has_vision=False)
+    assert report.kept == 1
+    sample = SampleEncoder(llama, max_length=512)(records[0])
+    tok = llama.tokenizer
+    ids, labels = _strip_block_padding(llama, sample.input_ids, sample.labels)
+    runs = [tok.decode(r) for r in _label_runs(ids, labels)]
+    assert runs == ["Hello, how can I help you today?<|im_end|>", "The capital of France is Paris.<|im_end|>"]
+    # the input is the model's own chat template up to the final end-of-turn token (no trailing "\n")
+    full = llama.adapter.render(_conv(records[0]), add_generation_prompt=False)
+    assert tok.decode(ids) == full[: full.rindex("<|im_end|>") + len("<|im_end|>")]
+    # block-aligned EOS: length a multiple of B, the padding is EOS as input and as label
+    assert len(sample.input_ids) % 4 == 0
+    pad = sample.labels[len(ids):]
+    assert torch.all(pad == llama.eos_token_id) and torch.all(sample.input_ids[len(ids):] == llama.eos_token_id)
+
+
+def _conv(record):
+    from diffusionvl.prompts import to_conversation
+
+    return to_conversation(record.messages, record.images or None)
+
+
+def test_vlm_image_markers_tokens_and_labels(qwen_vl, tmp_path):
+    red_square().save(tmp_path / "red.png")
+    item = {"image": "red.png", "conversations": [{"from": "human", "value": "<image>\nWhat colour is the square?"},
+                                                  {"from": "gpt", "value": "Red."}]}
+    records, _ = read_records(_write_jsonl(tmp_path / "d.jsonl", [item]))
+    assert [p["type"] for p in records[0].messages[0]["content"]] == ["image", "text"]
+    assert records[0].messages[0]["content"][1]["text"] == "What colour is the square?"  # marker newline dropped
+    sample = SampleEncoder(qwen_vl, max_length=512)(records[0])
+    ids, labels = _strip_block_padding(qwen_vl, sample.input_ids, sample.labels)
+    assert [qwen_vl.tokenizer.decode(r) for r in _label_runs(ids, labels)] == ["Red.<|im_end|>"]
+    image_id = qwen_vl.adapter.image_token_id
+    n_image_tokens = int((sample.input_ids == image_id).sum())
+    grid = sample.vision["image_grid_thw"]
+    assert n_image_tokens == int(grid.prod()) // 4 > 0  # the processor expanded the placeholder (merge 2x2)
+    assert torch.all(sample.labels[sample.input_ids == image_id] == -100)
+    # same ids as inference-time tokenization of the same text through the adapter
+    conv = _conv(records[0])
+    text = qwen_vl.adapter.render(conv, False)
+    ref = qwen_vl.adapter.tokenize([text[: text.rindex("<|im_end|>") + 10]], [conv.images]).input_ids[0]
+    assert ids.tolist() == ref
+
+
+def test_openai_messages_and_text_only_mixed_in(qwen_vl, tmp_path):
+    red_square().save(tmp_path / "red.png")
+    items = [
+        {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "red.png"}},
+                                                   {"type": "text", "text": "Describe it."}]},
+                      {"role": "assistant", "content": "A red square."}]},
+        {"messages": [{"role": "user", "content": "Say hello."}, {"role": "assistant", "content": "Hello."}]},
+        {"images": ["red.png"], "messages": [{"role": "user", "content": "Look: <image> what is it?"},
+                                             {"role": "assistant", "content": "A square."}]},
+    ]
+    records, report = read_records(_write_jsonl(tmp_path / "d.jsonl", items))
+    assert report.kept == 3 and [len(r.images) for r in records] == [1, 0, 1]
+    assert [p["type"] for p in records[2].messages[0]["content"]] == ["text", "image", "text"]
+    enc = SampleEncoder(qwen_vl, max_length=512)
+    samples = [enc(r) for r in records]
+    assert not samples[1].vision and samples[0].vision and samples[2].vision
+    batch = Collator(qwen_vl.pad_token_id, 4, qwen_vl.adapter)(
+        [{"sample": s, "index": i, "position": i, "skipped": []} for i, s in enumerate(samples)])
+    assert [g.shape[0] for g in batch["image_grid_thw_per_sample"]] == [1, 0, 1]
+    # collator positions (M-RoPE) == what the model computes itself
+    valid = batch["attention_mask"].bool()
+    vision = {k: batch[k] for k in ("pixel_values", "image_grid_thw", "image_grid_thw_per_sample")}
+    assert torch.equal(batch["position_ids"], qwen_vl.positions_for(batch["input_ids"], valid, vision))
+    with torch.no_grad():
+        out = qwen_vl.training_loss({k: v for k, v in batch.items() if k != "meta"}, torch.Generator().manual_seed(0))
+    assert torch.isfinite(out.loss)
+
+
+def test_llava_json_list_and_image_folder(qwen_vl, tmp_path):
+    (tmp_path / "imgs").mkdir()
+    red_square().save(tmp_path / "imgs" / "a.png")
+    data = [{"image": "a.png", "conversations": [{"from": "human", "value": "What is it?"},
+                                                 {"from": "gpt", "value": "A square."}]}]
+    path = tmp_path / "train.json"
+    path.write_text(json.dumps(data, indent=1))
+    records, report = read_records(path, image_folder=tmp_path / "imgs")
+    assert report.kept == 1 and records[0].images == [str(tmp_path / "imgs" / "a.png")]
+    assert records[0].messages[0]["content"][0] == {"type": "image"}  # no marker: image goes first
+
+
+def test_bad_samples_are_counted_and_skipped(qwen_vl, tmp_path):
+    red_square().save(tmp_path / "ok.png")
+    red_square((2000, 8)).save(tmp_path / "sliver.png")  # the Qwen-VL processor rejects this aspect ratio
+    (tmp_path / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    ok = {"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello."}]}
+    lines = [
+        ok,
+        "{not json",
+        {"image": "missing.png", "conversations": [{"from": "human", "value": "<image>"},
+                                                   {"from": "gpt", "value": "x"}]},
+        {"conversations": [{"from": "human", "value": "Only a question"}]},
+        {"conversations": [{"from": "robot", "value": "?"}, {"from": "gpt", "value": "x"}]},
+        {"image": ["ok.png", "ok.png"], "conversations": [{"from": "human", "value": "<image> one marker"},
+                                                          {"from": "gpt", "value": "x"}]},
+        {"image": "https://example.com/a.png", "conversations": [{"from": "human", "value": "q"},
+                                                                 {"from": "gpt", "value": "a"}]},
+        [1, 2],
+        {"image": "corrupt.png", "conversations": [{"from": "human", "value": "<image>\nq"},
+                                                   {"from": "gpt", "value": "a"}]},
+        {"image": "sliver.png", "conversations": [{"from": "human", "value": "<image>\nq"},
+                                                  {"from": "gpt", "value": "a"}]},
+        ok,
+    ]
+    records, report = read_records(_write_jsonl(tmp_path / "d.jsonl", lines))
+    assert report.total == 11 and report.kept == 4
+    assert dict(report.skipped) == {"bad JSON line": 1, "missing image": 1, "no assistant turn": 1,
+                                    "unknown role": 1, "image count mismatch": 1, "remote image": 1,
+                                    "not an object": 1}
+    assert len(report.examples) == 5 and report.examples[0].startswith("d.jsonl:2: bad JSON line")
+    # the corrupt image is only found when decoding: the dataset moves on to the next sample, deterministically
+    ds = SFTDataset(records, SampleEncoder(qwen_vl, max_length=256))
+    item = ds[(1, 7)]
+    assert item["index"] == 3 and item["position"] == 7
+    assert [i for i, _ in item["skipped"]] == [1, 2] and "corrupt" in item["skipped"][0][1]
+    assert ds[(1, 0)]["index"] == 3  # same answer the second time
+    assert ds[(2, 0)]["index"] == 3 and "processor rejected" in ds[(2, 0)]["skipped"][0][1]
+
+
+def test_text_model_skips_image_samples_and_errors_are_one_line(llama, tmp_path):
+    red_square().save(tmp_path / "a.png")
+    items = [{"image": "a.png", "conversations": [{"from": "human", "value": "<image>q"},
+                                                  {"from": "gpt", "value": "a"}]},
+             {"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]}]
+    records, report = read_records(_write_jsonl(tmp_path / "d.jsonl", items), has_vision=False)
+    assert report.kept == 1 and report.skipped["images for a text-only model"] == 1
+    with pytest.raises(DiffusionVLError, match="data file not found"):
+        read_records(tmp_path / "nope.jsonl")
+    (tmp_path / "broken.json").write_text('[{"conversations": []},')
+    with pytest.raises(DiffusionVLError, match="not valid JSON"):
+        read_records(tmp_path / "broken.json")
+    with pytest.raises(DiffusionVLError, match="no usable training samples"):
+        SFTDataset([], None)
+
+
+@pytest.mark.parametrize("policy", ["truncate", "skip"])
+def test_max_length_policy(llama, tmp_path, policy):
+    long_answer = " ".join(["one two three four five six seven eight nine ten"] * 6)
+    items = [{"conversations": [{"from": "human", "value": "Count."}, {"from": "gpt", "value": long_answer}]},
+             {"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Yes."}]}]
+    records, _ = read_records(_write_jsonl(tmp_path / "d.jsonl", items), has_vision=False)
+    enc = SampleEncoder(llama, max_length=30, overlong=policy)  # -> 28, a multiple of B = 4
+    ds = SFTDataset(records, enc)
+    item = ds[(0, 0)]
+    if policy == "truncate":
+        s = item["sample"]
+        assert item["index"] == 0 and s.truncated and len(s.input_ids) == 28
+        assert (s.labels != -100).any() and s.labels[-1] != llama.eos_token_id  # a cut answer gets no EOS
+    else:
+        assert item["index"] == 1 and "too long" in item["skipped"][0][1]
+    assert len(ds[(1, 0)]["sample"].input_ids) <= 28
+
+
+def test_truncation_never_cuts_an_image(qwen_vl, tmp_path):
+    red_square((112, 112)).save(tmp_path / "big.png")
+    item = {"image": "big.png", "conversations": [{"from": "human", "value": "Hello there, what is in this? <image>"},
+                                                  {"from": "gpt", "value": "A red square on white."}]}
+    records, _ = read_records(_write_jsonl(tmp_path / "d.jsonl", [item]))
+    from diffusionvl.train.data import SampleError
+
+    with pytest.raises(SampleError, match="would cut an image"):
+        SampleEncoder(qwen_vl, max_length=16)(records[0])
+
+
+def test_split_records_is_deterministic_and_disjoint(tmp_path):
+    items = [{"conversations": [{"from": "human", "value": f"q{i}"}, {"from": "gpt", "value": f"a{i}"}]}
+             for i in range(20)]
+    records, _ = read_records(_write_jsonl(tmp_path / "d.jsonl", items), has_vision=False)
+    train_a, held_a = split_records(records, 0.25, seed=3)
+    train_b, held_b = split_records(records, 0.25, seed=3)
+    assert len(held_a) == 5 and len(train_a) == 15
+    assert [r.where for r in held_a] == [r.where for r in held_b]
+    assert not {r.where for r in held_a} & {r.where for r in train_a}
+    assert len(split_records(records, 3, seed=0)[1]) == 3
