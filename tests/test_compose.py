@@ -180,12 +180,17 @@ def test_image_content_reaches_the_answer():
 
 
 # ---- the engine on a composed model -----------------------------------------------------------------------------
-@pytest.mark.parametrize("arch,vision", [("llama", "efficientnet"), ("qwen2", "siglip"), ("llama", "clip")])
+@pytest.mark.parametrize("arch,vision", [("llama", "efficientnet"), ("qwen2", "siglip"), ("llama", "clip"),
+                                         ("gemma3", "siglip")])
 def test_wrap_training_loss_and_every_decoder_with_an_image(arch, vision):
     model, proc = composed(arch, vision)
     if vision == "efficientnet":
         set_trainable(model, "stage2_frozen_tower")  # depthwise-conv backward is slow on CPU
     dm = wrap(model, proc, block_size=4)
+    lm_config = tiny_ar(arch)[0].config
+    assert dm.adapter.text_config is model.language_model.config  # layers, context, sliding window: the LM's
+    assert dm.max_positions == lm_config.max_position_embeddings
+    assert getattr(dm.adapter.text_config, "sliding_window", None) == getattr(lm_config, "sliding_window", None)
     batch = ar_batch(model, proc)
     out = dm.training_loss(batch)
     assert torch.isfinite(out.loss) and out.metrics["masked_tokens"] > 0

@@ -263,6 +263,7 @@ class ComposedProcessor:
 
         texts = [text] if isinstance(text, str) else list(text)
         images = [] if images is None else ([images] if not isinstance(images, (list, tuple)) else list(images))
+        images = [im for item in images for im in (item if isinstance(item, (list, tuple)) else [item])]  # nested
         n_placeholders = sum(t.count(self.image_token) for t in texts)
         if n_placeholders != len(images):
             raise DiffusionVLError(f"{len(images)} image(s) given but the text has {n_placeholders} "
@@ -376,7 +377,8 @@ def compose(lm: Any, tokenizer: Any, vision: Any = "efficientnet_lite0", project
     if len(tok) > model.get_input_embeddings().weight.shape[0]:
         model.resize_token_embeddings(len(tok), mean_resizing=False)  # the image token's row is never read
     model.generation_config = copy.deepcopy(lm.generation_config)
-    model.to(next(lm.parameters()).dtype)
+    first = next(lm.parameters())
+    model.to(device=first.device, dtype=first.dtype)
     processor = ComposedProcessor(tok, image_token, n_tokens, source.transform)
     return model.train(lm.training), processor
 

@@ -109,6 +109,7 @@ def write_atomic(path: str | os.PathLike[str], write: Callable[[Path], None]) ->
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
         write(tmp)
+        _normal_permissions(tmp)
         old = None
         if path.exists():
             old = path.with_name(f".{path.name}.old-{os.getpid()}")
@@ -120,6 +121,14 @@ def write_atomic(path: str | os.PathLike[str], write: Callable[[Path], None]) ->
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return path
+
+
+def _normal_permissions(folder: Path) -> None:
+    """mkdtemp (and some writers) create owner-only entries; give the saved model the usual umask permissions."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for entry in [folder, *folder.rglob("*")]:
+        entry.chmod((0o777 if entry.is_dir() else 0o666) & ~umask)
 
 
 def _default_device(device: str | torch.device | None) -> torch.device:
