@@ -32,8 +32,9 @@ class Runner:
         self.start = layout.start.to(self.device)
         self.positions = layout.positions.to(self.device)
         self.bidirectional = bidirectional
+        self.dtype = model.dtype
         self.forwards = 0
-        text_cfg = self.adapter.text_config
+        text_cfg = self.text_config = self.adapter.text_config  # looked up once: config access is slow in HF 5
         self.cache = BlockKVCache(text_cfg.num_hidden_layers, layout.total) if use_cache else None
         self.vision_embeds: Tensor | None = None
         self.vision_slots: Tensor | None = None
@@ -55,12 +56,12 @@ class Runner:
 
     def mask(self, q_slots: Tensor, kv_len: int) -> Any:
         b = self.block_size if not self.bidirectional else self.layout.total
-        dtype = self.model.dtype
+        dtype = self.dtype
 
         def rule(window: int | None) -> Tensor:
             return masks.block_causal_dense_mask(q_slots, kv_len, self.start, b, window)
 
-        return attention.build(rule, self.adapter.text_config, self.adapter.text_config, dtype)
+        return attention.build(rule, self.text_config, self.text_config, dtype)
 
     def forward(self, ids: Tensor, q_start: int, kv_len: int | None = None) -> Tensor:
         """ids [N, Q] at slots [q_start, q_start + Q) -> hidden [N, Q, D]."""
