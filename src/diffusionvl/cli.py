@@ -21,6 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "assets": ("diffusionvl.commands.assets",
                "Prepare and check the offline pretrained assets (SmolLM2, EfficientNet-Lite0)."),
     "data": ("diffusionvl.commands.data", "Generate the synthetic visual QA dataset (LLaVA JSON + eval JSONL)."),
+    "bench": ("diffusionvl.commands.bench", "Measure decoding speed: HF generate vs our AR, block and full decoders."),
 }
 
 
