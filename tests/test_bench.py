@@ -32,7 +32,7 @@ def test_bench_tiny_writes_every_case(tmp_path):
     assert set(rows) == {(b, d) for b in (1, 2) for d in CASES}
     # prompt 12, B = S = 8: 1 complete prompt block, the first block holds 4 prompt tokens + 4 masks
     expected_forwards = {"hf_ar": 8, "hf_static": 8, "ar": 8, "ar_plain": 8, "full": 8,
-                         "block_static": 1 + 4 + 8, "block_plain": 1 + 4 + 8,
+                         "ar_fast": 8, "block_static": 1 + 4 + 8, "block_plain": 1 + 4 + 8, "block_fast": 1 + 4 + 8,
                          "reference": 1 + (4 + 1) + (8 + 1)}  # the reference's separate commit forwards
     for (batch, name), r in rows.items():
         assert r["tokens"] == batch * 8, name
@@ -41,6 +41,7 @@ def test_bench_tiny_writes_every_case(tmp_path):
             assert r["forwards"] == expected_forwards[name], name
     assert rows[(1, "hf_ar")]["tokens_per_second_vs_hf"] == 1.0
     assert rows[(1, "ar")]["backend"] == "plain" and rows[(1, "reference")]["backend"].startswith("reference")
+    assert rows[(1, "block_fast")]["backend"] == "fast/eager" and rows[(2, "ar_fast")]["backend"] == "fast/eager"
     agreement = on_disk["meta"]["agreement"]
     assert [a["decoder"] for a in agreement] == ["ar", "block"]
     assert all(a["exact_match_samples"] == a["samples"] and a["fast_backend"] == "fast/eager" for a in agreement)

@@ -2,7 +2,8 @@
 
 Contract: `run_bench(cfg)` builds a random-init model of a known shape (`SHAPES`) or loads `cfg.model`, then for
 every (batch, prompt length) cell and every case in `cfg.decoders` (registry `CASES`) runs `warmup` untimed and
-`repeats` timed generations of exactly `new_tokens` tokens per sample from random prompt ids, and reports medians:
+`repeats` timed generations (round-robin over the cases) of exactly `new_tokens` tokens per sample from random
+prompt ids, and reports medians:
 tokens/s (all samples), forwards, tokens per forward (per sample), ms per forward, latency to the first block (the
 first `block_size` new tokens), peak GPU memory, and ratios to transformers `generate` (tokens/s and per forward).
 Stop tokens are disabled for the whole run (random weights emit them at random; every run must produce the same
@@ -11,7 +12,8 @@ synchronize before and after. Results are written atomically as JSON after every
 it measured), with a matplotlib plot next to it when matplotlib is installed.
 Cases: hf_ar (transformers generate, greedy, DynamicCache), hf_static (generate with a static cache, which
 transformers compiles on CUDA), ar / block_static / block_threshold / full (ours, `fast` as configured),
-ar_plain / block_plain (ours on the plain path, fast='off'), reference (decoding/reference.py).
+ar_plain / block_plain (ours forced onto the plain path, fast='off'), ar_fast / block_fast (forced onto the fast
+path, fast='on'), reference (decoding/reference.py).
 """
 
 from __future__ import annotations
@@ -67,7 +69,7 @@ class BenchConfig:
     steps: int = option(8, "Denoising steps per block S.")
     threshold: float = option(0.9, "Confidence threshold of block_threshold (and the reference's threshold mode).")
     decoders: list[str] = option(list(DEFAULT_CASES), "Cases to run, in order (see `CASES`; extra: hf_static, "
-                                 "ar_plain, block_plain).")
+                                 "ar_plain, block_plain, ar_fast, block_fast).")
     fast: str = option("auto", "DecodeConfig.fast for our decoders: auto, on, off or compile.")
     warmup: int = option(1, "Untimed runs per case before timing (captures CUDA graphs, compiles).")
     repeats: int = option(3, "Timed runs per case; the median is reported.")
@@ -255,8 +257,10 @@ CASES: dict[str, tuple[str, Callable[[Ctx, Tensor], Run]]] = {
     "block_static": ("ours, block B/S static", _ours("block", "static")),
     "block_threshold": ("ours, block B/S threshold", _ours("block", "threshold")),
     "full": ("ours, full-sequence diffusion (no cache)", _ours("full", "static")),
-    "ar_plain": ("ours, AR, plain path", _ours("ar", fast="off")),
-    "block_plain": ("ours, block static, plain path", _ours("block", "static", fast="off")),
+    "ar_plain": ("ours, AR, plain path (fast='off')", _ours("ar", fast="off")),
+    "block_plain": ("ours, block static, plain path (fast='off')", _ours("block", "static", fast="off")),
+    "ar_fast": ("ours, AR, fast path (fast='on')", _ours("ar", fast="on")),
+    "block_fast": ("ours, block static, fast path (fast='on')", _ours("block", "static", fast="on")),
     "reference": ("reference-style block loop (DynamicCache, commit forward, per-row top-k)", _reference()),
 }
 
@@ -271,25 +275,41 @@ def _peak_gib(device: torch.device) -> float | None:
     return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
 
 
-def measure(ctx: Ctx, name: str, ids: Tensor) -> dict[str, Any]:
-    """Warm-up, then `repeats` timed runs of case `name`; one result row of medians."""
-    label, case = CASES[name]
-    for _ in range(ctx.cfg.warmup):
-        case(ctx, ids)
+def _timed_run(ctx: Ctx, name: str, ids: Tensor) -> tuple[Run, float | None]:
     _peak_reset(ctx.device)
-    runs = [case(ctx, ids) for _ in range(ctx.cfg.repeats)]
+    run = CASES[name][1](ctx, ids)
+    return run, _peak_gib(ctx.device)
+
+
+def measure_cell(ctx: Ctx, ids: Tensor, names: list[str], on_case: Callable[[str], None]) -> list[dict[str, Any]]:
+    """Warm every case up, then time `repeats` rounds that visit the cases in turn (a load change on a shared
+    machine then hits every case alike); one row of medians per case."""
+    for name in names:
+        for _ in range(ctx.cfg.warmup):
+            CASES[name][1](ctx, ids)
+        on_case(f"warm-up {name}")
+    runs: dict[str, list[tuple[Run, float | None]]] = {name: [] for name in names}
+    for _ in range(ctx.cfg.repeats):
+        for name in names:
+            runs[name].append(_timed_run(ctx, name, ids))
+            on_case(name)
+    return [_row(ctx, name, ids, runs[name]) for name in names]
+
+
+def _row(ctx: Ctx, name: str, ids: Tensor, timed_runs: list[tuple[Run, float | None]]) -> dict[str, Any]:
+    runs = [r for r, _ in timed_runs]
+    peaks = [p for _, p in timed_runs if p is not None]
     seconds = statistics.median(r.seconds for r in runs)
-    last = runs[-1]
-    batch = ids.shape[0]
+    last, batch = runs[-1], ids.shape[0]
     firsts = [r.first_block_seconds for r in runs if r.first_block_seconds is not None]
     return {
-        "decoder": name, "label": label, "batch": batch, "prompt": ids.shape[1], "tokens": last.tokens,
+        "decoder": name, "label": CASES[name][0], "batch": batch, "prompt": ids.shape[1], "tokens": last.tokens,
         "seconds": seconds, "seconds_all": [r.seconds for r in runs],
         "tokens_per_second": last.tokens / seconds, "forwards": last.forwards,
         "tokens_per_forward": last.tokens / batch / max(last.forwards, 1),
         "ms_per_forward": 1000.0 * seconds / max(last.forwards, 1),
         "first_block_ms": 1000.0 * statistics.median(firsts) if firsts else None,
-        "peak_memory_gib": _peak_gib(ctx.device), "backend": last.backend,
+        "peak_memory_gib": max(peaks) if peaks else None, "backend": last.backend,
     }
 
 
@@ -344,19 +364,22 @@ def run_bench(cfg: BenchConfig, model: Any = None, progress: bool = True) -> dic
     ctx = Ctx(model, cfg, model.device)
     result: dict[str, Any] = {"meta": _meta(ctx), "results": []}
     cells = [(b, p) for p in cfg.prompt for b in cfg.batch]
-    bar = tqdm(total=len(cells) * len(cfg.decoders), desc="bench", disable=not progress)
+    bar = tqdm(total=len(cells) * len(cfg.decoders) * (cfg.repeats + 1), desc="bench", disable=not progress)
     with stop_tokens_disabled(model):
         for b, p in cells:
             ids = random_prompts(model, b, p, cfg.seed)
             model.check_prompt_lengths(ids.tolist(), cfg.new_tokens)
-            rows = []
-            for name in cfg.decoders:
-                bar.set_postfix_str(f"batch {b}, prompt {p}: {name}")
-                rows.append(measure(ctx, name, ids))
+
+            def tick(what: str) -> None:
+                bar.set_postfix_str(f"batch {b}, prompt {p}: {what}")
                 bar.update(1)
+
+            rows = measure_cell(ctx, ids, cfg.decoders, tick)
             add_ratios(rows)
             result["results"].extend(rows)
             clear_sessions(model)
+            if ctx.device.type == "cuda":
+                torch.cuda.empty_cache()
             write_json_atomic(cfg.output, result)
         if cfg.agreement:
             bar.set_postfix_str("fast vs plain agreement")
