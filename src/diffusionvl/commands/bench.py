@@ -28,6 +28,9 @@ def run(args: argparse.Namespace) -> int:
     cfg = dataclass_from_args(BenchConfig, args).validate()
     result = run_bench(cfg, progress=not args.quiet)
     Console(width=200).print(render_table(result))
+    for a in result["meta"].get("agreement", []):
+        print(f"fast vs plain, greedy {a['decoder']}: {a['exact_match_samples']}/{a['samples']} samples identical, "
+              f"{100 * a['identical_prefix_fraction']:.1f}% identical prefix ({a['fast_backend']})")
     if args.markdown:
         print(markdown_table(result))
     print(f"wrote {cfg.output}" + (f" and {result['meta']['plot']}" if result["meta"].get("plot") else ""))

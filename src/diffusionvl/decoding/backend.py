@@ -158,6 +158,11 @@ class StepExecutor:
         graph.replay()  # capturing recorded the step without running it
         return out
 
+    def reset(self) -> None:
+        """Forget captured graphs and warm-up counts (a buffer they read was replaced)."""
+        self.captured.clear()
+        self.calls.clear()
+
     def run(self, name: str, fn: Callable[[], Any]) -> Any:
         """Execute step `name` once (eagerly, compiled, or by replaying its graph) and return its outputs."""
         if name in self.captured:

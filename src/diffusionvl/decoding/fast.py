@@ -56,6 +56,8 @@ class _BlockSteps:
 
     def set_prev(self, logits: Tensor) -> None:
         if self.prev is None or self.prev.shape != logits.shape or self.prev.dtype != logits.dtype:
+            if self.prev is not None:
+                self.sess.executor.reset()  # captured graphs read the old buffer: capture again
             self.prev = torch.empty_like(logits)
         self.prev.copy_(logits)
 
