@@ -27,6 +27,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "recipe": ("diffusionvl.commands.recipe", "Run an end-to-end recipe (tiny-vlm: AR VLM -> diffusion VLM, on CPU)."),
     "compose": ("diffusionvl.commands.compose",
                 "Compose a text LM and a vision encoder into an AR VLM (modality shift)."),
+    "bench": ("diffusionvl.commands.bench", "Measure decoding speed: HF generate vs our AR, block and full decoders."),
 }
 
 

@@ -92,8 +92,10 @@ class DecodeConfig:
     top_p: float = option(1.0, "Nucleus sampling: keep the smallest set with this much probability (1 = off).")
     seed: int | None = option(None, "Random seed for sampling (None = nondeterministic).")
     use_cache: bool = option(True, "Keep finished blocks in the KV cache (False recomputes the prefix every step).")
-    fast: Literal["auto", "on", "off"] = option(
-        "auto", "Fast path (static shapes, CUDA graphs on GPU): 'auto' uses it where it helps, 'off' = plain eager."
+    fast: Literal["auto", "on", "off", "compile"] = option(
+        "auto", "Fast path (static shapes, CUDA graphs on GPU): 'auto' uses it where it helps (GPU), 'on' always "
+        "(eager static shapes without CUDA), 'compile' also torch.compiles the step (slow first call), 'off' = plain "
+        "eager. Same tokens either way; falls back with a logged reason when unavailable."
     )
 
     def resolved(self, model_block_size: int) -> "DecodeConfig":
@@ -126,7 +128,8 @@ class DecodeConfig:
         check(isinstance(self.top_k, int) and self.top_k >= 0, f"top_k must be an integer >= 0, got {self.top_k!r}")
         check(isinstance(self.top_p, (int, float)) and 0.0 < self.top_p <= 1.0,
               f"top_p must be in (0, 1], got {self.top_p!r}")
-        check(self.fast in ("auto", "on", "off"), f"fast must be auto, on or off, got {self.fast!r}")
+        check(self.fast in ("auto", "on", "off", "compile"),
+              f"fast must be auto, on, off or compile, got {self.fast!r}")
         return self
 
 

@@ -1,10 +1,12 @@
 """Generation front end: prompts -> batch layout -> a decoder from the registry -> texts, token ids, stats, streams.
 
-Contract: `run(model, conversations, cfg)` (or `run_encoded(model, encoded, cfg)` for a batch the caller already
-tokenized) is a generator of `StreamEvent`s, one per finished block (or AR chunk), carrying each sample's newly
-final token ids and text; its last event has `final=True` and the complete `GenerationOutput`. `generate` drains
-it; `stream` forwards it. Every sample stops at its own first stop token or after `max_new_tokens`; the returned
-ids exclude the stop token. Decoders come from `DECODERS` by name.
+Contract: `run(model, conversations, cfg)` is a generator of `StreamEvent`s, one per finished block (or AR chunk),
+carrying each sample's newly final token ids and text; its last event has `final=True` and the complete
+`GenerationOutput`. `generate` drains it; `stream` forwards it. Every sample stops at its own first stop token or
+after `max_new_tokens`; the returned ids exclude the stop token. Decoders come from `DECODERS` (plain path) and
+`FAST_DECODERS` (static shapes, CUDA graphs) by name; `backend.choose` picks the path in one place from
+`DecodeConfig.fast`, and the stats say which ran (`backend`, `backend_reason`). `run_encoded` takes already
+tokenized prompts (benchmarks, servers that tokenize themselves).
 """
 
 from __future__ import annotations
@@ -16,8 +18,10 @@ from typing import Any, Callable, Iterator
 import torch
 
 from diffusionvl.config import DecodeConfig
+from diffusionvl.decoding import backend
 from diffusionvl.decoding.ar import ar_decode
 from diffusionvl.decoding.block import DecodeState, block_decode, full_decode
+from diffusionvl.decoding.fast import FAST_DECODERS
 from diffusionvl.decoding.layout import build_layout
 from diffusionvl.errors import DiffusionVLError
 
@@ -91,47 +95,81 @@ def _layout(model: Any, encoded: Any, cfg: DecodeConfig) -> Any:
                         fill, model.pad_token_id)
 
 
-def _outputs(state: DecodeState, stop: set[int], max_new: int) -> tuple[list[list[int]], list[bool]]:
-    layout = state.layout
-    rows = state.tokens[:, : state.final_end].tolist()
-    out, stopped = [], []
-    for i, row in enumerate(rows):
-        g0 = int(layout.gen_start[i])
-        ids, hit = _cut(row[g0:g0 + max_new], stop)
-        out.append(ids)
-        stopped.append(hit)
-    return out, stopped
+class _Rows:
+    """Host copy of each sample's final tokens, extended incrementally (one small transfer per event)."""
+
+    def __init__(self, layout: Any, stop: set[int], max_new: int):
+        self.gen_start = layout.gen_start.tolist()
+        self.stop, self.max_new = stop, max_new
+        self.rows: list[list[int]] = [[] for _ in self.gen_start]
+        self.end = 0
+
+    def update(self, state: DecodeState) -> tuple[list[list[int]], list[bool]]:
+        """Each sample's generated ids up to its first stop token (excluded), and whether it hit one."""
+        if state.final_end > self.end:
+            new = state.tokens[:, self.end:state.final_end].tolist()
+            for row, extra in zip(self.rows, new):
+                row.extend(extra)
+            self.end = state.final_end
+        out, stopped = [], []
+        for g0, row in zip(self.gen_start, self.rows):
+            ids, hit = _cut(row[g0:g0 + self.max_new], self.stop)
+            out.append(ids)
+            stopped.append(hit)
+        return out, stopped
 
 
-def _resolve(model: Any, cfg: DecodeConfig) -> DecodeConfig:
-    cfg = cfg.resolved(model.config.block_size)
+def _stats(cfg: DecodeConfig, state: DecodeState, ids: list[list[int]], stopped: list[bool], seconds: float,
+           first_block_s: float | None, choice: backend.Choice) -> dict[str, Any]:
+    n_tokens = sum(len(x) + int(h) for x, h in zip(ids, stopped))  # the stop token was generated too
+    forwards = state.forwards + state.prefill_forwards
+    return {
+        "decoder": cfg.decoder, "block_size": cfg.block_size, "steps": cfg.steps, "policy": cfg.policy,
+        "batch": len(ids), "tokens": n_tokens, "forwards": forwards, "prefill_forwards": state.prefill_forwards,
+        # per sequence: how many tokens one forward pass yields on average (prefill included)
+        "tokens_per_forward": n_tokens / len(ids) / max(forwards, 1), "seconds": seconds,
+        "tokens_per_second": n_tokens / seconds if seconds > 0 else 0.0, "first_block_seconds": first_block_s,
+        "backend": state.backend, "backend_reason": "; ".join([choice.reason, *state.notes]),
+    }
+
+
+def select_decoder(cfg: DecodeConfig, device: torch.device) -> tuple[Callable[..., Iterator[DecodeState]],
+                                                                     backend.Choice]:
+    """The decoder function for `cfg` on `device`: plain or fast path, as `backend.choose` decides."""
     if cfg.decoder not in DECODERS:
         raise DiffusionVLError(f"unknown decoder {cfg.decoder!r}; choose one of {', '.join(DECODERS)}")
-    return cfg
+    choice = backend.choose(cfg, device)
+    if choice.path == "fast":
+        fast = FAST_DECODERS[cfg.decoder]
+        return (lambda *args: fast(*args, mode=choice.mode)), choice
+    return DECODERS[cfg.decoder], choice
 
 
 def run(model: Any, conversations: list[Any], cfg: DecodeConfig) -> Iterator[StreamEvent]:
-    cfg = _resolve(model, cfg)
-    yield from run_encoded(model, model.adapter.encode(conversations), cfg)
+    cfg = cfg.resolved(model.config.block_size)
+    encoded = model.adapter.encode(conversations)
+    yield from run_encoded(model, encoded, cfg)
 
 
 def run_encoded(model: Any, encoded: Any, cfg: DecodeConfig) -> Iterator[StreamEvent]:
-    """`run` on an already tokenized batch (`adapters.Encoded`), e.g. ids and pixels made by the caller."""
-    cfg = _resolve(model, cfg)
+    """`run` on an `adapters.Encoded` batch (token ids per sample, vision tensors)."""
+    cfg = cfg.resolved(model.config.block_size)
+    decoder, choice = select_decoder(cfg, model.device)
     model.check_prompt_lengths(encoded.input_ids, cfg.max_new_tokens)
     generator = None
     if cfg.seed is not None:
         generator = torch.Generator(device=model.device).manual_seed(cfg.seed)
     stop = set(model.stop_token_ids)
-    stop_ids = torch.tensor(sorted(stop), device=model.device)
+    stop_ids = torch.tensor(sorted(stop), dtype=torch.long, device=model.device)
     tracker = _TextTracker(model.tokenizer, len(encoded.input_ids))
     t0 = time.perf_counter()
     first_block_s: float | None = None
     state: DecodeState | None = None
     with torch.inference_mode():
         layout = _layout(model, encoded, cfg)
-        for state in DECODERS[cfg.decoder](model, layout, encoded.vision, cfg, stop_ids, generator):
-            ids, stopped = _outputs(state, stop, cfg.max_new_tokens)
+        rows = _Rows(layout, stop, cfg.max_new_tokens)
+        for state in decoder(model, layout, encoded.vision, cfg, stop_ids, generator):
+            ids, _ = rows.update(state)
             done = state.done.tolist()
             if first_block_s is None:
                 first_block_s = time.perf_counter() - t0
@@ -142,17 +180,9 @@ def run_encoded(model: Any, encoded: Any, cfg: DecodeConfig) -> Iterator[StreamE
         torch.cuda.synchronize(model.device)
     seconds = time.perf_counter() - t0
     assert state is not None
-    ids, stopped = _outputs(state, stop, cfg.max_new_tokens)
+    ids, stopped = rows.update(state)
     texts = [model.tokenizer.decode(x, skip_special_tokens=True) for x in ids]
-    n_tokens = sum(len(x) + int(h) for x, h in zip(ids, stopped))  # the stop token was generated too
-    forwards = state.forwards + state.prefill_forwards
-    stats = {
-        "decoder": cfg.decoder, "block_size": cfg.block_size, "steps": cfg.steps, "policy": cfg.policy,
-        "batch": len(ids), "tokens": n_tokens, "forwards": forwards, "prefill_forwards": state.prefill_forwards,
-        # per sequence: how many tokens one forward pass yields on average (prefill included)
-        "tokens_per_forward": n_tokens / len(ids) / max(forwards, 1), "seconds": seconds,
-        "tokens_per_second": n_tokens / seconds if seconds > 0 else 0.0, "first_block_seconds": first_block_s,
-    }
+    stats = _stats(cfg, state, ids, stopped, seconds, first_block_s, choice)
     output = GenerationOutput(texts, ids, ["stop" if h else "length" for h in stopped], stats)
     yield StreamEvent([[] for _ in ids], ["" for _ in ids], [True] * len(ids), final=True, output=output,
-                      forwards=forwards)
+                      forwards=stats["forwards"])

@@ -2,7 +2,8 @@
 
 Contract: same generator protocol as the block decoders (yields a DecodeState every `chunk` tokens). The layout is
 the B = 1 layout (plain left padding), whose block-causal mask is the causal mask, so this is exactly greedy or
-sampled AR decoding of the unconverted backbone (test: equals transformers `generate`). Host sync once per chunk.
+sampled AR decoding of the unconverted backbone (test: equals transformers `generate`). Host sync once per chunk;
+the mask is built once per chunk too (attention reads up to the chunk's end; the causal mask hides the rest).
 """
 
 from __future__ import annotations
@@ -44,4 +45,8 @@ def ar_decode(model: Any, layout: Layout, vision: Any, cfg: DecodeConfig, stop_i
             if bool(state.done.all()):
                 return
         if j < cfg.max_new_tokens - 1:
-            logits = head(runner.forward(tokens[:, p + j:p + j + 1], p + j)[:, -1])
+            q = p + j
+            if j % chunk == 0:  # one mask (and one cache view length) per chunk of tokens
+                kv_end = min(q + chunk, layout.total)
+                runner.prepare_mask(q, kv_end, kv_end)
+            logits = head(runner.forward(tokens[:, q:q + 1], q, kv_len=kv_end)[:, -1])

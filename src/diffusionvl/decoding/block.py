@@ -17,7 +17,7 @@ logits of the position before (the block's first token is predicted by the previ
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Iterator
 
 import torch
@@ -38,6 +38,13 @@ class DecodeState:
     final_end: int = 0  # slots < final_end hold final tokens
     forwards: int = 0
     prefill_forwards: int = 0
+    backend: str = "plain"  # how the steps ran: "plain" or "fast/<eager|graph|compile>" (backend.py)
+    notes: list[str] = field(default_factory=list)  # fallbacks taken on the way (backend.py)
+    gen_start: Tensor | None = None  # [N] layout.gen_start on the device (copied once)
+
+    def __post_init__(self) -> None:
+        if self.gen_start is None:
+            self.gen_start = self.layout.gen_start.to(self.tokens.device)
 
 
 def denoise(logits: Tensor, block: Tensor, is_mask: Tensor, k: int, cfg: DecodeConfig, mask_id: int,
@@ -52,7 +59,7 @@ def denoise(logits: Tensor, block: Tensor, is_mask: Tensor, k: int, cfg: DecodeC
 
 def mark_done(state: DecodeState, s: int, e: int, stop_ids: Tensor, max_new: int) -> None:
     """Update `state.done` after slots [s, e) became final: a stop token in a sample's budget, or budget used."""
-    gen_start = state.layout.gen_start.to(state.tokens.device)[:, None]  # [N, 1]
+    gen_start = state.gen_start[:, None]  # [N, 1]
     slots = torch.arange(s, e, device=state.tokens.device)[None]  # [1, Q]
     in_budget = (slots >= gen_start) & (slots < gen_start + max_new)
     hit = (torch.isin(state.tokens[:, s:e], stop_ids) & in_budget).any(dim=1)

@@ -32,8 +32,10 @@ class Runner:
         self.start = layout.start.to(self.device)
         self.positions = layout.positions.to(self.device)
         self.bidirectional = bidirectional
+        self.dtype = model.dtype
         self.forwards = 0
-        text_cfg = self.adapter.text_config
+        self._rows: tuple[int, int, int, Any] | None = None  # (first row, end row, kv_len, mask) last built
+        text_cfg = self.text_config = self.adapter.text_config  # looked up once: config access is slow in HF 5
         self.cache = BlockKVCache(text_cfg.num_hidden_layers, layout.total) if use_cache else None
         self.vision_embeds: Tensor | None = None
         self.vision_slots: Tensor | None = None
@@ -53,26 +55,43 @@ class Runner:
         head = torch.where(where, self.vision_embeds[:, q_start:end], emb[:, :width])
         return torch.cat([head, emb[:, width:]], dim=1)
 
-    def mask(self, q_slots: Tensor, kv_len: int) -> Any:
+    def _build_mask(self, q_start: int, q_end: int, kv_len: int) -> Any:
         b = self.block_size if not self.bidirectional else self.layout.total
-        dtype = self.model.dtype
+        q_slots = torch.arange(q_start, q_end, device=self.device)
 
         def rule(window: int | None) -> Tensor:
             return masks.block_causal_dense_mask(q_slots, kv_len, self.start, b, window)
 
-        return attention.build(rule, self.adapter.text_config, self.adapter.text_config, dtype)
+        return attention.build(rule, self.text_config, self.text_config, self.dtype)
+
+    def prepare_mask(self, q_start: int, q_end: int, kv_len: int) -> None:
+        """Build the mask rows of queries [q_start, q_end) over `kv_len` keys once, for the forwards that follow."""
+        self._rows = (q_start, q_end, kv_len, self._build_mask(q_start, q_end, kv_len))
+
+    def mask(self, q_start: int, q_len: int, kv_len: int) -> Any:
+        """Mask of queries [q_start, q_start + q_len) over `kv_len` keys: rows of the last built mask when they cover
+        them with the same keys (a block's later steps reuse its fused step's rows), else built now."""
+        if self._rows is not None:
+            r0, r1, kv, rows = self._rows
+            if kv == kv_len and r0 <= q_start and q_start + q_len <= r1:
+                a, b = q_start - r0, q_start - r0 + q_len
+                if isinstance(rows, dict):
+                    return {k: v[:, :, a:b] for k, v in rows.items()}
+                return rows[:, :, a:b]
+        self.prepare_mask(q_start, q_start + q_len, kv_len)
+        return self._rows[3]
 
     def forward(self, ids: Tensor, q_start: int, kv_len: int | None = None) -> Tensor:
-        """ids [N, Q] at slots [q_start, q_start + Q) -> hidden [N, Q, D]."""
+        """ids [N, Q] at slots [q_start, q_start + Q) -> hidden [N, Q, D]; attention reads slots [0, kv_len)
+        (default: up to the last query; a longer view gives the same result, the mask hides the extra slots)."""
         q_len = ids.shape[1]
-        q_slots = torch.arange(q_start, q_start + q_len, device=self.device)
         kv_len = kv_len if kv_len is not None else q_start + q_len
         if self.cache is not None:
-            self.cache.set_write(q_slots, view_len=kv_len)
+            self.cache.set_write(torch.arange(q_start, q_start + q_len, device=self.device), view_len=kv_len)
         else:
             assert q_start == 0, "without a cache the whole prefix is recomputed"
         embeds = self.embed(ids, q_start)
         positions = self.positions[:, :, q_start:q_start + q_len]
-        hidden = self.adapter.run_decoder(embeds, self.mask(q_slots, kv_len), positions, self.cache)
+        hidden = self.adapter.run_decoder(embeds, self.mask(q_start, q_len, kv_len), positions, self.cache)
         self.forwards += 1
         return hidden
