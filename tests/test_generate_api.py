@@ -40,3 +40,15 @@ def test_threshold_policy_uses_fewer_forwards_than_static():
     loose = dm.generate("Hello", steps=8, policy="threshold", threshold=1e-6, max_new_tokens=32)
     assert loose.stats["forwards"] < static.stats["forwards"]
     assert loose.stats["tokens_per_forward"] > static.stats["tokens_per_forward"]
+
+
+def test_interleaved_streams_leave_autograd_enabled():
+    """Decoding runs under inference mode, but never holds it across a yield (interleaved streams would otherwise
+    exit the contexts out of order and leave autograd off for the rest of the process)."""
+    import torch
+
+    dm = tiny_diffusion("llama", block_size=4)
+    a, b = dm.stream_events("Hello", max_new_tokens=8), dm.stream_events("Bye", max_new_tokens=8)
+    next(a), next(b)
+    list(a), list(b)
+    assert torch.is_grad_enabled()

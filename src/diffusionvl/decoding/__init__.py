@@ -145,6 +145,19 @@ def select_decoder(cfg: DecodeConfig, device: torch.device) -> tuple[Callable[..
     return DECODERS[cfg.decoder], choice
 
 
+def _no_grad_steps(steps: Iterator[DecodeState]) -> Iterator[DecodeState]:
+    """Advance a decoder under inference mode one step at a time, never holding the mode across a `yield`: a
+    context held across yields would be exited out of order when callers interleave streams, leaving autograd
+    globally disabled."""
+    while True:
+        with torch.inference_mode():
+            try:
+                state = next(steps)
+            except StopIteration:
+                return
+        yield state
+
+
 def run(model: Any, conversations: list[Any], cfg: DecodeConfig) -> Iterator[StreamEvent]:
     cfg = cfg.resolved(model.config.block_size)
     encoded = model.adapter.encode(conversations)
@@ -167,15 +180,15 @@ def run_encoded(model: Any, encoded: Any, cfg: DecodeConfig) -> Iterator[StreamE
     state: DecodeState | None = None
     with torch.inference_mode():
         layout = _layout(model, encoded, cfg)
-        rows = _Rows(layout, stop, cfg.max_new_tokens)
-        for state in decoder(model, layout, encoded.vision, cfg, stop_ids, generator):
-            ids, _ = rows.update(state)
-            done = state.done.tolist()
-            if first_block_s is None:
-                first_block_s = time.perf_counter() - t0
-            deltas = [tracker.update(i, x, done[i]) for i, x in enumerate(ids)]
-            yield StreamEvent([d[0] for d in deltas], [d[1] for d in deltas], done,
-                              forwards=state.forwards + state.prefill_forwards)
+    rows = _Rows(layout, stop, cfg.max_new_tokens)
+    for state in _no_grad_steps(decoder(model, layout, encoded.vision, cfg, stop_ids, generator)):
+        ids, _ = rows.update(state)
+        done = state.done.tolist()
+        if first_block_s is None:
+            first_block_s = time.perf_counter() - t0
+        deltas = [tracker.update(i, x, done[i]) for i, x in enumerate(ids)]
+        yield StreamEvent([d[0] for d in deltas], [d[1] for d in deltas], done,
+                          forwards=state.forwards + state.prefill_forwards)
     if model.device.type == "cuda":
         torch.cuda.synchronize(model.device)
     seconds = time.perf_counter() - t0
