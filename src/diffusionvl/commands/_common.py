@@ -17,6 +17,9 @@ def add_model_arguments(parser: argparse.ArgumentParser, required: bool = False)
 
 def load_model(args: argparse.Namespace) -> Any:
     """The model named by --model, or the embedded default when none is given."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # a CLI answer should not start with weight-loading bars
     if args.model is None:
         try:
             from diffusionvl.default import load_default
