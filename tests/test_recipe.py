@@ -47,3 +47,12 @@ def test_config_validation_is_one_line():
         TinyVLMConfig(diffusion_fraction=0.0).validate()
     with pytest.raises(DiffusionVLError, match="thresholds must be in"):
         TinyVLMConfig(thresholds=[1.5]).validate()
+
+
+def test_diffusion_fraction_is_of_the_ar_samples_actually_used(tmp_path):
+    cfg = TinyVLMConfig(out=str(tmp_path), n_train=6000, stage2_samples=4000, diffusion_fraction=0.05,
+                        thresholds=[0.9])
+    assert cfg.ar_samples == 4000
+    facts = json.loads(write_results(cfg, _rows(cfg), tmp_path)["json"].read_text())["facts"]
+    assert facts["n_ar"] == 4000 and facts["n_diffusion"] == 200 and abs(facts["fraction"] - 0.05) < 1e-9
+    assert TinyVLMConfig(n_train=100, stage2_samples=5000).ar_samples == 100

@@ -35,6 +35,7 @@ class TinyVLMConfig:
     out: str = option("runs/tiny-vlm", "Output folder of every stage (a rerun resumes finished stages).")
     seed: int = option(0, "Seed of the data, the projector initialization and the training noise.")
     n_train: int = option(6000, "AR instruction-tuning samples (synthetic training split size).")
+    stage2_samples: int | None = option(None, "Use only the first N training samples in stage 2 (default: all).")
     n_val: int = option(200, "Validation samples (eval loss).")
     n_test: int = option(400, "Held-out test questions for the accuracy table.")
     image_size: int = option(224, "Image side in pixels.")
@@ -55,6 +56,11 @@ class TinyVLMConfig:
     export_to: str | None = option(None, "Folder that receives the compact default-model weights.")
     threads: int | None = option(None, "torch CPU threads (default: torch's choice).")
     progress: bool = option(True, "Progress bars.")
+
+    @property
+    def ar_samples(self) -> int:
+        """Distinct samples of AR instruction tuning (stage 2); the diffusion fraction is taken of these."""
+        return min(self.n_train, self.stage2_samples or self.n_train)
 
     def validate(self) -> "TinyVLMConfig":
         check(0.0 < self.diffusion_fraction <= 1.0, f"diffusion_fraction must be in (0, 1], got {self.diffusion_fraction}")
@@ -123,7 +129,7 @@ def _train(cfg: TinyVLMConfig, name: str, out: Path, model: Path, data: Path, va
     _say(f"stage {name}: {kw.get('objective', 'bd3')} objective on {data.name}")
     tc = TrainConfig(model=str(model), data=str(data), output=str(out / name), eval_data=str(val), seed=cfg.seed,
                      image_folder=str(out / "data"),
-                     batch_size=cfg.batch_size, num_workers=0, save_every=200, keep_checkpoints=1, log_every=10,
+                     batch_size=cfg.batch_size, num_workers=0, save_every=50, keep_checkpoints=1, log_every=10,
                      progress=cfg.progress, tensorboard=False, resume="auto", max_length=256, warmup_ratio=0.05,
                      **kw)
     summary = train(tc)
@@ -143,9 +149,12 @@ def run_stages(cfg: TinyVLMConfig) -> dict[str, Path]:
     stage1_data = _subset(data / "train.json", out / "stage1.json", cfg.stage1_samples)
     s1 = _train(cfg, "stage1", out, init, stage1_data, val, objective="ar", lr=cfg.stage1_lr,
                 freeze=["vision", "language"], epochs=1)
-    s2 = _train(cfg, "stage2", out, s1, data / "train.json", val, objective="ar", epochs=cfg.stage2_epochs,
+    stage2_data = data / "train.json"
+    if cfg.stage2_samples is not None:
+        stage2_data = _subset(stage2_data, out / "stage2.json", cfg.stage2_samples)
+    s2 = _train(cfg, "stage2", out, s1, stage2_data, val, objective="ar", epochs=cfg.stage2_epochs,
                 **_lora(cfg, lora_modules_to_save=["projector"]))
-    n_diff = max(1, int(cfg.diffusion_fraction * cfg.n_train))
+    n_diff = max(1, int(cfg.diffusion_fraction * cfg.ar_samples))
     diff_data = _subset(data / "train.json", out / "translate.json", n_diff)
     tr = _train(cfg, "translate", out, s2, diff_data, val, objective="bd3", epochs=cfg.diffusion_epochs, **_lora(cfg))
     paths = {"data": data, "stage1": s1, "ar_vlm": s2, "dvlm": tr}
@@ -257,8 +266,8 @@ def plot_threshold_curve(rows: list[dict[str, Any]], path: Path) -> Path | None:
 def write_results(cfg: TinyVLMConfig, rows: list[dict[str, Any]], out: Path) -> dict[str, Path]:
     import torch
 
-    n_diff = max(1, int(cfg.diffusion_fraction * cfg.n_train))
-    facts = {"n_ar": cfg.n_train * cfg.stage2_epochs, "n_diffusion": n_diff, "fraction": n_diff / cfg.n_train,
+    n_diff = max(1, int(cfg.diffusion_fraction * cfg.ar_samples))
+    facts = {"n_ar": cfg.ar_samples * cfg.stage2_epochs, "n_diffusion": n_diff, "fraction": n_diff / cfg.ar_samples,
              "threads": torch.get_num_threads()}
     payload = {"config": dataclasses.asdict(cfg), "facts": facts, "rows": rows}
     paths = {"json": out / "results.json", "markdown": out / "results.md", "plot": out / "accuracy_vs_parallelism.png"}
