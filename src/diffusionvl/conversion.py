@@ -110,17 +110,22 @@ def write_atomic(path: str | os.PathLike[str], write: Callable[[Path], None]) ->
     try:
         write(tmp)
         _normal_permissions(tmp)
-        old = None
-        if path.exists():
-            old = path.with_name(f".{path.name}.old-{os.getpid()}")
-            os.replace(path, old)
-        os.replace(tmp, path)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        replace_dir(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return path
+
+
+def replace_dir(src: Path, dst: Path) -> None:
+    """Move the complete folder `src` to `dst`; an existing `dst` is set aside first and deleted only afterwards."""
+    old = None
+    if dst.exists():
+        old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
+        os.replace(dst, old)
+    os.replace(src, dst)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def _normal_permissions(folder: Path) -> None:

@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from diffusionvl.conversion import replace_dir
 from diffusionvl.errors import DiffusionVLError, check
 
 PREFIX = "checkpoint-"
@@ -84,15 +85,6 @@ def export(model: Any, path: Path, state_dict: dict[str, torch.Tensor] | None, p
     return save_atomic(model, path, state_dict=backbone_state(state_dict) if state_dict is not None else None)
 
 
-def replace_dir(src: Path, dst: Path) -> None:
-    """Move folder `src` to `dst`, replacing an existing `dst` only once `src` is complete."""
-    old = None
-    if dst.exists():
-        old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
-        os.replace(dst, old)
-    os.replace(src, dst)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
