@@ -161,7 +161,7 @@ class EfficientNetLite0(nn.Module):
         return self.forward_head(self.forward_features(pixels))
 
 
-def _resize_and_crop(image: Image.Image, size: int, crop_pct: float) -> Image.Image:
+def resize_and_crop(image: Image.Image, size: int, crop_pct: float) -> Image.Image:
     """Bicubic resize of the short side to floor(size / crop_pct), then a centered size x size crop."""
     image = image.convert("RGB")
     scale = math.floor(size / crop_pct)
@@ -184,7 +184,7 @@ def preprocess(
     for image in images:
         if isinstance(image, np.ndarray):
             image = Image.fromarray(image)
-        arrays.append(np.asarray(_resize_and_crop(image, size, crop_pct), dtype=np.float32))
+        arrays.append(np.asarray(resize_and_crop(image, size, crop_pct), dtype=np.float32))
     batch = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2) / 255.0  # [N, 3, size, size] in [0, 1]
     mean = torch.tensor(MEAN).view(1, 3, 1, 1)
     std = torch.tensor(STD).view(1, 3, 1, 1)

@@ -66,15 +66,12 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 def _resize(image: Image.Image, size: int, crop_pct: float | None) -> Image.Image:
-    image = image.convert("RGB")
+    """Square bicubic resize, or (with crop_pct) timm's resize-short-side-then-center-crop."""
     if crop_pct is None:
-        return image.resize((size, size), Image.BICUBIC)
-    scale = math.floor(size / crop_pct)
-    w, h = image.size
-    new_w, new_h = (scale, int(scale * h / w)) if w <= h else (int(scale * w / h), scale)
-    image = image.resize((new_w, new_h), Image.BICUBIC)
-    left, top = round((new_w - size) / 2), round((new_h - size) / 2)
-    return image.crop((left, top, left + size, top + size))
+        return image.convert("RGB").resize((size, size), Image.BICUBIC)
+    from diffusionvl.vision.efficientnet import resize_and_crop
+
+    return resize_and_crop(image, size, crop_pct)
 
 
 def preprocess_images(images: list[Any], transform: ImageTransform) -> Tensor:
