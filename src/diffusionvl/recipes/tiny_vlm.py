@@ -241,16 +241,24 @@ def plot_threshold_curve(rows: list[dict[str, Any]], path: Path) -> Path | None:
     except ImportError:
         return None
     fig, ax = plt.subplots(figsize=(6, 4))
-    for label, keep, style in [("threshold", lambda r: r.get("policy") == "threshold" and r["decoder"] == "block", "o-"),
-                               ("static", lambda r: r.get("policy") == "static" and r["decoder"] == "block", "s"),
-                               ("AR", lambda r: r["decoder"] == "ar", "^"), ("full", lambda r: r["decoder"] == "full", "x")]:
-        pts = sorted((r["tokens_per_forward"], r["accuracy"], r) for r in rows if keep(r) and "translated" in r["model"]
-                     or (keep(r) and label == "AR"))
-        if pts:
-            ax.plot([p[0] for p in pts], [100 * p[1] for p in pts], style, label=label)
-            for x, y, r in pts:
-                if label == "threshold":
-                    ax.annotate(f"{r['threshold']:g}", (x, 100 * y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    translated = [r for r in rows if "translated" in r["model"]]
+
+    def block(policy: str) -> list[dict[str, Any]]:
+        return [r for r in translated if r["decoder"] == "block" and r["policy"] == policy]
+
+    series = [("diffusion VLM, threshold", block("threshold"), "o-"), ("diffusion VLM, static", block("static"), "s"),
+              ("diffusion VLM, full", [r for r in translated if r["decoder"] == "full"], "x"),
+              ("diffusion VLM, AR decoding", [r for r in translated if r["decoder"] == "ar"], "v"),
+              ("AR VLM (stage 2)", [r for r in rows if r["model"].startswith("AR VLM")], "^")]
+    for label, picked, style in series:
+        pts = sorted(picked, key=lambda r: r["tokens_per_forward"])
+        if not pts:
+            continue
+        ax.plot([r["tokens_per_forward"] for r in pts], [100 * r["accuracy"] for r in pts], style, label=label)
+        for r in pts:
+            if r.get("policy") == "threshold" and r["decoder"] == "block":
+                ax.annotate(f"{r['threshold']:g}", (r["tokens_per_forward"], 100 * r["accuracy"]),
+                            textcoords="offset points", xytext=(4, 4), fontsize=8)
     ax.set_xlabel("tokens per forward")
     ax.set_ylabel("accuracy on held-out test (%)")
     ax.set_title("tiny-VLM: accuracy vs parallelism")
