@@ -314,7 +314,11 @@ def _stored_dtype(plan: dict[str, tuple[Path, str]]) -> torch.dtype:
 def name_row(tokenizer: Any, row: int, name: str = DEFAULT_MASK_TOKEN) -> str:
     """Give embedding row `row` the token name `name` in place, keeping every id (the row's existing name if it
     has one). The name goes into the BPE vocabulary at exactly that id and is marked special, so it encodes to
-    `row`, decodes to nothing with skip_special_tokens, and survives save_pretrained."""
+    `row`, decodes to nothing with skip_special_tokens, and survives save_pretrained.
+
+    Added tokens that live outside the model vocabulary (Qwen's <|endoftext|>, <|im_end|>, ... and any token added
+    later, such as <image>) are written into it at their ids too: on reload `tokenizers` renumbers such tokens from
+    the model vocabulary's size, which the new entry would otherwise shift by one."""
     import tokenizers
 
     existing = tokenizer.convert_ids_to_tokens(row)
@@ -324,15 +328,21 @@ def name_row(tokenizer: Any, row: int, name: str = DEFAULT_MASK_TOKEN) -> str:
     check(taken is None, f"the tokenizer already uses {name} for id {taken}, but the checkpoint's mask row is {row}")
     backend = getattr(tokenizer, "backend_tokenizer", None)
     check(backend is not None, "naming the mask row needs a fast (tokenizers) tokenizer; save tokenizer.json")
+    before = tokenizer.get_vocab()
     data = json.loads(backend.to_str())
     vocab = data.get("model", {}).get("vocab")
     check(isinstance(vocab, dict), f"cannot name row {row}: the {data.get('model', {}).get('type')} tokenizer "
                                    "model has no id-addressable vocabulary")
+    added = data.setdefault("added_tokens", [])
+    vocab.update({tok["content"]: tok["id"] for tok in added if tok["content"] not in vocab})  # pin their ids
     vocab[name] = row
-    data.setdefault("added_tokens", []).append({"id": row, "content": name, "single_word": False, "lstrip": False,
-                                               "rstrip": False, "normalized": False, "special": True})
+    added.append({"id": row, "content": name, "single_word": False, "lstrip": False, "rstrip": False,
+                  "normalized": False, "special": True})
     tokenizer._tokenizer = tokenizers.Tokenizer.from_str(json.dumps(data))  # how transformers swaps backends too
-    check(find_token_id(tokenizer, name) == row, f"could not give row {row} the name {name}")
+    after = tokenizer.get_vocab()
+    check(after.get(name) == row, f"could not give row {row} the name {name}")
+    moved = [k for k, v in before.items() if after.get(k) != v]
+    check(not moved, f"naming row {row} {name} moved the ids of {len(moved)} token(s) (e.g. {moved[:3]})")
     return name
 
 
