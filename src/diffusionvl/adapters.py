@@ -216,8 +216,9 @@ class ComposedAdapter(Adapter):
         return scatter_image_features(embeds, input_ids, self.image_token_id, feats)
 
     def image_features(self, vision: dict[str, Tensor]) -> Tensor:
-        """[N_img * T, D] in sample/image order."""
-        return self.model.image_features(vision["pixel_values"]).flatten(0, 1)
+        """[sum of visual tokens per image, D] in sample/image order (T per image, or anyres counts)."""
+        return self.model.merged_image_features(vision["pixel_values"], vision.get("image_sizes"),
+                                                vision.get("image_tiles"))
 
     def render(self, conv: Conversation, add_generation_prompt: bool = True) -> str:
         return self.processor.apply_chat_template(conv.messages, add_generation_prompt=add_generation_prompt,
@@ -230,7 +231,8 @@ class ComposedAdapter(Adapter):
         flat = [im for ims in images for im in ims]
         out = self.processor(text=texts, images=flat or None, return_tensors="pt", padding=True)
         ids = [row[m.bool()].tolist() for row, m in zip(out["input_ids"], out["attention_mask"])]
-        vision = {"pixel_values": out["pixel_values"]} if flat else {}
+        keys = ("pixel_values", "image_sizes", "image_tiles")  # the last two: variable-resolution layouts
+        vision = {k: out[k] for k in keys if k in out} if flat else {}
         return Encoded(input_ids=ids, vision=vision, images_per_sample=[len(ims) for ims in images])
 
 

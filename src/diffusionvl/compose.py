@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +40,7 @@ from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForImageTex
 from diffusionvl.adapters import scatter_image_features
 from diffusionvl.config import option
 from diffusionvl.errors import DiffusionVLError, check
+from diffusionvl.vision.anyres import ImageLayout, assemble, image_tiles, parse_pinpoints
 from diffusionvl.vision.encoders import ImageTransform, build_tower, preprocess_images, resolve_vision
 
 Tensor = torch.Tensor
@@ -85,6 +87,11 @@ class ComposedVLMConfig(PretrainedConfig):
         tokens per image (fixed by the tower, its input size and pool). pool: grid average-pool size or None.
         feature_layer: hidden layer of HF ViT towers. image_size / image_mean / image_std / image_crop_pct: the
         preprocessing (crop_pct None = plain resize to a square).
+        Variable-resolution images (vision/anyres.py; the defaults keep one tile and num_image_tokens per image):
+        image_aspect_ratio: "square" | "pad" | "anyres" | "anyres_max_N"; image_grid_pinpoints: [[width, height],
+        ...] grid resolutions for anyres; patch_merge: "flat" | "spatial_unpad" (unpadded tile grid + a learned
+        `image_newline` vector after each row); multi_image_aspect_ratio: the aspect for each image of a prompt
+        with several images. num_image_tokens is then the tokens of one tile (side x side).
     """
 
     model_type = MODEL_TYPE
@@ -94,7 +101,9 @@ class ComposedVLMConfig(PretrainedConfig):
                  projector: str = "mlp2x_gelu", image_token: str = "<image>", image_token_id: int | None = None,
                  num_image_tokens: int = 0, pool: int | None = None, feature_layer: int = -2,
                  image_size: int = 224, image_mean: Any = (0.5, 0.5, 0.5), image_std: Any = (0.5, 0.5, 0.5),
-                 image_crop_pct: float | None = None, **kwargs: Any):
+                 image_crop_pct: float | None = None, image_aspect_ratio: str = "square",
+                 image_grid_pinpoints: Any = None, patch_merge: str = "flat", multi_image_aspect_ratio: str = "pad",
+                 **kwargs: Any):
         if isinstance(text_config, dict):
             data = dict(text_config)
             text_config = AutoConfig.for_model(data.pop("model_type"), **data)
@@ -111,12 +120,23 @@ class ComposedVLMConfig(PretrainedConfig):
         self.image_mean = list(image_mean)
         self.image_std = list(image_std)
         self.image_crop_pct = image_crop_pct
+        self.image_aspect_ratio = image_aspect_ratio
+        self.image_grid_pinpoints = [list(p) for p in parse_pinpoints(image_grid_pinpoints, image_size)] or None
+        self.patch_merge = patch_merge
+        self.multi_image_aspect_ratio = multi_image_aspect_ratio
         kwargs.setdefault("tie_word_embeddings", False)  # tying lives inside the language model's own config
         super().__init__(**kwargs)
 
     @property
     def image_transform(self) -> ImageTransform:
         return ImageTransform(self.image_size, tuple(self.image_mean), tuple(self.image_std), self.image_crop_pct)
+
+    @property
+    def image_layout(self) -> ImageLayout:
+        pinpoints = tuple(tuple(p) for p in self.image_grid_pinpoints or ())
+        return ImageLayout(aspect=self.image_aspect_ratio, pinpoints=pinpoints, merge=self.patch_merge,
+                           multi_image=self.multi_image_aspect_ratio, tile=int(self.image_size),
+                           side=math.isqrt(int(self.num_image_tokens)))
 
 
 # ----------------------------------------------------------------------------------------------------- model
@@ -143,12 +163,23 @@ class ComposedVLM(PreTrainedModel, GenerationMixin):
         self.vision_tower = build_tower(config.vision, config.pool, config.feature_layer)
         self.projector = build_projector(config.projector, config.vision_hidden_size, text.hidden_size)
         self.language_model = AutoModelForCausalLM.from_config(text)
+        if config.patch_merge == "spatial_unpad":  # a learned token closing each row of an image's token grid
+            self.image_newline = nn.Parameter(torch.empty(text.hidden_size))
         self.post_init()
 
     def _init_weights(self, module: nn.Module) -> None:
-        """Only the projector is ours to initialize; the tower and the LM come with their weights."""
+        """Only the projector (and the newline vector) are ours to initialize; tower and LM come with weights."""
         if isinstance(module, Projector):
             module.reset_parameters(getattr(self.config.text_config, "initializer_range", 0.02))
+        if module is self:
+            self.reset_newline()
+
+    def reset_newline(self) -> None:
+        """image_newline ~ N(0, 1/D), as LLaVA initializes it."""
+        newline = getattr(self, "image_newline", None)
+        if newline is not None:
+            with torch.no_grad():
+                newline.normal_(0.0, newline.shape[0] ** -0.5)
 
     # ---- embeddings delegate to the language model ------------------------------------------------------------
     def get_input_embeddings(self) -> nn.Module:
@@ -172,24 +203,44 @@ class ComposedVLM(PreTrainedModel, GenerationMixin):
 
     # ---- vision ------------------------------------------------------------------------------------------------
     def image_features(self, pixel_values: Tensor) -> Tensor:
-        """pixels [N_img, 3, H, W] -> projected visual tokens [N_img, T, D_text]."""
-        tokens = self.vision_tower(pixel_values)  # [N_img, T, C]
+        """pixels [N_tiles, 3, H, W] -> projected visual tokens [N_tiles, T, D_text] (T = num_image_tokens)."""
+        tokens = self.vision_tower(pixel_values)  # [N_tiles, T, C]
         return self.projector(tokens.to(next(self.projector.parameters()).dtype))
 
-    def embed(self, input_ids: Tensor, pixel_values: Tensor | None = None) -> Tensor:
+    def merged_image_features(self, pixel_values: Tensor, image_sizes: Tensor | None = None,
+                              image_tiles: Tensor | None = None) -> Tensor:
+        """Every image's visual tokens, images in order: [sum of tokens per image, D_text].
+
+        Default layout: T tokens per image (= image_features flattened). Variable-resolution layouts
+        (vision/anyres.py) need the processor's `image_sizes` [N_img, 2] (width, height) and `image_tiles` [N_img]."""
+        feats = self.image_features(pixel_values)  # [N_tiles, T, D]
+        layout = self.config.image_layout
+        if layout.is_default:
+            return feats.flatten(0, 1)
+        check(image_sizes is not None and image_tiles is not None,
+              f"{layout.aspect}/{layout.merge} images need image_sizes and image_tiles from the processor")
+        tiles = [int(n) for n in image_tiles.tolist()]
+        check(sum(tiles) == feats.shape[0], f"image_tiles add up to {sum(tiles)} tiles but {feats.shape[0]} were given")
+        sizes = [(int(w), int(h)) for w, h in image_sizes.tolist()]
+        newline = getattr(self, "image_newline", None)
+        return torch.cat([assemble(f, size, layout, newline) for f, size in zip(feats.split(tiles), sizes)])
+
+    def embed(self, input_ids: Tensor, pixel_values: Tensor | None = None, image_sizes: Tensor | None = None,
+              image_tiles: Tensor | None = None) -> Tensor:
         """ids [N, L] (+ pixels) -> embeddings [N, L, D] with image features at the image tokens."""
         embeds = self.get_input_embeddings()(input_ids)
         if pixel_values is None:
             return embeds
-        feats = self.image_features(pixel_values).flatten(0, 1)  # [N_img * T, D]
+        feats = self.merged_image_features(pixel_values, image_sizes, image_tiles)  # [image tokens, D]
         return scatter_image_features(embeds, input_ids, self.config.image_token_id, feats)
 
     def forward(self, input_ids: Tensor | None = None, pixel_values: Tensor | None = None,
                 attention_mask: Tensor | None = None, labels: Tensor | None = None,
-                inputs_embeds: Tensor | None = None, **kwargs: Any) -> Any:
+                inputs_embeds: Tensor | None = None, image_sizes: Tensor | None = None,
+                image_tiles: Tensor | None = None, **kwargs: Any) -> Any:
         """The AR forward of the language model on the merged embeddings (loss = shifted CE when labels)."""
         if inputs_embeds is None:
-            inputs_embeds = self.embed(input_ids, pixel_values)
+            inputs_embeds = self.embed(input_ids, pixel_values, image_sizes, image_tiles)
         return self.language_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, labels=labels,
                                    **kwargs)
 
@@ -206,11 +257,12 @@ register()
 # ------------------------------------------------------------------------------------------------ processor
 
 
-def image_chat_template(template: str, image_token: str) -> str:
-    """Wrap a text chat template so list contents are flattened to text, image parts becoming `image_token`."""
+def image_chat_template(template: str, image_token: str, image_text: str | None = None) -> str:
+    """Wrap a text chat template so list contents are flattened to text, image parts becoming `image_text`
+    (default: the image token itself; LLaVA-trained models expect "<image>\n")."""
     if template.startswith(TEMPLATE_MARK):
         return template
-    literal = json.dumps(image_token)
+    literal = json.dumps(image_token if image_text is None else image_text)
     preamble = (
         TEMPLATE_MARK
         + "{%- set _dvl = namespace(messages=[]) -%}"
@@ -235,11 +287,12 @@ class ComposedProcessor:
     """Tokenizer + image preprocessing of a composed VLM (module docstring)."""
 
     def __init__(self, tokenizer: Any, image_token: str = "<image>", num_image_tokens: int = 49,
-                 transform: ImageTransform | None = None):
+                 transform: ImageTransform | None = None, layout: ImageLayout | None = None):
         self.tokenizer = tokenizer
         self.image_token = image_token
         self.num_image_tokens = int(num_image_tokens)
         self.transform = transform or ImageTransform()
+        self.layout = (layout or ImageLayout()).validate()  # default: one tile of num_image_tokens per image
         self.image_token_id = token_id(tokenizer, image_token)
         if self.image_token_id is None:
             raise DiffusionVLError(f"the tokenizer has no image token {image_token!r}; compose the model first")
@@ -257,6 +310,38 @@ class ComposedProcessor:
         """PIL images -> pixels [N_img, 3, S, S]."""
         return preprocess_images(list(images), self.transform)
 
+    def _as_pil(self, image: Any) -> Any:
+        import numpy as np
+        from PIL import Image
+
+        if isinstance(image, np.ndarray):
+            image = Image.fromarray(image)
+        if not isinstance(image, Image.Image):
+            raise DiffusionVLError(f"expected a PIL image or an HxWx3 array, got {type(image).__name__}")
+        return image
+
+    def tile_images(self, images: list[Any], per_text: list[int]) -> tuple[Tensor, list[tuple[int, int]], list[int]]:
+        """Variable-resolution layouts: images (in text order; `per_text` images per text) -> pixels of all tiles
+        [N_tiles, 3, S, S], each image's (width, height) and its tile count."""
+        aspects = [self.layout.aspect_for(n) for n in per_text for _ in range(n)]
+        color = tuple(int(m * 255) for m in self.transform.mean)
+        tiles, sizes, counts = [], [], []
+        for image, aspect in zip(images, aspects):
+            image = self._as_pil(image)
+            parts = image_tiles(image, aspect, self.layout, color)
+            sizes.append(image.size)
+            counts.append(len(parts))
+            transform = self.transform if aspect == "square" else ImageTransform(self.layout.tile, self.transform.mean,
+                                                                                 self.transform.std, None)
+            tiles.append(preprocess_images(parts, transform))
+        return torch.cat(tiles), sizes, counts
+
+    def image_token_counts(self, sizes: list[tuple[int, int]], tiles: list[int]) -> list[int]:
+        """Placeholders per image: exactly the visual tokens the model will produce for it."""
+        if self.layout.is_default:
+            return [self.num_image_tokens] * len(sizes)
+        return [self.layout.num_tokens(size, n) for size, n in zip(sizes, tiles)]
+
     def __call__(self, text: str | list[str], images: Any = None, return_tensors: str = "pt",
                  padding: bool | str = True, **kwargs: Any) -> Any:
         from transformers import BatchFeature
@@ -268,12 +353,28 @@ class ComposedProcessor:
         if n_placeholders != len(images):
             raise DiffusionVLError(f"{len(images)} image(s) given but the text has {n_placeholders} "
                                    f"{self.image_token} placeholder(s)")
-        expanded = [t.replace(self.image_token, self.image_token * self.num_image_tokens) for t in texts]
         kwargs.setdefault("add_special_tokens", not self.chat_template)  # the chat template writes BOS itself
-        enc = dict(self.tokenizer(expanded, padding=padding, return_tensors=return_tensors, **kwargs))
+        if self.layout.is_default:
+            expanded = [t.replace(self.image_token, self.image_token * self.num_image_tokens) for t in texts]
+            enc = dict(self.tokenizer(expanded, padding=padding, return_tensors=return_tensors, **kwargs))
+            if images:
+                enc["pixel_values"] = self.preprocess(images)
+            return BatchFeature(enc)
+        per_text = [t.count(self.image_token) for t in texts]
+        vision: dict[str, Tensor] = {}
+        counts: list[int] = []
         if images:
-            enc["pixel_values"] = self.preprocess(images)
-        return BatchFeature(enc)
+            pixels, sizes, tiles = self.tile_images(images, per_text)
+            counts = self.image_token_counts(sizes, tiles)
+            vision = {"pixel_values": pixels, "image_sizes": torch.tensor(sizes, dtype=torch.long).view(-1, 2),
+                      "image_tiles": torch.tensor(tiles, dtype=torch.long)}
+        expanded, k = [], 0
+        for text, n in zip(texts, per_text):
+            pieces = text.split(self.image_token)
+            expanded.append(pieces[0] + "".join(self.image_token * counts[k + i] + p for i, p in enumerate(pieces[1:])))
+            k += n
+        enc = dict(self.tokenizer(expanded, padding=padding, return_tensors=return_tensors, **kwargs))
+        return BatchFeature({**enc, **vision})
 
     def batch_decode(self, *args: Any, **kwargs: Any) -> Any:
         return self.tokenizer.batch_decode(*args, **kwargs)
@@ -282,8 +383,11 @@ class ComposedProcessor:
         return self.tokenizer.decode(*args, **kwargs)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"processor_class": type(self).__name__, "image_token": self.image_token,
-                "num_image_tokens": self.num_image_tokens, "image_transform": self.transform.to_dict()}
+        out = {"processor_class": type(self).__name__, "image_token": self.image_token,
+               "num_image_tokens": self.num_image_tokens, "image_transform": self.transform.to_dict()}
+        if not self.layout.is_default:
+            out["image_layout"] = self.layout.to_dict()
+        return out
 
     def save_pretrained(self, path: str | os.PathLike[str], **kwargs: Any) -> None:
         os.makedirs(path, exist_ok=True)
@@ -299,8 +403,9 @@ class ComposedProcessor:
         if data is None:
             raise DiffusionVLError(f"{path} has no {PROCESSOR_FILE} of a composed VLM")
         tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
+        layout = ImageLayout.from_dict(data["image_layout"]) if data.get("image_layout") else None
         return cls(tokenizer, data["image_token"], data["num_image_tokens"],
-                   ImageTransform.from_dict(data["image_transform"]))
+                   ImageTransform.from_dict(data["image_transform"]), layout)
 
 
 def read_processor_config(path: str | os.PathLike[str]) -> dict[str, Any] | None:
@@ -349,12 +454,15 @@ def _prepare_tokenizer(tokenizer: Any, image_token: str, chat_template: str | No
 
 def compose(lm: Any, tokenizer: Any, vision: Any = "efficientnet_lite0", projector: str = "mlp2x_gelu",
             pool: int | None = None, image_token: str = "<image>", feature_layer: int = -2,
-            chat_template: str | None = None, vision_pretrained: bool = True) -> tuple[ComposedVLM, ComposedProcessor]:
+            chat_template: str | None = None, vision_pretrained: bool = True, image_aspect_ratio: str = "square",
+            image_grid_pinpoints: Any = None, patch_merge: str = "flat") -> tuple[ComposedVLM, ComposedProcessor]:
     """AR text LM + vision encoder -> (ComposedVLM, ComposedProcessor); see the module docstring.
 
     vision: "efficientnet_lite0" (offline ImageNet weights), "timm:NAME", a HF vision model folder, or a module
     (EfficientNetLite0, a transformers vision model such as SiglipVisionModel/CLIPVisionModel or a dual encoder,
     a timm model). pool: average-pool the encoder's grid to pool x pool tokens per image.
+    image_aspect_ratio / image_grid_pinpoints / patch_merge: variable-resolution images (ComposedVLMConfig; e.g.
+    "anyres_max_4", "(1x1),...,(3x3)", "spatial_unpad" for LLaVA-OneVision-style tiling).
     """
     check(projector in PROJECTORS, f"unknown projector {projector!r}; choose one of {', '.join(PROJECTORS)}")
     check(pool is None or (isinstance(pool, int) and pool >= 1), f"pool must be an integer >= 1, got {pool!r}")
@@ -367,20 +475,32 @@ def compose(lm: Any, tokenizer: Any, vision: Any = "efficientnet_lite0", project
     config = ComposedVLMConfig(
         text_config=copy.deepcopy(lm.config), vision=source.spec, vision_hidden_size=width, projector=projector,
         image_token=image_token, image_token_id=token_id(tok, image_token), num_image_tokens=n_tokens, pool=pool,
-        feature_layer=feature_layer, image_size=t.size, image_mean=t.mean, image_std=t.std, image_crop_pct=t.crop_pct)
+        feature_layer=feature_layer, image_size=t.size, image_mean=t.mean, image_std=t.std, image_crop_pct=t.crop_pct,
+        image_aspect_ratio=image_aspect_ratio, image_grid_pinpoints=image_grid_pinpoints, patch_merge=patch_merge)
+    layout = checked_layout(config)
     with _no_init():
         model = ComposedVLM(config)
     model.vision_tower.load_state_dict(tower.state_dict())
     model.language_model.load_state_dict(lm.state_dict())
     model.tie_weights()  # construction without init skipped the tying of a tied LM head
     model.projector.reset_parameters(getattr(config.text_config, "initializer_range", 0.02))
+    model.reset_newline()
     if len(tok) > model.get_input_embeddings().weight.shape[0]:
         model.resize_token_embeddings(len(tok), mean_resizing=False)  # the image token's row is never read
     model.generation_config = copy.deepcopy(lm.generation_config)
     first = next(lm.parameters())
     model.to(device=first.device, dtype=first.dtype)
-    processor = ComposedProcessor(tok, image_token, n_tokens, source.transform)
+    processor = ComposedProcessor(tok, image_token, n_tokens, source.transform, layout)
     return model.train(lm.training), processor
+
+
+def checked_layout(config: ComposedVLMConfig) -> ImageLayout:
+    """The config's image layout, validated (variable-resolution layouts need a square token grid per tile)."""
+    layout = config.image_layout.validate()
+    check(layout.is_default or layout.side ** 2 == config.num_image_tokens,
+          f"{layout.aspect}/{layout.merge} images need a square grid of tokens per tile, but the tower gives "
+          f"{config.num_image_tokens}")
+    return layout
 
 
 # --------------------------------------------------------------------------------------- training parts
@@ -452,6 +572,14 @@ class ComposeOptions:
                               "all of them (7 x 7 = 49 for EfficientNet-Lite0 at 224 px).")
     image_token: str = option("<image>", "Name of the image placeholder token added to the tokenizer.")
     feature_layer: int = option(-2, "Hidden layer of a HF ViT tower whose patch tokens are used (LLaVA: -2).")
+    image_aspect_ratio: str = option("square", "How images become tiles: 'square' (one resized tile), 'pad' (padded "
+                                     "to a square first), 'anyres' or 'anyres_max_N' (base tile + a grid of tiles "
+                                     "at the best of --image-grid-pinpoints; LLaVA-OneVision uses anyres_max_4).")
+    image_grid_pinpoints: str | None = option(None, "anyres grid resolutions: '(1x1),...,(3x3)' (in tiles) or "
+                                              "'[[448,448],[448,896]]' (in pixels).")
+    patch_merge: Literal["flat", "spatial_unpad"] = option("flat", "How tile tokens are merged: 'flat', or "
+                                                           "'spatial_unpad' (unpadded tile grid + a learned newline "
+                                                           "token per row, LLaVA-NeXT).")
     random_vision: bool = option(False, "Initialize the vision encoder randomly instead of loading pretrained "
                                  "weights (for tests and smoke runs).")
 
@@ -480,7 +608,9 @@ def compose_to_disk(options: ComposeOptions, output: str | os.PathLike[str]) -> 
 
     lm, tokenizer = load_lm(options.lm)
     model, processor = compose(lm, tokenizer, options.vision, options.projector, options.pool, options.image_token,
-                               options.feature_layer, vision_pretrained=not options.random_vision)
+                               options.feature_layer, vision_pretrained=not options.random_vision,
+                               image_aspect_ratio=options.image_aspect_ratio,
+                               image_grid_pinpoints=options.image_grid_pinpoints, patch_merge=options.patch_merge)
 
     def write(folder: Path) -> None:
         model.save_pretrained(folder, safe_serialization=True)

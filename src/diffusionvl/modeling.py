@@ -10,6 +10,7 @@ Training batch (what the collator produces; all [N, L], right padded):
     labels      x0 on loss (assistant) tokens, -100 elsewhere
     attention_mask  1 on real tokens, 0 on batch padding
     pixel_values / image_grid_thw / image_grid_thw_per_sample   (vision models, images in sample order)
+    image_sizes / image_tiles   (composed VLMs with variable-resolution images: (width, height), tiles per image)
     position_ids    optional [P, N, L]; computed by the adapter when absent
 """
 
@@ -28,6 +29,7 @@ from diffusionvl.config import DecodeConfig, DiffusionConfig
 from diffusionvl.errors import DiffusionVLError
 
 Tensor = torch.Tensor
+VISION_KEYS = ("pixel_values", "image_grid_thw", "image_grid_thw_per_sample", "image_sizes", "image_tiles")
 
 
 @dataclass
@@ -133,7 +135,7 @@ class DiffusionVLModel(nn.Module):
         """Normalize a training batch: bool validity, positions, length padded to a multiple of B."""
         x0, labels = batch["input_ids"], batch["labels"].clone()
         valid = batch.get("attention_mask", torch.ones_like(x0)).bool()
-        vision = {k: batch[k] for k in ("pixel_values", "image_grid_thw", "image_grid_thw_per_sample") if k in batch}
+        vision = {k: batch[k] for k in VISION_KEYS if k in batch}
         positions = batch.get("position_ids")
         if positions is None:
             positions = self.positions_for(x0, valid, vision)

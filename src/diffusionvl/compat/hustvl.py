@@ -12,12 +12,14 @@ Contract:
                        `model.mm_projector.merger.*`). Where both exist, the tower comes from vision_tower.safetensors
                        and the merger from the model weights, as in their inference loader.
     kind "llava_qwen"  DiffusionVL-Qwen2.5-7B (`diffusionvl_qwen`: SigLIP tower + mlp2x_gelu projector + Qwen2.5, anyres
-                       tiles with spatial_unpad): detected and refused with a one-line error.
-- `load_checkpoint(ckpt, device, dtype)` translates the config into a transformers `qwen2_5_vl` config (never
-  trust_remote_code), builds `Qwen2_5_VLForConditionalGeneration` without initializing weights, fills every tensor
-  through a strict key map (`map_key`; missing or unexpected tensors: one-line error), loads the processor from the
-  folder, and gives the reference mask row (`MASK_ROW`, a row with no token in the Qwen vocabulary) the name
-  `<|mask|>` without moving any id or touching any weight (`name_row`). Diffusion settings: block size =
+                       tiles with spatial_unpad; one or sharded `model*.safetensors`): loaded as a composed VLM by
+                       compat/llava_qwen.py.
+- `load_checkpoint(ckpt, device, dtype)` dispatches on the kind ("llava_qwen": compat/llava_qwen.py). For "qwenvl"
+  it translates the config into a transformers `qwen2_5_vl` config (never trust_remote_code), builds
+  `Qwen2_5_VLForConditionalGeneration` without initializing weights, fills every tensor through a strict key map
+  (`map_key`; missing or unexpected tensors: one-line error), loads the processor from the folder, and gives the
+  reference mask row (`MASK_ROW`, a row with no token in the Qwen vocabulary) the name `<|mask|>` without moving
+  any id or touching any weight (`name_row`). Diffusion settings: block size =
   `bd3lm_block_size`, prediction 'same' (their logits at position i predict token i), EOS `<|im_end|>`, positions
   'sequential' (their training and decoding give every token, image tokens included, positions 0, 1, 2, ...).
 - `format_loader(path, device=, dtype=)` is the `diffusionvl.conversion.FORMAT_LOADERS` entry; `path` is a folder
@@ -30,7 +32,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -139,7 +141,7 @@ def detect(path: str | os.PathLike[str]) -> HustvlCheckpoint | None:
     if kind is None:
         return None
     if kind == "llava_qwen":
-        return HustvlCheckpoint(folder, kind, cfg, (), None, None, None)
+        return HustvlCheckpoint(folder, kind, cfg, _model_files(folder), None, None, None)
     side = {name: folder / name for name in ("vision_tower.safetensors", "projector.safetensors")}
     vision_json = folder / "vision_config.json"
     return HustvlCheckpoint(
@@ -147,16 +149,6 @@ def detect(path: str | os.PathLike[str]) -> HustvlCheckpoint | None:
         side["vision_tower.safetensors"] if side["vision_tower.safetensors"].is_file() else None,
         side["projector.safetensors"] if side["projector.safetensors"].is_file() else None,
         _read_json(vision_json) if vision_json.is_file() else None)
-
-
-def unsupported_message(ckpt: HustvlCheckpoint) -> str:
-    cfg = ckpt.config
-    return (f"not yet supported: {ckpt.path} is a DiffusionVL-Qwen2.5 checkpoint (LLaVA-style "
-            f"{cfg.get('mm_vision_tower', 'SigLIP')} tower + {cfg.get('mm_projector_type', 'mlp2x_gelu')} projector "
-            f"+ Qwen2.5 LM, image_aspect_ratio={cfg.get('image_aspect_ratio', 'anyres_max_4')}, "
-            f"mm_patch_merge_type={cfg.get('mm_patch_merge_type', 'spatial_unpad')}); loading it needs the LLaVA-style "
-            "composition support, which does not read this layout yet; the DiffusionVL-Qwen2.5VL-3B/-7B checkpoints "
-            "load")
 
 
 # ---- config ------------------------------------------------------------------------------------------------------
@@ -266,20 +258,22 @@ def _part(target: str) -> str:
     return VISION if target.startswith("model.visual.") else TEXT
 
 
-def check_keys(path: Path, expected: set[str], plan: dict[str, Any], stray: list[str]) -> None:
-    """One-line error naming what is missing (per part, with where it should be) and what is unexpected."""
+def check_keys(path: Path, expected: set[str], plan: dict[str, Any], stray: list[str],
+               part_of: Callable[[str], str] = _part, hints: dict[str, str] = _HINTS,
+               what: str = "DiffusionVL-Qwen2.5VL") -> None:
+    """One-line error naming what is missing (per part, with where it should be: `hints`) and what is unexpected."""
     missing = sorted(expected - set(plan))
     unexpected = sorted(set(plan) - expected) + stray
     if not missing and not unexpected:
         return
     parts = []
-    for part in (TEXT, VISION, MERGER):
-        keys = [k for k in missing if _part(k) == part]
+    for part, hint in hints.items():
+        keys = [k for k in missing if part_of(k) == part]
         if keys:
-            parts.append(f"missing {len(keys)} tensor(s) of the {part} (e.g. {keys[0]}; expected in {_HINTS[part]})")
+            parts.append(f"missing {len(keys)} tensor(s) of the {part} (e.g. {keys[0]}; expected in {hint})")
     if unexpected:
         parts.append(f"{len(unexpected)} unexpected tensor(s) (e.g. {', '.join(unexpected[:3])})")
-    raise DiffusionVLError(f"{path}: weights do not match a DiffusionVL-Qwen2.5VL checkpoint: {'; '.join(parts)}")
+    raise DiffusionVLError(f"{path}: weights do not match a {what} checkpoint: {'; '.join(parts)}")
 
 
 def read_tensors(plan: dict[str, tuple[Path, str]], dtype: torch.dtype | None,
@@ -298,10 +292,11 @@ def read_tensors(plan: dict[str, tuple[Path, str]], dtype: torch.dtype | None,
     return out
 
 
-def _stored_dtype(plan: dict[str, tuple[Path, str]]) -> torch.dtype:
+def _stored_dtype(plan: dict[str, tuple[Path, str]],
+                  key: str = "model.language_model.embed_tokens.weight") -> torch.dtype:
     from safetensors import safe_open
 
-    entry = plan.get("model.language_model.embed_tokens.weight") or next(iter(plan.values()), None)
+    entry = plan.get(key) or next(iter(plan.values()), None)
     if entry is None:
         return torch.float32  # nothing stored: check_keys reports it
     path, key = entry
@@ -314,7 +309,11 @@ def _stored_dtype(plan: dict[str, tuple[Path, str]]) -> torch.dtype:
 def name_row(tokenizer: Any, row: int, name: str = DEFAULT_MASK_TOKEN) -> str:
     """Give embedding row `row` the token name `name` in place, keeping every id (the row's existing name if it
     has one). The name goes into the BPE vocabulary at exactly that id and is marked special, so it encodes to
-    `row`, decodes to nothing with skip_special_tokens, and survives save_pretrained."""
+    `row`, decodes to nothing with skip_special_tokens, and survives save_pretrained.
+
+    Added tokens that live outside the model vocabulary (Qwen's <|endoftext|>, <|im_end|>, ... and any token added
+    later, such as <image>) are written into it at their ids too: on reload `tokenizers` renumbers such tokens from
+    the model vocabulary's size, which the new entry would otherwise shift by one."""
     import tokenizers
 
     existing = tokenizer.convert_ids_to_tokens(row)
@@ -324,15 +323,21 @@ def name_row(tokenizer: Any, row: int, name: str = DEFAULT_MASK_TOKEN) -> str:
     check(taken is None, f"the tokenizer already uses {name} for id {taken}, but the checkpoint's mask row is {row}")
     backend = getattr(tokenizer, "backend_tokenizer", None)
     check(backend is not None, "naming the mask row needs a fast (tokenizers) tokenizer; save tokenizer.json")
+    before = tokenizer.get_vocab()
     data = json.loads(backend.to_str())
     vocab = data.get("model", {}).get("vocab")
     check(isinstance(vocab, dict), f"cannot name row {row}: the {data.get('model', {}).get('type')} tokenizer "
                                    "model has no id-addressable vocabulary")
+    added = data.setdefault("added_tokens", [])
+    vocab.update({tok["content"]: tok["id"] for tok in added if tok["content"] not in vocab})  # pin their ids
     vocab[name] = row
-    data.setdefault("added_tokens", []).append({"id": row, "content": name, "single_word": False, "lstrip": False,
-                                               "rstrip": False, "normalized": False, "special": True})
+    added.append({"id": row, "content": name, "single_word": False, "lstrip": False, "rstrip": False,
+                  "normalized": False, "special": True})
     tokenizer._tokenizer = tokenizers.Tokenizer.from_str(json.dumps(data))  # how transformers swaps backends too
-    check(find_token_id(tokenizer, name) == row, f"could not give row {row} the name {name}")
+    after = tokenizer.get_vocab()
+    check(after.get(name) == row, f"could not give row {row} the name {name}")
+    moved = [k for k, v in before.items() if after.get(k) != v]
+    check(not moved, f"naming row {row} {name} moved the ids of {len(moved)} token(s) (e.g. {moved[:3]})")
     return name
 
 
@@ -352,7 +357,7 @@ def _fill(model: Any, tensors: dict[str, torch.Tensor], tied: bool) -> None:
         lines = [ln.strip() for ln in str(exc).splitlines() if "size mismatch" in ln]
         raise DiffusionVLError(f"weights do not fit config.json: {lines[0] if lines else str(exc)[:200]}") from None
     if tied:
-        model.lm_head.weight = model.get_input_embeddings().weight
+        model.get_output_embeddings().weight = model.get_input_embeddings().weight
     meta = [n for n, p in model.named_parameters() if p.is_meta]
     check(not meta, f"{len(meta)} parameter(s) were not loaded (e.g. {meta[:1]})")
 
@@ -399,8 +404,10 @@ def load_checkpoint(ckpt: HustvlCheckpoint, device: str | torch.device = "cpu", 
     """Build the DiffusionVLModel of a detected reference checkpoint (dtype None = the stored dtype)."""
     from diffusionvl.conversion import wrap
 
-    if ckpt.kind != "qwenvl":
-        raise DiffusionVLError(unsupported_message(ckpt))
+    if ckpt.kind == "llava_qwen":
+        from diffusionvl.compat.llava_qwen import load_llava_qwen
+
+        return load_llava_qwen(ckpt, device, dtype, mask_row)
     plan, stray = plan_weights(ckpt)
     tied = "lm_head.weight" not in plan  # 3B: tied, lm_head skipped by their conversion script
     processor = load_reference_processor(ckpt.path, ckpt.config)

@@ -24,6 +24,7 @@ from diffusionvl.train.config import TrainConfig
 PART_RULES: list[tuple[str, tuple[str, ...]]] = [
     ("projector", (".visual.merger.", ".multi_modal_projector.", ".mm_projector.", ".vision_projector.")),
     ("projector", ("^projector.",)),  # diffusionvl_llava compositions (compose.py): a top-level `projector`
+    ("projector", (".image_newline.",)),  # LLaVA-NeXT row separator (anyres): new, trained with the projector
     ("vision", (".visual.", ".vision_tower.", ".vision_model.", ".vision_encoder.")),
 ]
 
