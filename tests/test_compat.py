@@ -258,6 +258,22 @@ def test_convert_from_reference_layout_round_trips(tmp_path, layout):
     assert overridden.config.block_size == 2 and overridden.config.prediction == "same"
 
 
+def test_train_starts_from_the_reference_layout_directly(tmp_path):
+    from diffusionvl.train import TrainConfig, train
+
+    write_reference(tmp_path / "ref", "prepared")
+    sample = {"image": "red.png", "conversations": [{"from": "human", "value": "<image>\nWhat colour?"},
+                                                     {"from": "gpt", "value": "red"}]}
+    red_square().save(tmp_path / "red.png")
+    (tmp_path / "data.json").write_text(json.dumps([sample] * 2))
+    summary = train(TrainConfig(model=str(tmp_path / "ref"), data=str(tmp_path / "data.json"), max_steps=1,
+                                image_folder=str(tmp_path), output=str(tmp_path / "out"), batch_size=2,
+                                progress=False, tensorboard=False))
+    assert summary["steps"] == 1 and summary["data"]["kept"] == 2
+    trained = diffusionvl.load(summary["final_model"], device="cpu")
+    assert trained.config.prediction == "same" and trained.mask_token_id == MASK_ROW
+
+
 # ---- the reference generate signature --------------------------------------------------------------------------
 @pytest.mark.parametrize("strategy,extra", [
     ("low_confidence_static", dict(temperature=0.0)),

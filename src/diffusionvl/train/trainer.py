@@ -77,9 +77,12 @@ class TrainState:
 # ---- set-up helpers -------------------------------------------------------------------------------------------
 def _model_has_vision(path: str) -> bool:
     from diffusionvl.adapters import adapter_class
+    from diffusionvl.compat import hustvl
 
     config_file = Path(path, "config.json")
     check(config_file.is_file(), f"model not found: {path} (give a folder made by `diffusionvl convert`)")
+    if hustvl.detect(path) is not None:  # the paper's released layouts are all VLMs; `load` reads them directly
+        return True
     return adapter_class(json.loads(config_file.read_text()).get("model_type", "")).has_vision
 
 
