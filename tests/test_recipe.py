@@ -56,3 +56,12 @@ def test_diffusion_fraction_is_of_the_ar_samples_actually_used(tmp_path):
     facts = json.loads(write_results(cfg, _rows(cfg), tmp_path)["json"].read_text())["facts"]
     assert facts["n_ar"] == 4000 and facts["n_diffusion"] == 200 and abs(facts["fraction"] - 0.05) < 1e-9
     assert TinyVLMConfig(n_train=100, stage2_samples=5000).ar_samples == 100
+
+
+def test_direct_path_budget_is_stated(tmp_path):
+    cfg = TinyVLMConfig(out=str(tmp_path), n_train=6000, stage2_samples=4000, direct=True, direct_samples=200,
+                        direct_epochs=4, thresholds=[0.9])
+    rows = _rows(cfg) + [dict(_rows(cfg)[1], model="diffusion VLM (direct from AR LM)")]
+    paths = write_results(cfg, rows, tmp_path)
+    assert json.loads(paths["json"].read_text())["facts"]["n_direct"] == 200
+    assert "trained on 200 samples x 4 epochs" in paths["markdown"].read_text()

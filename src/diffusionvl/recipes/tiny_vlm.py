@@ -50,7 +50,9 @@ class TinyVLMConfig:
     diffusion_fraction: float = option(0.05, "Share of stage 2's samples the translation may use (the paper: < 5%).")
     diffusion_epochs: int = option(4, "Epochs over the translation subset.")
     direct: bool = option(False, "Also train the direct AR-LM -> diffusion-VLM path (costly on CPU).")
-    direct_epochs: int = option(1, "Epochs of the direct path over stage 2's data.")
+    direct_epochs: int = option(1, "Epochs of the direct path over its data.")
+    direct_samples: int | None = option(None, "Direct path on the first N training samples only (default: stage 2's "
+                                        "data; the translation's count gives both paths the same diffusion budget).")
     thresholds: list[float] = option([0.5, 0.7, 0.8, 0.9, 0.95, 0.99], "Confidence thresholds evaluated.")
     eval_limit: int | None = option(None, "Evaluate only the first N test questions.")
     export_to: str | None = option(None, "Folder that receives the compact default-model weights.")
@@ -159,7 +161,10 @@ def run_stages(cfg: TinyVLMConfig) -> dict[str, Path]:
     tr = _train(cfg, "translate", out, s2, diff_data, val, objective="bd3", epochs=cfg.diffusion_epochs, **_lora(cfg))
     paths = {"data": data, "stage1": s1, "ar_vlm": s2, "dvlm": tr}
     if cfg.direct:
-        paths["direct"] = _train(cfg, "direct", out, s1, data / "train.json", val, objective="bd3",
+        direct_data = stage2_data
+        if cfg.direct_samples is not None:
+            direct_data = _subset(data / "train.json", out / "direct.json", cfg.direct_samples)
+        paths["direct"] = _train(cfg, "direct", out, s1, direct_data, val, objective="bd3",
                                  epochs=cfg.direct_epochs, **_lora(cfg, lora_modules_to_save=["projector"]))
     return paths
 
@@ -221,6 +226,9 @@ def results_markdown(cfg: TinyVLMConfig, rows: list[dict[str, Any]], facts: dict
              f"translation to diffusion used {facts['n_diffusion']} of them ({100 * facts['fraction']:.1f}%). "
              f"Block size B={cfg.block_size}. CPU timings ({facts['threads']} threads).", "",
              "| model | decoder | accuracy | tokens/forward | tokens/s |", "|---|---|---|---|---|"]
+    if any("direct" in r["model"] for r in rows):
+        lines[2] += (f" The direct path (AR LM -> diffusion VLM, from the stage 1 projector) trained on "
+                     f"{facts.get('n_direct')} samples x {cfg.direct_epochs} epochs.")
     lines += [f"| {r['model']} | {_decoder_label(r)} | {100 * r['accuracy']:.1f}% | {r['tokens_per_forward']:.2f} "
               f"| {r['tokens_per_second']:.1f} |" for r in rows]
     types = sorted({t for r in rows for t in r["per_type"]})
@@ -276,7 +284,7 @@ def write_results(cfg: TinyVLMConfig, rows: list[dict[str, Any]], out: Path) -> 
 
     n_diff = max(1, int(cfg.diffusion_fraction * cfg.ar_samples))
     facts = {"n_ar": cfg.ar_samples * cfg.stage2_epochs, "n_diffusion": n_diff, "fraction": n_diff / cfg.ar_samples,
-             "threads": torch.get_num_threads()}
+             "n_direct": min(cfg.direct_samples or cfg.ar_samples, cfg.n_train), "threads": torch.get_num_threads()}
     payload = {"config": dataclasses.asdict(cfg), "facts": facts, "rows": rows}
     paths = {"json": out / "results.json", "markdown": out / "results.md", "plot": out / "accuracy_vs_parallelism.png"}
     for key, text in (("json", json.dumps(payload, indent=2)), ("markdown", results_markdown(cfg, rows, facts))):
