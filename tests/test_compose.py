@@ -444,3 +444,32 @@ def test_real_smollm2_with_pretrained_efficientnet_generates_with_an_image():
     assert "Paris" in text  # the LM is intact inside the composition
     out = dm.generate("Describe the image.", images=[red_square((224, 224))], decoder="ar", max_new_tokens=6)
     assert out.stats["tokens"] >= 1
+
+
+def test_efficientnet_extra_stages_append_pooled_mid_level_channels(tmp_path):
+    """extra_stages=[2]: tokens = [final 1280 | stage 2's 40 channels pooled to the same grid]; saved in the spec."""
+    from diffusionvl.vision.encoders import build_tower
+
+    lm, tok = tiny_ar("llama")
+    torch.manual_seed(0)
+    enc = efficientnet.EfficientNetLite0().eval()
+    model, proc = compose(lm, tok, enc, pool=2, vision_options={"extra_stages": [2]})
+    model.eval()
+    assert model.config.vision["extra_stages"] == [2] and model.config.vision_hidden_size == 1280 + 40
+    pixels = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        tokens = model.vision_tower(pixels)  # [2, 4, 1320]
+        x = torch.nn.functional.relu6(enc.bn1(enc.conv_stem(pixels)))
+        mid = enc.blocks[2](enc.blocks[1](enc.blocks[0](x)))
+        final = enc.forward_features(pixels)
+    want_final = torch.nn.functional.adaptive_avg_pool2d(final, 2).flatten(2).transpose(1, 2)
+    want_mid = torch.nn.functional.adaptive_avg_pool2d(
+        torch.nn.functional.adaptive_avg_pool2d(mid, final.shape[-2:]), 2).flatten(2).transpose(1, 2)
+    torch.testing.assert_close(tokens, torch.cat([want_final, want_mid], -1))
+    model.save_pretrained(tmp_path / "m")
+    proc.save_pretrained(tmp_path / "m")
+    again = ComposedVLM.from_pretrained(tmp_path / "m").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(again.vision_tower(pixels), tokens)
+    with pytest.raises(DiffusionVLError, match="extra_stages .* out of range"):
+        build_tower({"kind": "efficientnet_lite0", "extra_stages": [6]})

@@ -88,7 +88,7 @@ def load_default(device: str | torch.device | None = None, dtype: str | torch.dt
     folder = folder or default_folder()
     manifest = read_manifest(folder)
     recipe = manifest["recipe"]
-    model = build_init(recipe["pool"], recipe["block_size"], recipe["seed"])
+    model = build_init(recipe["pool"], recipe["block_size"], recipe["seed"], recipe.get("vision_stages"))
     for stage in manifest["adapters"]:
         path = folder / stage["file"]
         check(path.is_file(), f"embedded default model is incomplete: {path} is missing (reinstall diffusionvl)")

@@ -40,6 +40,8 @@ class TinyVLMConfig:
     n_test: int = option(400, "Held-out test questions for the accuracy table.")
     image_size: int = option(224, "Image side in pixels.")
     pool: int = option(4, "EfficientNet feature grid pooled to POOL x POOL visual tokens per image.")
+    vision_stages: list[int] = option([2], "EfficientNet stages whose features join the final ones (colour and "
+                                      "edges; the final ImageNet features are nearly colour-blind). [] = final only.")
     block_size: int = option(8, "Diffusion block size B.")
     batch_size: int = option(16, "Training samples per optimizer step.")
     stage1_samples: int = option(2000, "Samples of the projector-alignment stage.")
@@ -97,7 +99,7 @@ def stage_data(cfg: TinyVLMConfig, out: Path) -> Path:
     return folder
 
 
-def build_init(pool: int, block_size: int, seed: int) -> Any:
+def build_init(pool: int, block_size: int, seed: int, vision_stages: list[int] | None = None) -> Any:
     """SmolLM2 + EfficientNet-Lite0 + projector, wrapped for diffusion (the mask token is added, mean-initialized).
     Deterministic given `seed`; the embedded default model rebuilds exactly this before applying its adapters."""
     import torch
@@ -108,7 +110,9 @@ def build_init(pool: int, block_size: int, seed: int) -> Any:
 
     lm, tok = assets.load_smollm2(progress=False)
     torch.manual_seed(seed)
-    model, processor = compose(lm, tok, vision="efficientnet_lite0", projector="mlp2x_gelu", pool=pool)
+    options = {"extra_stages": list(vision_stages)} if vision_stages else None
+    model, processor = compose(lm, tok, vision="efficientnet_lite0", projector="mlp2x_gelu", pool=pool,
+                               vision_options=options)
     return wrap(model, processor, block_size=block_size, prediction="shift")
 
 
@@ -118,7 +122,7 @@ def stage_init(cfg: TinyVLMConfig, out: Path) -> Path:
     path = out / "init"
     if not (path / "diffusionvl.json").is_file():
         _say("composing SmolLM2-135M-Instruct + EfficientNet-Lite0 + projector")
-        save_atomic(build_init(cfg.pool, cfg.block_size, cfg.seed), path)
+        save_atomic(build_init(cfg.pool, cfg.block_size, cfg.seed, cfg.vision_stages), path)
     return path
 
 

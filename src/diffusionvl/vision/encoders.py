@@ -3,7 +3,9 @@
 Contract:
 - A tower is an `nn.Module` whose `forward(pixels [N, 3, H, W]) -> [N, T, C]` returns T visual tokens of width C
   per image; `.encoder` is the wrapped backbone. Towers are rebuilt from a spec dict saved in the model config:
-  `{"kind": "efficientnet_lite0"}` (our native `EfficientNetLite0`, classifier dropped),
+  `{"kind": "efficientnet_lite0"}` (our native `EfficientNetLite0`, classifier dropped; `"extra_stages": [i, ...]`
+  appends the outputs of those stages, average-pooled to the final grid, to the 1280 final channels: ImageNet's
+  final features are nearly colour-invariant, early stages are not),
   `{"kind": "hf", "config": <transformers vision config dict>}` (SigLIP, CLIP, ... through `AutoModel`),
   `{"kind": "timm", "name": <timm model name>}` (built by name with `timm.create_model`; timm is imported lazily and
   its absence is a one-line `DiffusionVLError`). `TOWERS` is the registry, `build_tower(spec, pool, feature_layer)`
@@ -175,10 +177,30 @@ class EfficientNetTower(VisionTower):
 
         self.encoder = EfficientNetLite0(num_classes=0)
 
+        self.extra_stages = [int(i) for i in spec.get("extra_stages", [])]
+        n_stages = len(self.encoder.blocks)
+        bad = [i for i in self.extra_stages if not 0 <= i < n_stages - 1]
+        if bad:
+            raise DiffusionVLError(f"extra_stages {bad} out of range: EfficientNet-Lite0 stages are 0..{n_stages - 2} "
+                                   f"(the last one feeds the final features)")
+
     def tokens(self, pixels: Tensor) -> Tensor:
-        return grid_tokens(self.encoder.forward_features(pixels), self.pool)  # [N, 49 or pool^2, 1280]
+        if not self.extra_stages:
+            return grid_tokens(self.encoder.forward_features(pixels), self.pool)  # [N, 49 or pool^2, 1280]
+        enc, kept = self.encoder, []
+        x = F.relu6(enc.bn1(enc.conv_stem(pixels)))  # [N, 32, H/2, W/2]
+        for i, stage in enumerate(enc.blocks):
+            x = stage(x)
+            if i in self.extra_stages:
+                kept.append(x)  # [N, C_i, h_i, w_i]
+        final = F.relu6(enc.bn2(enc.conv_head(x)))  # [N, 1280, h, w]
+        grid = final.shape[-2:]
+        maps = [final] + [F.adaptive_avg_pool2d(k, grid) for k in kept]
+        return grid_tokens(torch.cat(maps, dim=1), self.pool)  # [N, T, 1280 + sum C_i]
 
     def output_shape(self, size: int) -> tuple[int, int]:
+        if self.extra_stages:
+            return probe(self, size)
         side = math.ceil(size / 32)  # five stride-2 stages, TF "SAME" padding
         return (self.pool or side) ** 2, self.encoder.num_features
 
