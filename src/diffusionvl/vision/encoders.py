@@ -4,7 +4,8 @@ Contract:
 - A tower is an `nn.Module` whose `forward(pixels [N, 3, H, W]) -> [N, T, C]` returns T visual tokens of width C
   per image; `.encoder` is the wrapped backbone. Towers are rebuilt from a spec dict saved in the model config:
   `{"kind": "efficientnet_lite0"}` (our native `EfficientNetLite0`, classifier dropped; `"extra_stages": [i, ...]`
-  appends the outputs of those stages, average-pooled to the final grid, to the 1280 final channels: ImageNet's
+  appends the outputs of those stages, average-pooled to the final grid and rescaled per position to the final
+  features' RMS, to the 1280 final channels: ImageNet's
   final features are nearly colour-invariant, early stages are not),
   `{"kind": "hf", "config": <transformers vision config dict>}` (SigLIP, CLIP, ... through `AutoModel`),
   `{"kind": "timm", "name": <timm model name>}` (built by name with `timm.create_model`; timm is imported lazily and
@@ -195,7 +196,8 @@ class EfficientNetTower(VisionTower):
                 kept.append(x)  # [N, C_i, h_i, w_i]
         final = F.relu6(enc.bn2(enc.conv_head(x)))  # [N, 1280, h, w]
         grid = final.shape[-2:]
-        maps = [final] + [F.adaptive_avg_pool2d(k, grid) for k in kept]
+        scale = final.pow(2).mean(1, keepdim=True).sqrt()  # [N, 1, h, w]: the final features' RMS per position
+        maps = [final] + [_rms_matched(F.adaptive_avg_pool2d(k, grid), scale) for k in kept]
         return grid_tokens(torch.cat(maps, dim=1), self.pool)  # [N, T, 1280 + sum C_i]
 
     def output_shape(self, size: int) -> tuple[int, int]:
@@ -203,6 +205,12 @@ class EfficientNetTower(VisionTower):
             return probe(self, size)
         side = math.ceil(size / 32)  # five stride-2 stages, TF "SAME" padding
         return (self.pool or side) ** 2, self.encoder.num_features
+
+
+def _rms_matched(features: Tensor, rms: Tensor) -> Tensor:
+    """[N, C, h, w] rescaled per position to RMS `rms` [N, 1, h, w]: raw mid-level EfficientNet maps are about 35x
+    larger than the final ReLU6 features and would drown them in the projector."""
+    return features / features.pow(2).mean(1, keepdim=True).clamp_min(1e-12).sqrt() * rms
 
 
 def hf_vision_config(data: dict[str, Any]) -> Any:
