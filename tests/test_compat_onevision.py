@@ -33,14 +33,6 @@ QUESTION = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "te
 SIZES = [(40, 20), (20, 50), (48, 48), (16, 16), (100, 30), (17, 90), (300, 200), (33, 47)]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(autouse=True)
 def _tiny_mask_row(monkeypatch):
     monkeypatch.setattr(hustvl, "MASK_ROW", MASK_ROW)
