@@ -447,8 +447,8 @@ def test_real_smollm2_with_pretrained_efficientnet_generates_with_an_image():
 
 
 def test_efficientnet_extra_stages_append_pooled_mid_level_channels(tmp_path):
-    """extra_stages=[2]: tokens = [final 1280 | stage 2's 40 channels pooled to the same grid, RMS-matched to the
-    final features per position]; saved in the spec."""
+    """extra_stages=[2]: tokens = [final 1280 | stage 2's 40 channels pooled to the same grid, rescaled to the final
+    features' norm per position]; saved in the spec."""
     from diffusionvl.vision.encoders import build_tower
 
     lm, tok = tiny_ar("llama")
@@ -465,7 +465,7 @@ def test_efficientnet_extra_stages_append_pooled_mid_level_channels(tmp_path):
         final = enc.forward_features(pixels)
     want_final = torch.nn.functional.adaptive_avg_pool2d(final, 2).flatten(2).transpose(1, 2)
     mid = torch.nn.functional.adaptive_avg_pool2d(mid, final.shape[-2:])
-    mid = mid / mid.pow(2).mean(1, keepdim=True).sqrt() * final.pow(2).mean(1, keepdim=True).sqrt()
+    mid = mid / mid.norm(dim=1, keepdim=True) * final.norm(dim=1, keepdim=True)  # same energy per position
     want_mid = torch.nn.functional.adaptive_avg_pool2d(mid, 2).flatten(2).transpose(1, 2)
     torch.testing.assert_close(tokens, torch.cat([want_final, want_mid], -1))
     model.save_pretrained(tmp_path / "m")

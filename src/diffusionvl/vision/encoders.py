@@ -5,7 +5,7 @@ Contract:
   per image; `.encoder` is the wrapped backbone. Towers are rebuilt from a spec dict saved in the model config:
   `{"kind": "efficientnet_lite0"}` (our native `EfficientNetLite0`, classifier dropped; `"extra_stages": [i, ...]`
   appends the outputs of those stages, average-pooled to the final grid and rescaled per position to the final
-  features' RMS, to the 1280 final channels: ImageNet's
+  features' energy (squared norm), to the 1280 final channels: ImageNet's
   final features are nearly colour-invariant, early stages are not),
   `{"kind": "hf", "config": <transformers vision config dict>}` (SigLIP, CLIP, ... through `AutoModel`),
   `{"kind": "timm", "name": <timm model name>}` (built by name with `timm.create_model`; timm is imported lazily and
@@ -196,8 +196,8 @@ class EfficientNetTower(VisionTower):
                 kept.append(x)  # [N, C_i, h_i, w_i]
         final = F.relu6(enc.bn2(enc.conv_head(x)))  # [N, 1280, h, w]
         grid = final.shape[-2:]
-        scale = final.pow(2).mean(1, keepdim=True).sqrt()  # [N, 1, h, w]: the final features' RMS per position
-        maps = [final] + [_rms_matched(F.adaptive_avg_pool2d(k, grid), scale) for k in kept]
+        energy = final.pow(2).sum(1, keepdim=True)  # [N, 1, h, w]: the final features' energy per position
+        maps = [final] + [_energy_matched(F.adaptive_avg_pool2d(k, grid), energy) for k in kept]
         return grid_tokens(torch.cat(maps, dim=1), self.pool)  # [N, T, 1280 + sum C_i]
 
     def output_shape(self, size: int) -> tuple[int, int]:
@@ -207,10 +207,11 @@ class EfficientNetTower(VisionTower):
         return (self.pool or side) ** 2, self.encoder.num_features
 
 
-def _rms_matched(features: Tensor, rms: Tensor) -> Tensor:
-    """[N, C, h, w] rescaled per position to RMS `rms` [N, 1, h, w]: raw mid-level EfficientNet maps are about 35x
-    larger than the final ReLU6 features and would drown them in the projector."""
-    return features / features.pow(2).mean(1, keepdim=True).clamp_min(1e-12).sqrt() * rms
+def _energy_matched(features: Tensor, energy: Tensor) -> Tensor:
+    """[N, C, h, w] rescaled per position so its squared norm equals `energy` [N, 1, h, w]: each feature group then
+    weighs the same in the projector. Raw mid-level EfficientNet channels are about 35x larger than the final ReLU6
+    ones (they drowned them), while 40 channels at the final channels' RMS would be 3% of 1320 (barely heard)."""
+    return features * (energy / features.pow(2).sum(1, keepdim=True).clamp_min(1e-12)).sqrt()
 
 
 def hf_vision_config(data: dict[str, Any]) -> Any:
