@@ -117,12 +117,25 @@ class Adapter:
         return Encoded(input_ids=[list(map(int, x)) for x in ids], images_per_sample=[0] * len(ids))
 
 
-class QwenVLAdapter(Adapter):
+class VisionAdapter(Adapter):
+    """Base of VLM adapters: image features replace the embeddings of the image tokens, in order."""
+
+    has_vision = True
+
+    def embed(self, input_ids: Tensor, vision: dict[str, Tensor] | None = None,
+              features: Tensor | None = None) -> Tensor:
+        embeds = self.input_embeddings()(input_ids)
+        if features is None and (not vision or vision.get("pixel_values") is None):
+            return embeds
+        feats = features if features is not None else self.image_features(vision)
+        return scatter_image_features(embeds, input_ids, self.image_token_id, feats)
+
+
+class QwenVLAdapter(VisionAdapter):
     """Qwen2-VL and Qwen2.5-VL: vision tower + merger inside the model, image pad tokens, 3-D M-RoPE positions."""
 
     model_types = ("qwen2_vl", "qwen2_5_vl")
     auto_class = "AutoModelForImageTextToText"
-    has_vision = True
     position_dims = 3
 
     @property
@@ -132,14 +145,6 @@ class QwenVLAdapter(Adapter):
     @property
     def image_token_id(self) -> int:
         return int(self.model.config.image_token_id)
-
-    def embed(self, input_ids: Tensor, vision: dict[str, Tensor] | None = None,
-              features: Tensor | None = None) -> Tensor:
-        embeds = self.input_embeddings()(input_ids)
-        if features is None and (not vision or vision.get("pixel_values") is None):
-            return embeds
-        feats = features if features is not None else self.image_features(vision)
-        return scatter_image_features(embeds, input_ids, self.image_token_id, feats)
 
     def image_features(self, vision: dict[str, Tensor]) -> Tensor:
         """[sum of image tokens, D] in sample/image order."""
@@ -178,13 +183,12 @@ class QwenVLAdapter(Adapter):
         return Encoded(input_ids=ids, vision=vision, images_per_sample=counts)
 
 
-class ComposedAdapter(Adapter):
+class ComposedAdapter(VisionAdapter):
     """LLaVA-style VLMs composed by `diffusionvl.compose`: vision tower + projector + a causal LM, 1-D positions,
     `num_image_tokens` copies of the image token per image (expanded by the ComposedProcessor)."""
 
     model_types = ("diffusionvl_llava",)
     auto_class = "AutoModelForImageTextToText"
-    has_vision = True
     position_dims = 1
 
     def __init__(self, model: nn.Module, processor: Any):
@@ -206,14 +210,6 @@ class ComposedAdapter(Adapter):
     @property
     def image_token_id(self) -> int:
         return self._image_token_id
-
-    def embed(self, input_ids: Tensor, vision: dict[str, Tensor] | None = None,
-              features: Tensor | None = None) -> Tensor:
-        embeds = self.input_embeddings()(input_ids)
-        if features is None and (not vision or vision.get("pixel_values") is None):
-            return embeds
-        feats = features if features is not None else self.image_features(vision)
-        return scatter_image_features(embeds, input_ids, self.image_token_id, feats)
 
     def image_features(self, vision: dict[str, Tensor]) -> Tensor:
         """[sum of visual tokens per image, D] in sample/image order (T per image, or anyres counts)."""
