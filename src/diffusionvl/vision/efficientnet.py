@@ -148,9 +148,17 @@ class EfficientNetLite0(nn.Module):
                 nn.init.zeros_(m.bias)
 
     def forward_features(self, pixels: torch.Tensor) -> torch.Tensor:  # [N, 3, H, W] -> [N, 1280, H/32, W/32]
+        return self.features_and_stages(pixels)[0]
+
+    def features_and_stages(self, pixels: torch.Tensor, keep: Sequence[int] = ()) -> tuple[torch.Tensor, list]:
+        """Final features [N, 1280, H/32, W/32] and the outputs of the stages listed in `keep`, in stage order."""
         x = F.relu6(self.bn1(self.conv_stem(pixels)))  # [N, 32, H/2, W/2]
-        x = self.blocks(x)  # [N, 320, H/32, W/32]
-        return F.relu6(self.bn2(self.conv_head(x)))
+        kept = []
+        for i, stage in enumerate(self.blocks):
+            x = stage(x)
+            if i in keep:
+                kept.append(x)  # [N, C_i, h_i, w_i]
+        return F.relu6(self.bn2(self.conv_head(x))), kept  # x: [N, 320, H/32, W/32] before the head
 
     def forward_head(self, features: torch.Tensor) -> torch.Tensor:  # [N, 1280, h, w] -> [N, num_classes]
         pooled = features.mean(dim=(2, 3))  # [N, 1280]

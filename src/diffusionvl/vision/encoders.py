@@ -188,13 +188,7 @@ class EfficientNetTower(VisionTower):
     def tokens(self, pixels: Tensor) -> Tensor:
         if not self.extra_stages:
             return grid_tokens(self.encoder.forward_features(pixels), self.pool)  # [N, 49 or pool^2, 1280]
-        enc, kept = self.encoder, []
-        x = F.relu6(enc.bn1(enc.conv_stem(pixels)))  # [N, 32, H/2, W/2]
-        for i, stage in enumerate(enc.blocks):
-            x = stage(x)
-            if i in self.extra_stages:
-                kept.append(x)  # [N, C_i, h_i, w_i]
-        final = F.relu6(enc.bn2(enc.conv_head(x)))  # [N, 1280, h, w]
+        final, kept = self.encoder.features_and_stages(pixels, self.extra_stages)  # [N, 1280, h, w], [[N, C_i, ..]]
         grid = final.shape[-2:]
         energy = final.pow(2).sum(1, keepdim=True)  # [N, 1, h, w]: the final features' energy per position
         maps = [final] + [_energy_matched(F.adaptive_avg_pool2d(k, grid), energy) for k in kept]
