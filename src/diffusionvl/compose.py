@@ -456,7 +456,8 @@ def compose(lm: Any, tokenizer: Any, vision: Any = "efficientnet_lite0", project
             pool: int | None = None, image_token: str = "<image>", feature_layer: int = -2,
             chat_template: str | None = None, vision_pretrained: bool = True, image_aspect_ratio: str = "square",
             image_grid_pinpoints: Any = None, patch_merge: str = "flat",
-            vision_options: dict[str, Any] | None = None) -> tuple[ComposedVLM, ComposedProcessor]:
+            vision_options: dict[str, Any] | None = None,
+            transform_options: dict[str, Any] | None = None) -> tuple[ComposedVLM, ComposedProcessor]:
     """AR text LM + vision encoder -> (ComposedVLM, ComposedProcessor); see the module docstring.
 
     vision: "efficientnet_lite0" (offline ImageNet weights), "timm:NAME", a HF vision model folder, or a module
@@ -465,12 +466,16 @@ def compose(lm: Any, tokenizer: Any, vision: Any = "efficientnet_lite0", project
     image_aspect_ratio / image_grid_pinpoints / patch_merge: variable-resolution images (ComposedVLMConfig; e.g.
     "anyres_max_4", "(1x1),...,(3x3)", "spatial_unpad" for LLaVA-OneVision-style tiling).
     vision_options: extra tower spec fields, saved with the model (e.g. {"extra_stages": [2]} for EfficientNet).
+    transform_options: changes to the encoder's preprocessing (e.g. {"crop_pct": None}: resize the whole image,
+    crop nothing), saved with the model.
     """
     check(projector in PROJECTORS, f"unknown projector {projector!r}; choose one of {', '.join(PROJECTORS)}")
     check(pool is None or (isinstance(pool, int) and pool >= 1), f"pool must be an integer >= 1, got {pool!r}")
     source = resolve_vision(vision, pretrained=vision_pretrained)
     if vision_options:
         source = dc_replace(source, spec={**source.spec, **vision_options})
+    if transform_options:
+        source = dc_replace(source, transform=dc_replace(source.transform, **transform_options))
     tower = build_tower(source.spec, pool, feature_layer)
     tower.encoder.load_state_dict(tower.loadable_state(source.state))
     n_tokens, width = tower.output_shape(source.transform.size)

@@ -44,6 +44,8 @@ class TrainConfig:
     lr_projector: float | None = option(None, "Learning rate of the vision-to-language projector (default: --lr).")
     lr_language: float | None = option(None, "Learning rate of the language model (default: --lr).")
     freeze: list[str] = option(["vision"], "Parts kept frozen: any of vision, projector, language.")
+    token_cache: str | None = option(None, "File that caches the frozen vision tower's tokens per image: computed "
+                                     "once, reused every epoch and by later runs with the same tower.")
     weight_decay: float = option(0.0, "AdamW weight decay (not applied to biases and norm weights).")
     lr_scheduler: Literal["cosine", "linear", "constant"] = option("cosine", "Learning-rate schedule after warmup.")
     warmup_ratio: float = option(0.03, "Linear warmup over this fraction of the optimizer steps.")

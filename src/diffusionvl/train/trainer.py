@@ -164,6 +164,19 @@ def make_scheduler(cfg: TrainConfig, optimizer: Any, total: int) -> Any:
     return get_scheduler(name, optimizer, num_warmup_steps=min(warmup, total), num_training_steps=total)
 
 
+def attach_token_cache(model: Any, path: str | None) -> Any:
+    """Give a frozen composed-VLM vision tower its token cache (vision/cache.py); None when there is nothing to
+    cache (no path, no composed tower, or a tower being trained)."""
+    from diffusionvl.vision.cache import TokenCache, tower_fingerprint
+    from diffusionvl.vision.encoders import VisionTower
+
+    tower = getattr(model.hf_model, "vision_tower", None)
+    if not path or not isinstance(tower, VisionTower) or any(p.requires_grad for p in tower.parameters()):
+        return None
+    tower.token_cache = TokenCache(path, tower_fingerprint(tower))
+    return tower.token_cache
+
+
 # ---- the trainer ----------------------------------------------------------------------------------------------
 class Trainer:
     def __init__(self, cfg: TrainConfig):
@@ -203,6 +216,7 @@ class Trainer:
             enable_checkpointing(model.hf_model)
         self.peft_model = apply_lora(model, cfg) if cfg.lora else None
         self.trainable = trainable_counts(model) if cfg.lora else configure_trainable(model, cfg)
+        self.token_cache = attach_token_cache(model, cfg.token_cache)
         self.model = model.train()
 
     def _build_data(self) -> None:
@@ -414,6 +428,8 @@ class Trainer:
                                                            "base_model": str(Path(self.cfg.model).resolve())})
             ckpt.replace_dir(tmp, final)
             ckpt.prune(self.output, self.cfg.keep_checkpoints)
+            if self.token_cache is not None:
+                self.token_cache.save()
             self.tracker.say(f"saved {final}")
         acc.wait_for_everyone()
         return final
@@ -444,6 +460,8 @@ class Trainer:
         if self.cfg.save_every and not (self.output / f"{ckpt.PREFIX}{self.state.step}").exists():
             self.save_checkpoint()
         final = self.save_final()
+        if self.token_cache is not None and acc.is_main_process:
+            self.token_cache.save()
         bad = dict(kv for part in gather_object([list(self.bad.items())]) for kv in part)
         truncated = set(i for part in gather_object([sorted(self.truncated)]) for i in part)
         summary = {"output": str(self.output), "final_model": str(final), "steps": self.state.step,
@@ -452,11 +470,13 @@ class Trainer:
                    "tokens_per_s": self.last.get("tokens_per_s"), "seconds": time.perf_counter() - self._t0,
                    "trainable_parameters": self.trainable, "attention": self.attention, "data": self.report.to_dict(),
                    "skipped_in_training": len(bad), "skipped_examples": sorted(bad.values())[:MAX_REPORTED],
-                   "truncated": len(truncated)}
+                   "truncated": len(truncated),
+                   "token_cache": self.token_cache.stats() if self.token_cache is not None else None}
         if acc.is_main_process:
             ckpt.write_json_atomic(self.output / "summary.json", summary)
         self.tracker.log({"event": "end", "step": self.state.step, "summary": summary})
         self.tracker.close()
+        acc.wait_for_everyone()  # no rank tears the process group down while another still talks through it
         acc.end_training()
         return summary
 

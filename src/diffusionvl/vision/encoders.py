@@ -4,8 +4,10 @@ Contract:
 - A tower is an `nn.Module` whose `forward(pixels [N, 3, H, W]) -> [N, T, C]` returns T visual tokens of width C
   per image; `.encoder` is the wrapped backbone. Towers are rebuilt from a spec dict saved in the model config:
   `{"kind": "efficientnet_lite0"}` (our native `EfficientNetLite0`, classifier dropped; `"extra_stages": [i, ...]`
-  appends the outputs of those stages, average-pooled to the final grid and rescaled per position to the final
-  features' energy (squared norm), to the 1280 final channels: ImageNet's
+  appends the outputs of those stages, pooled to the token grid (`"pooling"`: "avg" (default), "max", "avgmax",
+  "maxmin" or "avgmaxmin": those poolings side by side) and rescaled per token to the final features' energy (squared norm), to the 1280
+  final channels (`"final": false` drops the final channels and keeps the mid-level ones, each group scaled per image
+  to unit mean energy per channel): ImageNet's
   final features are nearly colour-invariant, early stages are not),
   `{"kind": "hf", "config": <transformers vision config dict>}` (SigLIP, CLIP, ... through `AutoModel`),
   `{"kind": "timm", "name": <timm model name>}` (built by name with `timm.create_model`; timm is imported lazily and
@@ -15,7 +17,8 @@ Contract:
   `feature_layer` for HF towers) keep their patch tokens only (leading CLS/register tokens dropped). `pool = k`
   average-pools the patch grid to k x k (k*k tokens), which keeps CPU sequences short.
 - A tower whose parameters are all frozen keeps its normalization layers (BatchNorm) in eval mode even while the
-  model trains, so a frozen encoder is really frozen (no drifting running statistics).
+  model trains, so a frozen encoder is really frozen (no drifting running statistics); such a tower reads its
+  tokens from `token_cache` (vision/cache.py) when one is attached.
 - `resolve_vision(vision)` turns what a user passes (a name, a path, a module) into (spec, encoder state dict,
   `ImageTransform`); `preprocess_images(images, transform)` is the torchvision-free preprocessing.
 """
@@ -136,6 +139,9 @@ class VisionTower(nn.Module):
         trainable = any(p.requires_grad for p in self.encoder.parameters())
         if self.encoder.training != (self.training and trainable):
             self.encoder.train(self.training and trainable)  # frozen: BatchNorm statistics stay fixed
+        cache = getattr(self, "token_cache", None)  # vision/cache.py, attached by the trainer for a frozen tower
+        if cache is not None and not trainable:
+            return cache(pixels, lambda px: self.tokens(px.to(self.dtype)))
         return self.tokens(pixels.to(self.dtype))
 
     @property
@@ -179,26 +185,62 @@ class EfficientNetTower(VisionTower):
         self.encoder = EfficientNetLite0(num_classes=0)
 
         self.extra_stages = [int(i) for i in spec.get("extra_stages", [])]
+        self.pooling = str(spec.get("pooling", "avg"))
+        self.use_final = bool(spec.get("final", True))
+        if not self.use_final and not self.extra_stages:
+            raise DiffusionVLError('"final": false needs at least one of extra_stages')
+        if self.pooling not in POOLINGS:
+            raise DiffusionVLError(f"unknown pooling {self.pooling!r} for extra_stages; choose one of "
+                                   f"{', '.join(POOLINGS)}")
         n_stages = len(self.encoder.blocks)
-        bad = [i for i in self.extra_stages if not 0 <= i < n_stages - 1]
+        bad = [i for i in self.extra_stages if not -1 <= i < n_stages - 1]
         if bad:
-            raise DiffusionVLError(f"extra_stages {bad} out of range: EfficientNet-Lite0 stages are 0..{n_stages - 2} "
+            raise DiffusionVLError(f"extra_stages {bad} out of range: EfficientNet-Lite0 stages are -1 (pixels), 0..{n_stages - 2} "
                                    f"(the last one feeds the final features)")
 
     def tokens(self, pixels: Tensor) -> Tensor:
         if not self.extra_stages:
             return grid_tokens(self.encoder.forward_features(pixels), self.pool)  # [N, 49 or pool^2, 1280]
-        final, kept = self.encoder.features_and_stages(pixels, self.extra_stages)  # [N, 1280, h, w], [[N, C_i, ..]]
-        grid = final.shape[-2:]
-        energy = final.pow(2).sum(1, keepdim=True)  # [N, 1, h, w]: the final features' energy per position
-        maps = [final] + [_energy_matched(F.adaptive_avg_pool2d(k, grid), energy) for k in kept]
-        return grid_tokens(torch.cat(maps, dim=1), self.pool)  # [N, T, 1280 + sum C_i]
+        final, kept = self.encoder.features_and_stages(pixels, [i for i in self.extra_stages if i >= 0])
+        if -1 in self.extra_stages:  # stage -1: the input pixels themselves (colour, before any ImageNet invariance)
+            kept.insert(0, pixels)
+        grid = (self.pool, self.pool) if self.pool else final.shape[-2:]
+        groups = [m for k in kept for m in _pooled(k, grid, self.pooling)]  # [N, C_i, g, g] each
+        if not self.use_final:  # mid-level features only: each group at unit mean energy per channel, per image
+            return grid_tokens(torch.cat([_unit_energy(m) for m in groups], dim=1), None)
+        final = F.adaptive_avg_pool2d(final, grid)
+        energy = final.pow(2).sum(1, keepdim=True)  # [N, 1, g, g]: the final features' energy per token
+        maps = [final] + [_energy_matched(m, energy) for m in groups]
+        return grid_tokens(torch.cat(maps, dim=1), None)  # [N, T, 1280 + sum C_i * len(pooling)]
 
     def output_shape(self, size: int) -> tuple[int, int]:
         if self.extra_stages:
             return probe(self, size)
         side = math.ceil(size / 32)  # five stride-2 stages, TF "SAME" padding
         return (self.pool or side) ** 2, self.encoder.num_features
+
+
+POOLINGS = ("avg", "max", "avgmax", "maxmin", "avgmaxmin")
+
+
+def _pooled(features: Tensor, grid: tuple[int, int], pooling: str) -> list[Tensor]:
+    """A mid-level map [N, C, h, w] pooled to the token grid: its average, maximum and/or minimum (max and min keep
+    a small object's colour that averaging over a mostly-background cell dilutes)."""
+    out = []
+    if pooling.startswith("avg"):
+        out.append(F.adaptive_avg_pool2d(features, grid))
+    if "max" in pooling:
+        out.append(F.adaptive_max_pool2d(features, grid))
+    if pooling.endswith("min"):
+        out.append(-F.adaptive_max_pool2d(-features, grid))
+    return out
+
+
+def _unit_energy(features: Tensor) -> Tensor:
+    """[N, C, h, w] scaled per image so that the mean squared norm per position is C (relative magnitudes between
+    positions, i.e. object vs background, are kept)."""
+    energy = features.pow(2).sum(1).mean((1, 2)).clamp_min(1e-12)  # [N]
+    return features * (features.shape[1] / energy).sqrt().view(-1, 1, 1, 1)
 
 
 def _energy_matched(features: Tensor, energy: Tensor) -> Tensor:
@@ -385,3 +427,10 @@ def resolve_vision(vision: Any, pretrained: bool = True) -> VisionSource:
     raise DiffusionVLError(f"unsupported vision encoder {type(vision).__name__}: give efficientnet_lite0, timm:NAME, "
                            "a HF vision model (or its folder) or an EfficientNetLite0 module")
 
+
+
+def dc_replace_transform(transform: ImageTransform, **changes: Any) -> ImageTransform:
+    """A copy of `transform` with some fields changed (e.g. crop_pct=None: resize the whole image, crop nothing)."""
+    from dataclasses import replace
+
+    return replace(transform, **changes)
