@@ -161,9 +161,26 @@ def test_jsonl_cli_end_to_end_scores_real_predictions(llama, tmp_path):
     assert mc["metric"] == "choice" and mc["score"] == scoring.choice_match(mc["prediction"], ["A"], ["cat", "dog"])
     assert summary["accuracy"] == pytest.approx((2 + mc["score"]) / 7)
     assert summary["speed"]["tokens_per_forward"] > 0 and summary["speed"]["tokens_per_second"] > 0
+    assert summary["speed"]["tokens_per_forward"] == pytest.approx(sum(s["tokens_per_forward"] for s in samples) / 7)
     assert summary["decoding"]["block_size"] == 4 and summary["decoding"]["max_new_tokens"] == 8
     md = (out / "results.md").read_text()
     assert "| jsonl | 7 |" in md and "tokens/forward" in md and "| hit | 2 | 100.0% |" in md
+    assert summary["description"] is None and "Description" not in (out / "results.md").read_text()
+
+
+def test_tokens_per_forward_of_one_batch_is_the_decoders(llama, tmp_path):
+    """Per sample: tokens up to and including the stop token / that sample's forwards, averaged over samples."""
+    rows = [{"question": q, "answers": ["x"]} for q in QUESTIONS]
+    cfg = EvalConfig(task="jsonl", data=str(_write_jsonl(tmp_path / "q.jsonl", rows)), batch_size=len(QUESTIONS))
+    task, samples = load_samples(cfg)
+    decode = DecodeConfig(max_new_tokens=6)
+    summary, records = evaluate(llama, samples, task, cfg, decode, progress=False)
+    prompts = [[{"role": "user", "content": q + task.prompt_suffix}] for q in QUESTIONS]
+    stats = llama.generate(prompts, config=decode.resolved(4)).stats
+    assert summary["speed"]["tokens_per_forward"] == pytest.approx(stats["tokens_per_forward"])
+    forwards = stats.get("forwards_per_sample") or [stats["forwards"]] * len(records)  # per batch: older decoders
+    assert [r["tokens_per_forward"] for r in records] == pytest.approx(
+        [(r["tokens"] + (r["finish_reason"] == "stop")) / f for r, f in zip(records, forwards)])
 
 
 def test_synth_vqa_task_on_a_tiny_vlm(tmp_path):

@@ -13,10 +13,11 @@ import argparse
 import dataclasses
 import os
 
-from diffusionvl.commands._common import add_model_arguments, load_model
+from diffusionvl.commands._common import add_model_arguments, for_model, load_model
 from diffusionvl.config import DecodeConfig, add_dataclass_arguments, dataclass_from_args
 
-# short answers need few tokens: the default budget per task when --max-new-tokens is not given
+# short answers need few tokens: the default budget per task when --max-new-tokens is not given (synth-vqa
+# describe samples need about 48: pass --max-new-tokens; the report counts descriptions cut at the budget)
 DEFAULT_MAX_NEW_TOKENS = {"synth-vqa": 16, "jsonl": 32}
 
 
@@ -56,6 +57,7 @@ def run(args: argparse.Namespace) -> int:
     if device is not None and args.device is None:
         args.device = device
     model = load_model(args)
+    decode = for_model(decode, model)
     summary, records = evaluate(model, samples, task, cfg, decode, rank, world, gather,
                                 progress=is_main and not args.no_progress)
     if is_main:

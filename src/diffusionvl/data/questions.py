@@ -22,7 +22,8 @@ from typing import Callable
 
 from diffusionvl.data.scene import COLOURS, PLURALS, SHAPES, Scene, SceneObject
 
-QUESTION_TYPES = ("shape", "colour", "count", "position", "relation", "text", "exist")
+QUESTION_TYPES = ("shape", "colour", "count", "position", "relation", "text", "exist", "describe")
+DEFAULT_TYPES = QUESTION_TYPES[:-1]  # the short-answer types; "describe" (a long answer) is asked when a mix names it
 # keyword arguments for sample_scene that make a scene likely to support (and balance) the question type
 SCENE_HINTS: dict[str, dict] = {"text": {"force_text": True}, "count": {"repeat_probability": 0.6}}
 NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven",
@@ -238,6 +239,12 @@ def _absent_pair(scene: Scene, rng: random.Random, pairs: set) -> tuple[str, str
     return rng.choice(candidates)
 
 
+def ask_describe(scene: Scene, rng: random.Random) -> QA:
+    from diffusionvl.data.describe import DESCRIBE_QUESTIONS, describe
+
+    return QA("describe", rng.choice(DESCRIBE_QUESTIONS), (describe(scene),))
+
+
 def _yes_no(value: bool) -> tuple[str, ...]:
     return ("yes",) if value else ("no",)
 
@@ -250,5 +257,6 @@ ASKERS: dict[str, Callable[[Scene, random.Random], QA | None]] = {
     "relation": ask_relation,
     "text": ask_text,
     "exist": ask_exist,
+    "describe": ask_describe,
 }
 assert tuple(ASKERS) == QUESTION_TYPES

@@ -4,7 +4,8 @@ Contract:
 - `generate_dataset(out_dir, n_train, n_val, n_test, seed, image_size, task_mix=...)` writes into `out_dir`:
   `images/<split>-<index>.png`; `train.json` and `val.json` (LLaVA: a list of `{"id", "image", "conversations"}`,
   the first human turn starts with `"<image>\\n"`, turns alternate human / gpt; with `multi_turn_fraction` of the
-  train samples asking two different questions about the same image); `test.jsonl` (one
+  train samples asking up to `questions_per_image` questions about the same image, no two with the same type and
+  answer); `test.jsonl` (one
   `{"id", "image", "question", "answers", "type"}` per line, `answers[0]` canonical); `scenes.jsonl` (the scene
   description or real-image source behind every image, for checking answers and error analysis); `summary.json`
   (what was written, counts per split and question type). It returns the summary dict. Text-only samples (a
@@ -35,7 +36,7 @@ from typing import Any, Mapping, Sequence
 
 from PIL import Image
 
-from diffusionvl.data.questions import QA, QUESTION_TYPES, SCENE_HINTS, ask
+from diffusionvl.data.questions import DEFAULT_TYPES, QA, QUESTION_TYPES, SCENE_HINTS, ask
 from diffusionvl.data.real import BY_NAME, available_real_images, load_real_image, real_qa, real_view
 from diffusionvl.data.scene import check_image_size, font_name, render_scene, sample_scene
 from diffusionvl.data.textonly import TEXT_TYPES, text_qa
@@ -59,7 +60,8 @@ class Plan:
     task_mix: dict[str, float]  # question type -> probability (synthetic samples), sums to 1
     real_fraction: float  # share of the samples with an image that show a real photograph (when any is available)
     text_only_fraction: float  # share of samples without an image
-    multi_turn_fraction: float  # share of train samples with a second question about the same image
+    multi_turn_fraction: float  # share of train samples with more questions about the same image
+    questions_per_image: int = 2  # questions of a multi-turn train sample (distinct; fewer when the scene runs out)
 
 
 @dataclass(frozen=True)
@@ -82,20 +84,23 @@ class Sample:
 
 
 def make_plan(seed: int, image_size: int, task_mix: Mapping[str, float] | None, real_fraction: float,
-              text_only_fraction: float, multi_turn_fraction: float) -> Plan:
+              text_only_fraction: float, multi_turn_fraction: float, questions_per_image: int = 2) -> Plan:
     check(isinstance(seed, int) and not isinstance(seed, bool), f"seed must be an integer, got {seed!r}")
     check_image_size(image_size)
     for name, value in (("real_fraction", real_fraction), ("text_only_fraction", text_only_fraction),
                         ("multi_turn_fraction", multi_turn_fraction)):
         check(_is_number(value) and 0.0 <= value <= 1.0, f"{name} must be a number in [0, 1], got {value!r}")
+    check(isinstance(questions_per_image, int) and not isinstance(questions_per_image, bool)
+          and 1 <= questions_per_image <= 32, f"questions_per_image must be an integer in 1..32, got {questions_per_image!r}")
     mix = normalize_task_mix(task_mix)
-    return Plan(seed, image_size, mix, float(real_fraction), float(text_only_fraction), float(multi_turn_fraction))
+    return Plan(seed, image_size, mix, float(real_fraction), float(text_only_fraction), float(multi_turn_fraction),
+                questions_per_image)
 
 
 def normalize_task_mix(task_mix: Mapping[str, float] | None) -> dict[str, float]:
-    """Question type -> probability; None means every type equally often."""
+    """Question type -> probability; None means every short-answer type equally often."""
     if task_mix is None:
-        return {t: 1.0 / len(QUESTION_TYPES) for t in QUESTION_TYPES}
+        return {t: 1.0 / len(DEFAULT_TYPES) for t in DEFAULT_TYPES}
     unknown = sorted(set(task_mix) - set(QUESTION_TYPES))
     check(not unknown, f"unknown question type(s) in task_mix: {', '.join(map(str, unknown))}; "
                        f"choose from {', '.join(QUESTION_TYPES)}")
@@ -139,7 +144,7 @@ def make_sample(plan: Plan, split: str, index: int, real_pool: Sequence[str] = (
     rng = sample_rng(plan.seed, split, index)
     sid = sample_id(split, index)
     text_only, photo = rng.random() < plan.text_only_fraction, rng.random() < plan.real_fraction
-    turns = 2 if rng.random() < plan.multi_turn_fraction and split == "train" else 1
+    turns = plan.questions_per_image if rng.random() < plan.multi_turn_fraction and split == "train" else 1
     if text_only:
         return Sample(sid, None, (text_qa(rng),))
     if real_pool and photo:
@@ -157,11 +162,12 @@ def _synthetic_sample(sid: str, rng: random.Random, plan: Plan, turns: int) -> S
     else:  # an internal bug: every type is answerable on a sizeable share of scenes
         raise RuntimeError(f"no scene supported a {qtype!r} question in 200 tries")
     qas = [qa]
-    for _ in range(20 if turns > 1 else 0):
-        second = ask(weighted_choice(rng, plan.task_mix), scene, rng)
-        if second is not None and second.question != qa.question:
-            qas.append(second)
+    for _ in range(20 * (turns - 1)):
+        if len(qas) >= turns:
             break
+        more = ask(weighted_choice(rng, plan.task_mix), scene, rng)
+        if more is not None and all((more.type, more.answer) != (q.type, q.answer) for q in qas):
+            qas.append(more)
     return Sample(sid, render_scene(scene), tuple(qas), {"scene": scene.to_dict()})
 
 
@@ -231,6 +237,8 @@ def eval_record(sample: Sample) -> dict[str, Any]:
     if sample.has_image:
         record["image"] = image_path(sample.id)
     record.update(question=qa.question, answers=list(qa.answers), type=qa.type)
+    if qa.type == "describe":  # scored by object-level F1 against the scene (data.describe)
+        record["scene"] = sample.meta["scene"]
     return record
 
 
@@ -280,11 +288,13 @@ def prepare_out_dir(out_dir: str | os.PathLike) -> Path:
 def generate_dataset(out_dir: str | os.PathLike, n_train: int = 1000, n_val: int = 100, n_test: int = 200,
                      seed: int = 0, image_size: int = 224, task_mix: Mapping[str, float] | None = None,
                      real_images: bool = True, real_fraction: float = 0.05, text_only_fraction: float = 0.0,
-                     multi_turn_fraction: float = 0.25, progress: bool = True) -> dict[str, Any]:
+                     multi_turn_fraction: float = 0.25, progress: bool = True,
+                     questions_per_image: int = 2) -> dict[str, Any]:
     """Generate the dataset into `out_dir` (see the module contract) and return its summary."""
     counts = {"train": n_train, "val": n_val, "test": n_test}
     check_counts(counts)
-    plan = make_plan(seed, image_size, task_mix, real_fraction, text_only_fraction, multi_turn_fraction)
+    plan = make_plan(seed, image_size, task_mix, real_fraction, text_only_fraction, multi_turn_fraction,
+                     questions_per_image)
     out = prepare_out_dir(out_dir)
     names, missing = available_real_images() if real_images and plan.real_fraction > 0 else ([], [])
     pools = partition_real(names, counts, seed)

@@ -3,7 +3,8 @@
 Contract: `write_results(out_dir, summary, records)` writes the three files atomically (temporary file, then
 `os.replace`), so an interrupted run never leaves a half-written result; `markdown(summary)` renders the summary
 as Markdown tables with quality next to speed (accuracy beside tokens/forward and tokens/s; NELBO beside scoring
-throughput), plus the per-type breakdown. Pure formatting apart from `write_results`.
+throughput), plus the per-type breakdown (short-answer types) and, when the task had describe samples, one line
+with their object-level F1, precision and recall. Pure formatting apart from `write_results`.
 """
 
 from __future__ import annotations
@@ -43,10 +44,19 @@ def _generation_tables(s: dict[str, Any]) -> list[str]:
              f"| {d['steps']} | {policy} | {d['temperature']:g} | {d['max_new_tokens']} |", ""]
     lines += ["| type | samples | accuracy |", "|---|---|---|"]
     lines += [f"| {t} | {v['samples']} | {_pct(v['accuracy'])} |" for t, v in s["per_type"].items()]
+    if s.get("description"):
+        lines += ["", _description_line(s["description"], d["max_new_tokens"])]
     reasons = ", ".join(f"{k}: {v}" for k, v in sorted(s["finish_reasons"].items()))
     lines += ["", f"Finish reasons: {reasons}. Decoding: {sp['tokens']} tokens in {sp['forwards']} forwards, "
               f"{sp['decode_seconds']:.2f} s decoding, {sp['wall_seconds']:.2f} s wall, {s['processes']} process(es)."]
     return lines
+
+
+def _description_line(desc: dict[str, Any], max_new_tokens: int) -> str:
+    """The describe samples' object-level scores (they are not part of accuracy or the per-type table)."""
+    return (f"Description (describe, {desc['samples']} samples, object-level, not in accuracy): F1 {_pct(desc['f1'])}, "
+            f"precision {_pct(desc['precision'])}, recall {_pct(desc['recall'])}; {desc['truncated']} cut at "
+            f"max new tokens ({max_new_tokens}).")
 
 
 def _elbo_tables(s: dict[str, Any]) -> list[str]:

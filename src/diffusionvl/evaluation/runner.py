@@ -4,10 +4,14 @@ Contract: `evaluate(model, samples, task, cfg, decode, rank, world, gather)` eva
 (`samples[rank::world]`), gathers every process's per-sample records and stats with `gather(obj) -> [obj of each
 process]` (identity for one process; `accelerate.utils.gather_object` under `accelerate launch`), and returns
 `(summary, records)` with records in task order. Generation tasks report accuracy (mean per-sample score of the
-task's metric), a lenient `contains` rate for exact-match samples, accuracy per sample type, finish reasons, and
-decoding stats next to them: tokens per forward (per sequence, as the decoder reports it) and tokens/s. The
-`elbo` task reports NELBO per token and the perplexity bound (overall and per type) with scoring throughput.
-Images are read batch by batch, so memory does not grow with the task size.
+task's metric over the short-answer samples, None when there are none), a lenient `contains` rate for exact-match
+samples, accuracy per sample type, finish reasons, and decoding stats next to them: tokens per forward (see
+`tokens_per_forward`) and tokens/s. Samples with the `describe` metric are kept out of accuracy and per_type:
+their record has precision / recall / f1 / predicted / objects / matched (and score = f1), and the summary's
+`description` block (None without describe samples) has their mean precision / recall / F1 and how many were cut
+at max_new_tokens. `max_new_tokens` is the caller's DecodeConfig (default 128; the CLI picks 16 for synth-vqa,
+which cuts most descriptions). The `elbo` task reports NELBO per token and the perplexity bound (overall and per
+type) with scoring throughput. Images are read batch by batch, so memory does not grow with the task size.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ import torch
 
 from diffusionvl.config import DecodeConfig, option
 from diffusionvl.errors import check
-from diffusionvl.evaluation.scoring import SCORERS, contains_match
+from diffusionvl.evaluation.scoring import DESCRIBE, SCORERS, contains_match, score_description
 from diffusionvl.evaluation.tasks import Sample, Task, build_prompt, get_task, merge_shards, shard
 
 Gather = Callable[[Any], list[Any]]
@@ -81,6 +85,39 @@ def _progress(total: int, enabled: bool, desc: str) -> Any:
     return tqdm(total=total, disable=not enabled, desc=desc, unit="sample", dynamic_ncols=True)
 
 
+def score_sample(sample: Sample, prediction: str) -> dict[str, Any]:
+    """The scoring fields of one record: "score" under the sample's metric, plus "contains" for exact match, or
+    for DESCRIBE the object-level precision / recall / f1 / predicted / objects / matched with score = f1."""
+    if sample.metric == DESCRIBE:
+        check(sample.scene is not None, f"sample {sample.id}: the describe metric needs the sample's scene")
+        scores = score_description(prediction, sample.scene)
+        return {"score": scores["f1"], **scores}
+    out = {"score": SCORERS[sample.metric](prediction, sample.answers, sample.choices)}
+    if sample.metric == "exact":
+        out["contains"] = contains_match(prediction, sample.answers)
+    return out
+
+
+def sample_forwards(stats: dict[str, Any], n: int) -> list[int]:
+    """The model forwards each of a batch's `n` samples took (prefill included): the decoding stats'
+    `forwards_per_sample` when they have it, else the batch's `forwards` for every sample (older decoders, fakes).
+    """
+    per_sample = stats.get("forwards_per_sample")
+    if per_sample is None:
+        return [int(stats["forwards"])] * n
+    check(len(per_sample) == n, f"forwards_per_sample has {len(per_sample)} entries for a batch of {n}")
+    return [int(f) for f in per_sample]
+
+
+def tokens_per_forward(token_ids: list[list[int]], finish_reasons: list[str], forwards: list[int]) -> list[float]:
+    """Per sample: tokens generated up to and including its first stop token / the forwards that sample took.
+
+    `token_ids` exclude the stop token (the decoding contract); finish reason "stop" says one was generated.
+    The summary's tokens_per_forward is the mean of these over samples.
+    """
+    return [(len(ids) + (reason == "stop")) / max(f, 1) for ids, reason, f in zip(token_ids, finish_reasons, forwards)]
+
+
 def run_generate(model: Any, samples: list[Sample], suffix: str, cfg: EvalConfig, decode: DecodeConfig,
                  progress: bool) -> tuple[list[dict[str, Any]], dict[str, float]]:
     from diffusionvl.prompts import to_conversation
@@ -93,18 +130,15 @@ def run_generate(model: Any, samples: list[Sample], suffix: str, cfg: EvalConfig
         convs = [to_conversation(system + [{"role": "user", "content": build_prompt(s, suffix)}],
                                  [im] if im is not None else None) for s, im in zip(chunk, _images(chunk))]
         out = model.generate(convs, config=decode)
-        for s, text, ids, reason in zip(chunk, out.texts, out.token_ids, out.finish_reasons):
-            score = SCORERS[s.metric](text, s.answers, s.choices)
-            record = {**s.to_dict(), "prediction": text, "score": score, "tokens": len(ids), "finish_reason": reason}
-            if s.metric == "exact":
-                record["contains"] = contains_match(text, s.answers)
-            records.append(record)
+        tpf = tokens_per_forward(out.token_ids, out.finish_reasons, sample_forwards(out.stats, len(chunk)))
+        for s, text, ids, reason, rate in zip(chunk, out.texts, out.token_ids, out.finish_reasons, tpf):
+            records.append({**s.to_dict(), "prediction": text, **score_sample(s, text), "tokens": len(ids),
+                            "tokens_per_forward": rate, "finish_reason": reason})
         st = out.stats
-        stats.update({"tokens": st["tokens"], "forwards": st["forwards"], "seconds": st["seconds"],
-                      "sequence_forwards": st["forwards"] * len(chunk), "batches": 1})
+        stats.update({"tokens": st["tokens"], "forwards": st["forwards"], "seconds": st["seconds"], "batches": 1})
         bar.update(len(chunk))
-        bar.set_postfix(acc=f"{sum(r['score'] for r in records) / len(records):.3f}",
-                        tpf=f"{stats['tokens'] / max(stats['sequence_forwards'], 1):.2f}")
+        acc = _accuracy(records)
+        bar.set_postfix(acc="-" if acc is None else f"{acc:.3f}", tpf=f"{_mean_tpf(records):.2f}")
     bar.close()
     return records, dict(stats)
 
@@ -190,17 +224,41 @@ def summarize(task: Task, records: list[dict[str, Any]], parts: list[dict[str, f
     exact = [r["contains"] for r in records if "contains" in r]
     seconds = stats.get("seconds", 0.0)
     speed = {"tokens": stats.get("tokens", 0), "forwards": stats.get("forwards", 0),
-             "tokens_per_forward": stats.get("tokens", 0) / max(stats.get("sequence_forwards", 0), 1),
+             "tokens_per_forward": _mean_tpf(records),
              "tokens_per_second": stats.get("tokens", 0) / seconds if seconds > 0 else 0.0,
              "decode_seconds": seconds, "wall_seconds": stats["wall_seconds"],
              "samples_per_second": len(records) / max(stats["wall_seconds"], 1e-9)}
-    return {**head, "accuracy": sum(r["score"] for r in records) / max(len(records), 1),
+    short = [r for r in records if r["metric"] != DESCRIBE]
+    return {**head, "accuracy": _accuracy(records),
             "contains": sum(exact) / len(exact) if exact else None,
             "metrics": dict(Counter(r["metric"] for r in records)),
             "per_type": {t: {"samples": v["samples"], "accuracy": v["score"]}
-                         for t, v in _by_type(records, "score").items()},
+                         for t, v in _by_type(short, "score").items()},
+            "description": describe_summary(records),
             "finish_reasons": dict(Counter(r["finish_reason"] for r in records)),
             "decoding": dataclasses.asdict(decode), "speed": speed}
+
+
+def _accuracy(records: list[dict[str, Any]]) -> float | None:
+    """Mean score of the short-answer (non-describe) records; None when there are none."""
+    scores = [r["score"] for r in records if r["metric"] != DESCRIBE]
+    return sum(scores) / len(scores) if scores else None
+
+
+def _mean_tpf(records: list[dict[str, Any]]) -> float:
+    """The summary's tokens_per_forward: the per-sample values (`tokens_per_forward`) averaged over samples."""
+    return sum(r["tokens_per_forward"] for r in records) / max(len(records), 1)
+
+
+def describe_summary(records: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """{"samples", "precision", "recall", "f1", "truncated"} over the describe records (means; "truncated" counts
+    those cut at max_new_tokens), or None when there are none."""
+    from diffusionvl.data.describe import mean_f1
+
+    rows = [r for r in records if r["metric"] == DESCRIBE]
+    if not rows:
+        return None
+    return {"samples": len(rows), **mean_f1(rows), "truncated": sum(r["finish_reason"] == "length" for r in rows)}
 
 
 def _group(records: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:

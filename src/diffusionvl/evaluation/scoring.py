@@ -12,13 +12,17 @@ Contract: pure functions of strings (no model, no I/O), each returning a score i
 - `anls(prediction, answers, threshold=0.5)`: Average Normalized Levenshtein Similarity of one sample: the best
   1 - edit_distance / max_len over the answers, 0 when that distance ratio is >= threshold (DocVQA / ST-VQA).
 `SCORERS` maps a metric name (`exact`, `choice`, `anls`) to `(prediction, answers, choices) -> float`.
+The `describe` metric (`DESCRIBE`, synth-vqa "Describe the image." samples) is not in `SCORERS`: it needs the
+scene, not answer strings. `score_description(prediction, scene)` returns object-level precision / recall / F1
+(`diffusionvl.data.describe.description_f1`: parsed (colour, shape, region) triples matched one to one to the
+scene's objects, a region within `REGION_TOLERANCE` of a third line counting as either side).
 """
 
 from __future__ import annotations
 
 import re
 import string
-from typing import Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 _PUNCT = re.compile("[" + re.escape(string.punctuation.replace("'", "")) + "]")
@@ -125,3 +129,12 @@ SCORERS: dict[str, Scorer] = {
     "choice": choice_match,
     "anls": lambda pred, answers, choices: anls(pred, answers),
 }
+
+DESCRIBE = "describe"
+
+
+def score_description(prediction: str, scene: Mapping[str, Any]) -> dict[str, float]:
+    """{"precision", "recall", "f1", "predicted", "objects", "matched"} of a description against a Scene dict."""
+    from diffusionvl.data.describe import description_f1
+
+    return description_f1(prediction, dict(scene))

@@ -10,7 +10,9 @@ Built-in tasks:
   `choice` when `choices` are given, else `exact`, unless the line (or `--metric`) says `anls`/`exact`/`choice`.
 - `synth-vqa`: the generated visual QA data of `diffusionvl data --out DIR`: `DIR/test.jsonl` (`{"id",
   "image": "images/...png", "question", "answers", "type"}`, text-only samples have no image), exact match,
-  accuracy per question type.
+  accuracy per question type. `"type": "describe"` lines also carry `"scene"` (the Scene dict) and get the
+  `describe` metric (object-level F1 against that scene, whatever `--metric` says); a describe line without a
+  readable scene is an error naming the line.
 - `elbo`: negative ELBO per token and the perplexity bound of reference texts (`{"text"}` lines: every token is
   scored) or answers (`{"question"/"prompt", "answers"/"answer"/"response", ["image"]}` lines: the first answer
   is scored as the assistant turn), e.g. the synth-vqa test file.
@@ -25,7 +27,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from diffusionvl.errors import DiffusionVLError, check
-from diffusionvl.evaluation.scoring import SCORERS
+from diffusionvl.evaluation.scoring import DESCRIBE, SCORERS
 
 
 @dataclass
@@ -39,6 +41,7 @@ class Sample:
     type: str = "all"  # category for the per-type breakdown
     metric: str = "exact"
     text: str | None = None  # elbo: a plain text scored as a whole
+    scene: dict[str, Any] | None = None  # metric "describe": the Scene dict the description is scored against
 
     def to_dict(self) -> dict[str, Any]:
         out = {"index": self.index, "id": self.id, "type": self.type, "question": self.question,
@@ -145,7 +148,28 @@ def load_synth(data: str | None, image_folder: str | None, metric: str | None) -
     check(file.is_file(), f"{file} not found: generate the data with `diffusionvl data --out {data}`")
     folder = Path(image_folder) if image_folder else file.resolve().parent
     rows = read_jsonl(file)
-    return [sample_from(obj, i, folder, f"{file}:{n}", metric or "exact") for i, (n, obj) in enumerate(rows)]
+    return [_synth_sample(obj, i, folder, f"{file}:{n}", metric or "exact") for i, (n, obj) in enumerate(rows)]
+
+
+def _synth_sample(obj: dict[str, Any], index: int, folder: Path, where: str, metric: str) -> Sample:
+    """One synth-vqa line -> Sample; a "describe" line is scored against its scene (metric DESCRIBE)."""
+    if obj.get("type") != "describe":
+        return sample_from(obj, index, folder, where, metric)
+    sample = sample_from({k: v for k, v in obj.items() if k != "metric"}, index, folder, where, "exact")
+    sample.metric, sample.scene = DESCRIBE, _scene(obj.get("scene"), where)
+    return sample
+
+
+def _scene(data: Any, where: str) -> dict[str, Any]:
+    """The line's Scene dict, checked to load (a describe sample cannot be scored without it)."""
+    from diffusionvl.data.scene import Scene
+
+    check(isinstance(data, dict), f"{where}: a describe sample needs its 'scene' (regenerate with `diffusionvl data`)")
+    try:
+        Scene.from_dict(data)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise DiffusionVLError(f"{where}: malformed 'scene' ({type(exc).__name__}: {exc})") from None
+    return data
 
 
 def load_elbo(data: str | None, image_folder: str | None, metric: str | None) -> list[Sample]:
@@ -170,7 +194,8 @@ def load_elbo(data: str | None, image_folder: str | None, metric: str | None) ->
 register_task(Task("jsonl", "generate", load_jsonl, SHORT_ANSWER,
                    "generic JSONL of {image, question, answers, [choices], [type]}: exact / choice / anls"))
 register_task(Task("synth-vqa", "generate", load_synth, "",
-                   "generated visual QA (`diffusionvl data --out DIR`): exact match per question type"))
+                   "generated visual QA (`diffusionvl data --out DIR`): exact match per question type, "
+                   "object-level F1 for describe"))
 register_task(Task("elbo", "elbo", load_elbo, "",
                    "negative ELBO per token and perplexity bound of reference texts or answers"))
 
