@@ -92,6 +92,11 @@ class DecodeConfig:
     top_p: float = option(1.0, "Nucleus sampling: keep the smallest set with this much probability (1 = off).")
     seed: int | None = option(None, "Random seed for sampling (None = nondeterministic).")
     use_cache: bool = option(True, "Keep finished blocks in the KV cache (False recomputes the prefix every step).")
+    stop_early: bool = option(
+        True, "Block decoder: end a sample's block as soon as every position up to and including its first stop token "
+        "is filled, instead of denoising the positions after it. Same greedy answers, fewer forwards; adds a host sync "
+        "per step to static blocks."
+    )
     fast: Literal["auto", "on", "off", "compile"] = option(
         "auto", "Fast path (static shapes, CUDA graphs on GPU): 'auto' uses it where it helps (GPU), 'on' always "
         "(eager static shapes without CUDA), 'compile' also torch.compiles the step (slow first call), 'off' = plain "

@@ -229,7 +229,7 @@ class DiffusionVLModel(nn.Module):
         """Generate answers. prompts: str | list[str] | messages | list[messages]; images: per sample.
 
         Keyword options are DecodeConfig fields (decoder, max_new_tokens, block_size, steps, policy, threshold,
-        temperature, top_k, top_p, seed, use_cache). Returns a GenerationOutput (texts, token_ids, stats).
+        temperature, top_k, top_p, seed, use_cache, stop_early). Returns a GenerationOutput (texts, token_ids, stats).
         A call in the DiffusionVL reference form (token id tensor, `inputs=`/`gen_length=`) goes to
         `diffusionvl.compat.generate_compat` and returns a LongTensor [N, gen_length] like the reference.
         """

@@ -7,6 +7,9 @@ after `max_new_tokens`; the returned ids exclude the stop token. Decoders come f
 `FAST_DECODERS` (static shapes, CUDA graphs) by name; `backend.choose` picks the path in one place from
 `DecodeConfig.fast`, and the stats say which ran (`backend`, `backend_reason`). `run_encoded` takes already
 tokenized prompts (benchmarks, servers that tokenize themselves).
+Speed stats are per sample: `tokens_per_sample` counts each sample's generated tokens up to and including its stop
+token, `forwards_per_sample` the forwards that had work for it (prefill included; block.py `charge`), and
+`tokens_per_forward` is the mean over samples of their ratio. `tokens` and `forwards` stay batch totals.
 """
 
 from __future__ import annotations
@@ -121,13 +124,18 @@ class _Rows:
 
 def _stats(cfg: DecodeConfig, state: DecodeState, ids: list[list[int]], stopped: list[bool], seconds: float,
            first_block_s: float | None, choice: backend.Choice) -> dict[str, Any]:
-    n_tokens = sum(len(x) + int(h) for x, h in zip(ids, stopped))  # the stop token was generated too
+    """The call's stats (module docstring): batch totals, and per-sample tokens, forwards and their mean ratio."""
+    lengths = [len(x) + int(h) for x, h in zip(ids, stopped)]  # the stop token was generated too
+    n_tokens = sum(lengths)
     forwards = state.forwards + state.prefill_forwards
+    per_sample = [f + state.prefill_forwards for f in state.row_forwards.tolist()]
     return {
         "decoder": cfg.decoder, "block_size": cfg.block_size, "steps": cfg.steps, "policy": cfg.policy,
-        "batch": len(ids), "tokens": n_tokens, "forwards": forwards, "prefill_forwards": state.prefill_forwards,
-        # per sequence: how many tokens one forward pass yields on average (prefill included)
-        "tokens_per_forward": n_tokens / len(ids) / max(forwards, 1), "seconds": seconds,
+        "stop_early": cfg.stop_early and cfg.decoder == "block", "batch": len(ids), "tokens": n_tokens,
+        "forwards": forwards, "prefill_forwards": state.prefill_forwards, "tokens_per_sample": lengths,
+        "forwards_per_sample": per_sample,
+        # per sample: tokens of its answer per forward it took (prefill included), averaged over the samples
+        "tokens_per_forward": sum(n / max(f, 1) for n, f in zip(lengths, per_sample)) / len(ids), "seconds": seconds,
         "tokens_per_second": n_tokens / seconds if seconds > 0 else 0.0, "first_block_seconds": first_block_s,
         "backend": state.backend, "backend_reason": "; ".join([choice.reason, *state.notes]),
     }

@@ -13,7 +13,7 @@ from typing import Any, Iterator
 import torch
 
 from diffusionvl.config import DecodeConfig
-from diffusionvl.decoding.block import DecodeState, mark_done
+from diffusionvl.decoding.block import DecodeState, charge, mark_done
 from diffusionvl.decoding.layout import Layout
 from diffusionvl.decoding.runner import Runner
 from diffusionvl.sampling import sample
@@ -38,6 +38,7 @@ def ar_decode(model: Any, layout: Layout, vision: Any, cfg: DecodeConfig, stop_i
         tokens[:, p + j] = nxt
         end = p + j + 1
         if end - last_mark >= chunk or j == cfg.max_new_tokens - 1:
+            charge(state, None, runner.forwards - 1 - state.forwards)  # this chunk's forwards, to samples not done
             state.forwards = runner.forwards - 1
             mark_done(state, last_mark, end, stop_ids, cfg.max_new_tokens)
             last_mark = end

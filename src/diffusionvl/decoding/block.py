@@ -4,8 +4,17 @@ Contract: each decoder is a generator over one batch that fills `state.tokens` (
 block by block and yields the state after every finished block; the caller (decoding/__init__.py) turns states
 into texts, streams and stats. Within a block, every step predicts all masked positions, samples a candidate and a
 confidence per position, and a policy (sampling.py) picks which to fill. Host syncs: one per block (is every
-sample done?), plus one per step only where a step can end the block early (threshold policy, or the first block
-whose prompt leftovers leave fewer masks than the static schedule expects).
+sample done?), plus one per step only where a step can end the block early (threshold policy, `stop_early`, or the
+first block whose prompt leftovers leave fewer masks than the static schedule expects).
+
+Early stop (`DecodeConfig.stop_early`, block decoder): a sample's answer ends at its first stop token; positions after
+it are never read. So once every position up to and including that token is filled, the sample needs no more forwards
+in its block: its remaining masks are dropped from the work mask (`live_masks`, which also drops samples done in
+earlier blocks) and never filled, and a block ends when no sample has work left. Which positions a step fills is
+unchanged (the policies still rank every masked position, those after the stop token included), so every answer is
+the same token for token; only forwards are saved. With sampling, a batch whose block ends earlier draws fewer random
+numbers, so the other samples' later blocks see other (equally distributed) draws. `state.row_forwards` counts, per
+sample, the forwards that still had work for it (`charge`), for the per-sample stats (decoding/__init__.py).
 
 Cache variant, per block b starting at slot s:
   step 0 (b > 0): forward slots [s - B, s + B): the previous block, now clean, is committed to the cache in the
@@ -41,10 +50,13 @@ class DecodeState:
     backend: str = "plain"  # how the steps ran: "plain" or "fast/<eager|graph|compile>" (backend.py)
     notes: list[str] = field(default_factory=list)  # fallbacks taken on the way (backend.py)
     gen_start: Tensor | None = None  # [N] layout.gen_start on the device (copied once)
+    row_forwards: Tensor | None = None  # [N] long: forwards that had work for each sample (prefill excluded)
 
     def __post_init__(self) -> None:
         if self.gen_start is None:
             self.gen_start = self.layout.gen_start.to(self.tokens.device)
+        if self.row_forwards is None:
+            self.row_forwards = torch.zeros(self.tokens.shape[0], dtype=torch.long, device=self.tokens.device)
 
 
 def denoise(logits: Tensor, block: Tensor, is_mask: Tensor, k: int, cfg: DecodeConfig, mask_id: int,
@@ -67,6 +79,28 @@ def mark_done(state: DecodeState, s: int, e: int, stop_ids: Tensor, max_new: int
     state.final_end = e
 
 
+def live_masks(state: DecodeState, block: Tensor, is_mask: Tensor, s: int, stop_ids: Tensor,
+               max_new: int) -> Tensor:
+    """The masked positions of block [s, s + B) still worth filling: `is_mask` [N, B] with the rows of samples that
+    are done, or whose answer ended in this block, cleared. A sample's answer ended when a stop token is placed (filled)
+    in its budget with no masked position before it; a stop token placed after a still-masked position does not end
+    it (that position may yet become the first stop token). No host sync. block: [N, B] tokens."""
+    gen_start = state.gen_start[:, None]  # [N, 1]
+    slots = torch.arange(s, s + block.shape[1], device=block.device)[None]  # [1, B]
+    in_budget = (slots >= gen_start) & (slots < gen_start + max_new)
+    stop = torch.isin(block, stop_ids) & ~is_mask & in_budget  # placed stop tokens of the answer
+    needed = is_mask & (stop.cumsum(dim=1) == 0)  # masks before the first placed stop token
+    return is_mask & (needed.any(dim=1) & ~state.done)[:, None]
+
+
+def charge(state: DecodeState, busy: Tensor | None, forwards: int = 1) -> None:
+    """Count `forwards` forwards in `state.row_forwards` for each sample that is busy ([N] bool; None = all) and not
+    done yet. Block decoders pass `is_mask.any(1)` before each step (a sample with nothing left to fill in the block
+    is not charged for the batch's remaining steps); AR passes None once per chunk."""
+    work = ~state.done if busy is None else busy & ~state.done
+    state.row_forwards += work.long() * forwards
+
+
 def _zeros_logit(h: Tensor, vocab: int) -> Tensor:
     return h.new_zeros(h.shape[0], 1, vocab)
 
@@ -87,8 +121,11 @@ def block_decode(model: Any, layout: Layout, vision: Any, cfg: DecodeConfig, sto
     for b in range(layout.num_blocks):
         s = p + b * bsz
         is_mask = tokens[:, s:s + bsz] == mask_id
-        early_exit = cfg.policy != "static" or b == 0
+        if cfg.stop_early:
+            is_mask = live_masks(state, tokens[:, s:s + bsz], is_mask, s, stop_ids, cfg.max_new_tokens)
+        early_exit = cfg.policy != "static" or b == 0 or cfg.stop_early
         for step in range(steps):
+            charge(state, is_mask.any(dim=1))
             if cfg.use_cache and step == 0 and b > 0:  # fused commit of block b-1 + first step of block b
                 h = runner.forward(tokens[:, s - bsz:s + bsz], s - bsz)
                 logits = head(h[:, bsz - 1:2 * bsz - 1]) if shift else head(h[:, bsz:])
@@ -108,6 +145,8 @@ def block_decode(model: Any, layout: Layout, vision: Any, cfg: DecodeConfig, sto
                     logits = head(h[:, s - 1:s + bsz - 1]) if shift else head(h[:, s:s + bsz])
             block, is_mask = denoise(logits, tokens[:, s:s + bsz], is_mask, schedule[step], cfg, mask_id, generator)
             tokens[:, s:s + bsz] = block
+            if cfg.stop_early:
+                is_mask = live_masks(state, block, is_mask, s, stop_ids, cfg.max_new_tokens)
             if early_exit and not bool(is_mask.any()):
                 break
         state.forwards = runner.forwards - state.prefill_forwards
@@ -131,6 +170,7 @@ def full_decode(model: Any, layout: Layout, vision: Any, cfg: DecodeConfig, stop
         s = layout.prefill + b * bsz
         is_mask = tokens[:, s:s + bsz] == mask_id
         for step in range(steps):
+            charge(state, is_mask.any(dim=1))
             h = runner.forward(tokens, 0)
             logits = head(h[:, s - 1:s + bsz - 1]) if shift else head(h[:, s:s + bsz])
             block, is_mask = denoise(logits, tokens[:, s:s + bsz], is_mask, schedule[step], cfg, mask_id, generator)

@@ -12,8 +12,9 @@ tests/test_fast_decoding.py), but every decoding step is a zero-argument closure
 Greedy steps include the sampling and unmasking in the captured graph; with temperature > 0 the graph ends at the
 logits and sampling runs eagerly after it (a user generator's state is not captured), giving the same tokens.
 Host syncs: one per block (is every sample done?) for static block decoding, plus one per step only where a step can
-end a block early (threshold policy; the first block, whose prompt leftovers can leave fewer masks than the schedule
-expects) and one per `chunk` tokens for AR.
+end a block early (threshold policy; `stop_early`; the first block, whose prompt leftovers can leave fewer masks than
+the schedule expects) and one per `chunk` tokens for AR. Early stop and the per-sample forward count (block.py) run
+eagerly between the steps, on the is-mask buffer in place: the captured steps are the same with or without them.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from typing import Any, Iterator
 import torch
 
 from diffusionvl.config import DecodeConfig
-from diffusionvl.decoding.block import DecodeState, denoise, mark_done
+from diffusionvl.decoding.block import DecodeState, charge, denoise, live_masks, mark_done
 from diffusionvl.decoding.layout import Layout
 from diffusionvl.decoding.static import StaticSession, acquire, bucketed, release
 from diffusionvl.sampling import sample, transfer_schedule
@@ -65,6 +66,11 @@ class _BlockSteps:
         self.slots_b.copy_(self.arange[: self.bsz] + s)
         self.slots_2b.copy_(self.arange + (s - self.bsz))
         self.is_mask.copy_(self.sess.tokens.index_select(1, self.slots_b) == self.mask_id)
+
+    def settle(self, state: DecodeState, s: int, stop_ids: Tensor, max_new: int) -> None:
+        """Early stop: clear, in place, the is-mask rows of samples that are done or whose answer is complete."""
+        block = self.sess.tokens[:, s:s + self.bsz]  # [N, B]
+        self.is_mask.copy_(live_masks(state, block, self.is_mask, s, stop_ids, max_new))
 
     def logits(self, fused: bool) -> Tensor:
         """[N, B, V] logits predicting the current block (see block.py for the alignment)."""
@@ -138,14 +144,19 @@ def fast_block_decode(model: Any, layout: Layout, vision: Any, cfg: DecodeConfig
         for b in range(layout.num_blocks):
             s = p + b * bsz
             steps.begin_block(s)
-            early_exit = cfg.policy != "static" or b == 0
+            if cfg.stop_early:
+                steps.settle(state, s, stop_ids, cfg.max_new_tokens)
+            early_exit = cfg.policy != "static" or b == 0 or cfg.stop_early
             for step in range(cfg.steps):
                 steps.k.fill_(schedule[step])
+                charge(state, steps.is_mask.any(dim=1))
                 name = "fused" if b > 0 and step == 0 else "step"
                 logits = sess.run(name, steps.fns[name])
                 if logits is not None:
                     steps.apply(logits, generator)
                 forwards += 1
+                if cfg.stop_early:
+                    steps.settle(state, s, stop_ids, cfg.max_new_tokens)
                 if early_exit and not bool(steps.is_mask.any()):
                     break
             _finish_block(state, sess, forwards)
@@ -201,6 +212,7 @@ def fast_ar_decode(model: Any, layout: Layout, vision: Any, cfg: DecodeConfig, s
         for j in range(cfg.max_new_tokens):  # token j is in slot p + j
             end = p + j + 1
             if end - last_mark >= chunk or j == cfg.max_new_tokens - 1:
+                charge(state, None, forwards - state.forwards)
                 _finish_block(state, sess, forwards)
                 mark_done(state, last_mark, end, stop_ids, cfg.max_new_tokens)
                 last_mark = end
@@ -250,6 +262,7 @@ def fast_full_decode(model: Any, layout: Layout, vision: Any, cfg: DecodeConfig,
             steps.begin_block(s)
             for step in range(cfg.steps):
                 steps.k.fill_(schedule[step])
+                charge(state, steps.is_mask.any(dim=1))
                 logits = sess.run("canvas", steps.fns["canvas"])
                 if logits is not None:
                     steps.apply(logits, generator)
