@@ -21,7 +21,7 @@ def _rows(cfg):
 
 
 def test_decoder_grid_covers_static_thresholds_and_full():
-    cfg = TinyVLMConfig(block_size=8, thresholds=[0.5, 0.9])
+    cfg = TinyVLMConfig(block_size=8, thresholds=[0.5, 0.9], full_baseline=True)
     grid = decoder_grid(cfg)
     assert [g["policy"] for g in grid if g["decoder"] == "block"] == ["static", "static", "threshold", "threshold"]
     assert {g.get("threshold") for g in grid if g["policy"] == "threshold"} == {0.5, 0.9}

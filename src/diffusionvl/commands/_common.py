@@ -7,10 +7,13 @@ from typing import Any
 
 from diffusionvl.errors import DiffusionVLError
 
+DEFAULT_NAMES = ("default", "default:ar")  # --model names of the embedded model and of its AR parent
+
 
 def add_model_arguments(parser: argparse.ArgumentParser, required: bool = False) -> None:
     parser.add_argument("--model", required=required, default=None,
-                        help="diffusion model folder (default: the embedded default model)")
+                        help="diffusion model folder (default: the embedded default model; `default:ar` = its "
+                             "autoregressive parent, decoded with --decoder ar)")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     parser.add_argument("--dtype", default=None, help="float32, bfloat16, float16 (default: bf16 on GPU, fp32 on CPU)")
 
@@ -20,15 +23,25 @@ def load_model(args: argparse.Namespace) -> Any:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # a CLI answer should not start with weight-loading bars
-    if args.model is None:
+    if args.model is None or args.model in DEFAULT_NAMES:
         try:
             from diffusionvl.default import load_default
         except ImportError:
             raise DiffusionVLError("no --model given and this installation has no embedded default model") from None
-        return load_default(device=args.device, dtype=args.dtype)
+        return load_default(device=args.device, dtype=args.dtype, parent=args.model == "default:ar")
     from diffusionvl.conversion import load
 
     return load(args.model, device=args.device, dtype=args.dtype)
+
+
+def for_model(cfg: Any, model: Any) -> Any:
+    """The decoding settings a model can run: an autoregressive-only model (`--model default:ar`) decodes with the
+    AR decoder whatever --decoder says (its block and step settings do not apply)."""
+    import dataclasses
+
+    if getattr(model, "autoregressive_only", False) and cfg.decoder != "ar":
+        return dataclasses.replace(cfg, decoder="ar", block_size=None, steps=None)
+    return cfg
 
 
 def stats_line(stats: dict[str, Any]) -> str:

@@ -78,18 +78,20 @@ def merge_compact(hf_model: Any, tensors: dict[str, torch.Tensor], scale: float)
 
 # ------------------------------------------------------------------------------------------------------ load
 def load_default(device: str | torch.device | None = None, dtype: str | torch.dtype | None = None,
-                 folder: Path | None = None) -> Any:
-    """The embedded default diffusion VLM (DiffusionVLModel)."""
+                 folder: Path | None = None, parent: bool = False) -> Any:
+    """The embedded default diffusion VLM (DiffusionVLModel); `parent=True` gives its AR parent instead (the AR
+    instruction-tuned VLM before the translation, marked `autoregressive_only`: decode it with decoder="ar")."""
     from safetensors.torch import load_file
 
     from diffusionvl.conversion import _default_device, _default_dtype
-    from diffusionvl.recipes.tiny_vlm import build_init
+    from diffusionvl.recipes.tiny_vlm import build_init, config_from_dict
 
     folder = folder or default_folder()
     manifest = read_manifest(folder)
     recipe = manifest["recipe"]
-    model = build_init(recipe["pool"], recipe["block_size"], recipe["seed"], recipe.get("vision_stages"))
-    for stage in manifest["adapters"]:
+    model = build_init(config_from_dict(recipe))
+    stages = manifest["adapters"][:1] if parent else manifest["adapters"]
+    for stage in stages:
         path = folder / stage["file"]
         check(path.is_file(), f"embedded default model is incomplete: {path} is missing (reinstall diffusionvl)")
         if _sha256(path) != stage["sha256"]:
@@ -98,11 +100,13 @@ def load_default(device: str | torch.device | None = None, dtype: str | torch.dt
         merge_compact(model.hf_model, load_file(path), stage["scale"])
     dev = _default_device(device)
     model.hf_model.to(device=dev, dtype=_default_dtype(dtype, dev)).eval()
+    model.autoregressive_only = parent
     return model
 
 
-def export_default(paths: dict[str, Path], dst: Path, cfg: Any, rows: list[dict[str, Any]]) -> Path:
-    """Write the compact default-model files from a finished recipe run (atomically, file by file)."""
+def export_default(paths: dict[str, Path], dst: Path, cfg: Any, results: dict[str, Any]) -> Path:
+    """Write the compact default-model files from a finished recipe run (atomically, file by file); `results` (the
+    recipe's results.json payload: tables, targets, stage timings) goes into the manifest."""
     from dataclasses import asdict
 
     from safetensors.torch import save_file
@@ -118,9 +122,11 @@ def export_default(paths: dict[str, Path], dst: Path, cfg: Any, rows: list[dict[
         adapters.append({"name": name, "file": file.name, "scale": meta["scale"], "sha256": _sha256(file),
                          "tensors": len(tensors), "bytes": file.stat().st_size})
     recipe = asdict(cfg)
-    manifest = {"description": "SmolLM2-135M-Instruct + EfficientNet-Lite0, AR-tuned then translated to block "
-                "diffusion on synthetic visual QA by `diffusionvl recipe tiny-vlm`",
-                "recipe": recipe, "adapters": adapters, "results": rows}
+    layers = f"first {cfg.lm_layers} of 30 layers of " if cfg.lm_layers else ""
+    manifest = {"description": f"{layers}SmolLM2-135M-Instruct + EfficientNet-Lite0, AR-tuned then translated to "
+                "block diffusion on synthetic visual QA by `diffusionvl recipe tiny-vlm`",
+                "recipe": recipe, "adapters": adapters,
+                "results": {k: results.get(k) for k in ("facts", "rows", "description", "stages", "targets")}}
     tmp = dst / (MANIFEST + ".tmp")
     tmp.write_text(json.dumps(manifest, indent=2) + "\n")
     os.replace(tmp, dst / MANIFEST)

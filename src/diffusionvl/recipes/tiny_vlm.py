@@ -40,15 +40,28 @@ class TinyVLMConfig:
     n_test: int = option(400, "Held-out test questions for the accuracy table.")
     image_size: int = option(224, "Image side in pixels.")
     pool: int = option(4, "EfficientNet feature grid pooled to POOL x POOL visual tokens per image.")
-    vision_stages: list[int] = option([2], "EfficientNet stages whose features join the final ones (colour and "
-                                      "edges; the final ImageNet features are nearly colour-blind). [] = final only.")
+    vision_stages: list[int] = option([-1, 0, 1, 2, 4], "EfficientNet stages whose pooled outputs make the visual tokens "
+                                      "(-1 = the pixels; the final ImageNet features are nearly colour-blind).")
+    vision_pooling: str = option("maxmin", "How the stages are pooled to the token grid: avg, max, avgmax, maxmin, "
+                                 "avgmaxmin.")
+    vision_final: bool = option(False, "Also use the final 1280 EfficientNet channels.")
+    lm_layers: int | None = option(None, "Keep only the first N of SmolLM2's 30 decoder layers; None = all (cutting "
+                                   "layers breaks the pretrained LM: 30 -> 12 layers raises its chat loss 1.6 -> 24).")
+    questions_per_image: int = option(8, "Question/answer turns per training image (one forward pays the image "
+                                      "and template tokens once).")
+    task_mix: dict[str, float] = option({"shape": 1.0, "colour": 1.0, "count": 1.0, "position": 1.0, "relation": 1.0,
+                                         "exist": 1.0, "describe": 1.0}, "Question type -> weight.")
+    gate_scenes: int = option(2400, "Synthetic scenes of the vision gate (linear probes on the frozen tower's tokens, "
+                              "half held out).")
+    gate_strict: bool = option(True, "Stop before any LM training when the tower fails the vision gate.")
     block_size: int = option(8, "Diffusion block size B.")
     batch_size: int = option(16, "Training samples per optimizer step.")
-    stage1_samples: int = option(2000, "Samples of the projector-alignment stage.")
+    stage1_samples: int = option(0, "Samples of the projector-alignment stage (0: skip it; stage 2 trains the "
+                                 "projector with the LoRA adapters).")
     stage1_lr: float = option(1e-3, "Learning rate of stage 1 (projector).")
     stage2_epochs: int = option(1, "Epochs of AR instruction tuning.")
-    lr: float = option(5e-4, "Learning rate of the LoRA stages.")
-    lora_r: int = option(8, "LoRA rank of the language model adapters.")
+    lr: float = option(1e-3, "Learning rate of the LoRA stages.")
+    lora_r: int = option(16, "LoRA rank of the language model adapters.")
     diffusion_fraction: float = option(0.05, "Share of stage 2's samples the translation may use (the paper: < 5%).")
     diffusion_epochs: int = option(4, "Epochs over the translation subset.")
     direct: bool = option(False, "Also train the direct AR-LM -> diffusion-VLM path (costly on CPU).")
@@ -56,9 +69,12 @@ class TinyVLMConfig:
     direct_samples: int | None = option(None, "Direct path on the first N training samples only (default: stage 2's "
                                         "data; the translation's count gives both paths the same diffusion budget).")
     thresholds: list[float] = option([0.5, 0.7, 0.8, 0.9, 0.95, 0.99], "Confidence thresholds evaluated.")
-    eval_limit: int | None = option(None, "Evaluate only the first N test questions.")
+    eval_limit: int | None = option(None, "Evaluate only the first N short-answer test questions.")
+    describe_limit: int | None = option(None, "Evaluate only the first N description test samples.")
+    describe_tokens: int = option(48, "Most new tokens of a description (4 objects take about 36).")
+    full_baseline: bool = option(False, "Also evaluate the LLaDA-style full-sequence decoder (slow on CPU).")
     export_to: str | None = option(None, "Folder that receives the compact default-model weights.")
-    threads: int | None = option(None, "torch CPU threads (default: torch's choice).")
+    threads: int | None = option(2, "torch CPU threads (None: torch's choice).")
     progress: bool = option(True, "Progress bars.")
 
     @property
@@ -68,10 +84,18 @@ class TinyVLMConfig:
 
     def validate(self) -> "TinyVLMConfig":
         check(0.0 < self.diffusion_fraction <= 1.0, f"diffusion_fraction must be in (0, 1], got {self.diffusion_fraction}")
-        for name in ("n_train", "n_test", "stage1_samples", "batch_size", "block_size", "pool", "lora_r"):
+        for name in ("n_train", "n_test", "batch_size", "block_size", "pool", "lora_r", "questions_per_image"):
             check(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
+        check(self.stage1_samples >= 0, f"stage1_samples must be >= 0, got {self.stage1_samples}")
+        check(self.lm_layers is None or 1 <= self.lm_layers <= 30, f"lm_layers must be in 1..30, got {self.lm_layers}")
         check(all(0.0 < t <= 1.0 for t in self.thresholds), "thresholds must be in (0, 1]")
         return self
+
+
+def config_from_dict(data: dict[str, Any]) -> TinyVLMConfig:
+    """The recipe configuration saved in a manifest (unknown keys from other versions are ignored)."""
+    names = {f.name for f in dataclasses.fields(TinyVLMConfig)}
+    return TinyVLMConfig(**{k: v for k, v in data.items() if k in names})
 
 
 def _say(msg: str) -> None:
@@ -95,13 +119,63 @@ def stage_data(cfg: TinyVLMConfig, out: Path) -> Path:
     if not (folder / "summary.json").is_file():
         _say(f"generating {cfg.n_train} train / {cfg.n_val} val / {cfg.n_test} test samples")
         generate_dataset(folder, n_train=cfg.n_train, n_val=cfg.n_val, n_test=cfg.n_test, seed=cfg.seed,
-                         image_size=cfg.image_size, progress=cfg.progress)
+                         image_size=cfg.image_size, progress=cfg.progress, task_mix=cfg.task_mix, real_images=False,
+                         multi_turn_fraction=1.0, questions_per_image=cfg.questions_per_image)
     return folder
 
 
-def build_init(pool: int, block_size: int, seed: int, vision_stages: list[int] | None = None) -> Any:
-    """SmolLM2 + EfficientNet-Lite0 + projector, wrapped for diffusion (the mask token is added, mean-initialized).
-    Deterministic given `seed`; the embedded default model rebuilds exactly this before applying its adapters."""
+# ChatML as SmolLM2 writes it, without the default system prompt its template injects into every conversation that
+# has none (20 tokens per sample the model would pay for nothing).
+CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + "
+          "'<|im_end|>' + '\\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+
+
+def tower_candidate(cfg: TinyVLMConfig) -> dict[str, Any]:
+    """The recipe's tower as a vision-gate candidate (the same spec, grid and preprocessing build_init uses)."""
+    options = {"extra_stages": list(cfg.vision_stages), "pooling": cfg.vision_pooling, "final": cfg.vision_final}
+    name = f"stages {cfg.vision_stages} {cfg.vision_pooling}{' + final' if cfg.vision_final else ''}, {cfg.pool}x{cfg.pool}"
+    return {"name": name, "pool": cfg.pool, "crop_pct": None, "vision_options": options if cfg.vision_stages else {}}
+
+
+def stage_gate(cfg: TinyVLMConfig, out: Path) -> dict[str, Any]:
+    """Linear probes on the frozen tower's tokens before any LM training (recipes/vision_gate.py)."""
+    from diffusionvl.errors import DiffusionVLError
+    from diffusionvl.recipes.vision_gate import gate_markdown, run_gate
+
+    folder = out / "gate"
+    if not (folder / "gate.json").is_file():
+        _say(f"vision gate: linear probes on {cfg.gate_scenes} synthetic scenes")
+        rows = run_gate([tower_candidate(cfg)], n_scenes=cfg.gate_scenes, seed=cfg.seed, image_size=cfg.image_size,
+                        progress=cfg.progress)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "gate.md").write_text(gate_markdown(rows, cfg.gate_scenes))
+        tmp = folder / "gate.json.tmp"
+        tmp.write_text(json.dumps(rows, indent=2))
+        os.replace(tmp, folder / "gate.json")
+    row = json.loads((folder / "gate.json").read_text())[0]
+    _say("vision gate:\n" + (folder / "gate.md").read_text())
+    if cfg.gate_strict and not row["passed"]:
+        raise DiffusionVLError(f"the vision tower fails the gate ({folder / 'gate.md'}): change --vision-stages / "
+                               "--vision-pooling / --pool, or pass --gate-strict false to train anyway")
+    return row
+
+
+def truncate_layers(lm: Any, n: int | None) -> Any:
+    """Keep the first `n` decoder layers of a causal LM (in place; config updated)."""
+    layers = lm.get_decoder().layers
+    if n is None or n >= len(layers):
+        return lm
+    lm.get_decoder().layers = layers[:n]
+    lm.config.num_hidden_layers = n
+    if isinstance(getattr(lm.config, "layer_types", None), list):
+        lm.config.layer_types = lm.config.layer_types[:n]
+    return lm
+
+
+def build_init(cfg: TinyVLMConfig) -> Any:
+    """SmolLM2 (first `lm_layers` layers) + EfficientNet-Lite0 + projector, wrapped for diffusion (the mask token is
+    added, mean-initialized). Deterministic given the config; the embedded default model rebuilds exactly this
+    before applying its adapters."""
     import torch
 
     from diffusionvl import assets
@@ -109,11 +183,14 @@ def build_init(pool: int, block_size: int, seed: int, vision_stages: list[int] |
     from diffusionvl.conversion import wrap
 
     lm, tok = assets.load_smollm2(progress=False)
-    torch.manual_seed(seed)
-    options = {"extra_stages": list(vision_stages)} if vision_stages else None
-    model, processor = compose(lm, tok, vision="efficientnet_lite0", projector="mlp2x_gelu", pool=pool,
-                               vision_options=options)
-    return wrap(model, processor, block_size=block_size, prediction="shift")
+    truncate_layers(lm, cfg.lm_layers)
+    torch.manual_seed(cfg.seed)
+    options = {"extra_stages": list(cfg.vision_stages), "pooling": cfg.vision_pooling,
+               "final": cfg.vision_final} if cfg.vision_stages else None
+    model, processor = compose(lm, tok, vision="efficientnet_lite0", projector="mlp2x_gelu", pool=cfg.pool,
+                               vision_options=options, chat_template=CHATML,
+                               transform_options={"crop_pct": None})
+    return wrap(model, processor, block_size=cfg.block_size, prediction="shift")
 
 
 def stage_init(cfg: TinyVLMConfig, out: Path) -> Path:
@@ -122,7 +199,7 @@ def stage_init(cfg: TinyVLMConfig, out: Path) -> Path:
     path = out / "init"
     if not (path / "diffusionvl.json").is_file():
         _say("composing SmolLM2-135M-Instruct + EfficientNet-Lite0 + projector")
-        save_atomic(build_init(cfg.pool, cfg.block_size, cfg.seed, cfg.vision_stages), path)
+        save_atomic(build_init(cfg), path)
     return path
 
 
@@ -134,9 +211,9 @@ def _train(cfg: TinyVLMConfig, name: str, out: Path, model: Path, data: Path, va
         return final
     _say(f"stage {name}: {kw.get('objective', 'bd3')} objective on {data.name}")
     tc = TrainConfig(model=str(model), data=str(data), output=str(out / name), eval_data=str(val), seed=cfg.seed,
-                     image_folder=str(out / "data"),
+                     image_folder=str(out / "data"), token_cache=str(out / "tower_tokens.pt"),
                      batch_size=cfg.batch_size, num_workers=0, save_every=50, keep_checkpoints=1, log_every=10,
-                     progress=cfg.progress, tensorboard=False, resume="auto", max_length=256, warmup_ratio=0.05,
+                     progress=cfg.progress, tensorboard=False, resume="auto", max_length=320, warmup_ratio=0.05,
                      **kw)
     summary = train(tc)
     _say(f"stage {name} done: {json.dumps({k: summary.get(k) for k in ('steps', 'eval_loss', 'tokens_per_s')})}")
@@ -151,10 +228,13 @@ def run_stages(cfg: TinyVLMConfig) -> dict[str, Path]:
     out = Path(cfg.out)
     data = stage_data(cfg, out)
     val = data / "val.json"
+    stage_gate(cfg, out)
     init = stage_init(cfg, out)
-    stage1_data = _subset(data / "train.json", out / "stage1.json", cfg.stage1_samples)
-    s1 = _train(cfg, "stage1", out, init, stage1_data, val, objective="ar", lr=cfg.stage1_lr,
-                freeze=["vision", "language"], epochs=1)
+    s1 = init
+    if cfg.stage1_samples:
+        stage1_data = _subset(data / "train.json", out / "stage1.json", cfg.stage1_samples)
+        s1 = _train(cfg, "stage1", out, init, stage1_data, val, objective="ar", lr=cfg.stage1_lr,
+                    freeze=["vision", "language"], epochs=1)
     stage2_data = data / "train.json"
     if cfg.stage2_samples is not None:
         stage2_data = _subset(stage2_data, out / "stage2.json", cfg.stage2_samples)
@@ -174,47 +254,91 @@ def run_stages(cfg: TinyVLMConfig) -> dict[str, Path]:
 
 
 # ------------------------------------------------------------------------------------------------------ eval
+AR_LABEL, DVLM_LABEL = "AR VLM (stage 2)", "diffusion VLM (translated)"
+BAR_TYPES = ("shape", "colour", "count", "position", "exist", "relation")
+
+
 def decoder_grid(cfg: TinyVLMConfig) -> list[dict[str, Any]]:
-    """Decoding settings compared in the table: AR, static at S = B and B/2, threshold at each tau, full."""
+    """Decoding settings of the short-answer table: static at S = B and B/2, threshold at each tau, (full)."""
     b = cfg.block_size
     grid = [dict(decoder="block", policy="static", steps=b), dict(decoder="block", policy="static", steps=max(1, b // 2))]
     grid += [dict(decoder="block", policy="threshold", steps=b, threshold=t) for t in cfg.thresholds]
-    grid += [dict(decoder="full", policy="static", steps=b)]
+    if cfg.full_baseline:
+        grid += [dict(decoder="full", policy="static", steps=b)]
     return grid
 
 
-def evaluate_model(path: Path, data: Path, decode: dict[str, Any], cfg: TinyVLMConfig, model: Any = None) -> dict:
+def description_grid(cfg: TinyVLMConfig) -> list[tuple[str, dict[str, Any], int]]:
+    """(model label, decoding, batch) of the description speed table: the parent's AR decoding against the
+    diffusion model's static and threshold decoding, at batch 1 (the latency case) and batch 8."""
+    b = cfg.block_size
+    rows = [(AR_LABEL, dict(decoder="ar"), 1), (DVLM_LABEL, dict(decoder="block", policy="static", steps=b), 1)]
+    rows += [(DVLM_LABEL, dict(decoder="block", policy="threshold", steps=b, threshold=t), 1) for t in cfg.thresholds]
+    rows += [(AR_LABEL, dict(decoder="ar"), 8)]
+    rows += [(DVLM_LABEL, dict(decoder="block", policy="threshold", steps=b, threshold=t), 8) for t in cfg.thresholds]
+    return rows
+
+
+def _evaluate(model: Any, samples: list[Any], task: Any, decode: dict[str, Any], batch: int, max_new: int,
+              progress: bool) -> dict[str, Any]:
     from diffusionvl.config import DecodeConfig
-    from diffusionvl.conversion import load
-    from diffusionvl.evaluation.runner import EvalConfig, evaluate, load_samples
+    from diffusionvl.evaluation.runner import EvalConfig, evaluate
 
-    model = model or load(path, device="cpu")
-    ecfg = EvalConfig(task="synth-vqa", data=str(data), limit=cfg.eval_limit, batch_size=16).validate()
-    task, samples = load_samples(ecfg)
-    summary, _ = evaluate(model, samples, task, ecfg, DecodeConfig(max_new_tokens=16, **decode), progress=cfg.progress)
+    ecfg = EvalConfig(task="synth-vqa", batch_size=batch).validate()
+    summary, _ = evaluate(model, samples, task, ecfg, DecodeConfig(max_new_tokens=max_new, **decode), progress=progress)
     sp = summary["speed"]
-    return {"accuracy": summary["accuracy"], "tokens_per_forward": sp["tokens_per_forward"],
-            "tokens_per_second": sp["tokens_per_second"], "samples": summary["samples"],
-            "per_type": {k: v["accuracy"] for k, v in summary["per_type"].items()}, **decode}
+    return {"samples": summary["samples"], "tokens_per_forward": sp["tokens_per_forward"],
+            "tokens_per_second": sp["tokens_per_second"], "batch": batch, **decode, "_summary": summary}
 
 
-def run_eval(cfg: TinyVLMConfig, paths: dict[str, Path]) -> list[dict[str, Any]]:
+def evaluate_short(model: Any, samples: list[Any], task: Any, decode: dict[str, Any], cfg: TinyVLMConfig) -> dict:
+    row = _evaluate(model, samples, task, decode, 16, 16, cfg.progress)
+    summary = row.pop("_summary")
+    return {**row, "accuracy": summary["accuracy"],
+            "per_type": {k: v["accuracy"] for k, v in summary["per_type"].items()}}
+
+
+def evaluate_description(model: Any, samples: list[Any], task: Any, decode: dict[str, Any], batch: int,
+                         cfg: TinyVLMConfig) -> dict:
+    row = _evaluate(model, samples, task, decode, batch, cfg.describe_tokens, cfg.progress)
+    desc = row.pop("_summary")["description"] or {}
+    return {**row, **{k: desc.get(k) for k in ("f1", "precision", "recall", "truncated")}}
+
+
+def test_samples(cfg: TinyVLMConfig, data: Path) -> tuple[Any, list[Any], list[Any]]:
+    """(task, short-answer samples, describe samples) of the held-out test split (`eval_limit` caps each list)."""
+    from diffusionvl.evaluation.runner import EvalConfig, load_samples
+
+    task, samples = load_samples(EvalConfig(task="synth-vqa", data=str(data)).validate())
+    short = [s for s in samples if s.type != "describe"][: cfg.eval_limit]
+    describe = [s for s in samples if s.type == "describe"][: cfg.describe_limit]
+    return task, short, describe
+
+
+def run_eval(cfg: TinyVLMConfig, paths: dict[str, Path]) -> dict[str, list[dict[str, Any]]]:
     from diffusionvl.conversion import load
 
-    rows = []
-    cases: list[tuple[str, Path, list[dict[str, Any]]]] = [("AR VLM (stage 2)", paths["ar_vlm"], [dict(decoder="ar")]),
-                                                          ("diffusion VLM (translated)", paths["dvlm"],
+    task, short, describe = test_samples(cfg, paths["data"])
+    rows, desc_rows = [], []
+    cases: list[tuple[str, Path, list[dict[str, Any]]]] = [(AR_LABEL, paths["ar_vlm"], [dict(decoder="ar")]),
+                                                          (DVLM_LABEL, paths["dvlm"],
                                                            [dict(decoder="ar")] + decoder_grid(cfg))]
     if "direct" in paths:
         cases.append(("diffusion VLM (direct from AR LM)", paths["direct"], decoder_grid(cfg)[:3]))
+    models = {}
     for label, path, grid in cases:
-        model = load(path, device="cpu")
+        model = models[label] = load(path, device="cpu")
         for decode in grid:
-            row = {"model": label, **evaluate_model(path, paths["data"], decode, cfg, model)}
+            row = {"model": label, **evaluate_short(model, short, task, decode, cfg)}
             _say(f"{label} {decode}: accuracy {row['accuracy']:.3f}, {row['tokens_per_forward']:.2f} tok/fwd, "
                  f"{row['tokens_per_second']:.1f} tok/s")
             rows.append(row)
-    return rows
+    for label, decode, batch in description_grid(cfg) if describe else []:
+        row = {"model": label, **evaluate_description(models[label], describe, task, decode, batch, cfg)}
+        _say(f"descriptions, {label} {decode} batch {batch}: F1 {row['f1']:.3f}, {row['tokens_per_forward']:.2f} "
+             f"tok/fwd, {row['tokens_per_second']:.1f} tok/s")
+        desc_rows.append(row)
+    return {"rows": rows, "description": desc_rows}
 
 
 def _decoder_label(row: dict[str, Any]) -> str:
@@ -224,27 +348,93 @@ def _decoder_label(row: dict[str, Any]) -> str:
     return f"block {row['policy']} S={row['steps']}{tail}"
 
 
-def results_markdown(cfg: TinyVLMConfig, rows: list[dict[str, Any]], facts: dict[str, Any]) -> str:
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.1f}%"
+
+
+def check_bars(rows: list[dict[str, Any]], desc: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The recipe's targets, each with its measured value and pass/fail: the AR parent >= 85% over the short-answer
+    types; threshold decoding >= 95% of the parent overall and per type (best tau that holds overall); description
+    F1 >= 0.85, >= 2.5 tokens/forward and >= 1.5x the parent's tokens/s at batch 1."""
+    parent = next((r for r in rows if r["model"] == AR_LABEL), None)
+    thr = [r for r in rows if r["model"] == DVLM_LABEL and r.get("policy") == "threshold" and r["decoder"] == "block"]
+    if parent is None or not thr:
+        return []
+    best = max(thr, key=lambda r: (r["accuracy"] >= 0.95 * parent["accuracy"], r["tokens_per_forward"]))
+    bars = [{"what": "AR parent accuracy", "value": parent["accuracy"], "target": ">= 85%",
+             "ok": parent["accuracy"] >= 0.85},
+            {"what": f"threshold tau={best['threshold']:g} / parent, overall", "value": best["accuracy"] /
+             max(parent["accuracy"], 1e-9), "target": ">= 95%", "ok": best["accuracy"] >= 0.95 * parent["accuracy"]}]
+    for t in BAR_TYPES:
+        if t in parent["per_type"]:
+            ratio = best["per_type"].get(t, 0.0) / max(parent["per_type"][t], 1e-9)
+            bars.append({"what": f"threshold tau={best['threshold']:g} / parent, {t}", "value": ratio,
+                         "target": ">= 95%", "ok": ratio >= 0.95})
+    ar1 = next((r for r in desc if r["model"] == AR_LABEL and r["batch"] == 1), None)
+    d1 = [r for r in desc if r["model"] == DVLM_LABEL and r["batch"] == 1 and r.get("policy") == "threshold"]
+    if ar1 and d1:
+        fast = max(d1, key=lambda r: (r["f1"] >= 0.85, r["tokens_per_second"]))
+        tag = f"descriptions, threshold tau={fast['threshold']:g}, batch 1"
+        bars += [{"what": f"{tag}: F1", "value": fast["f1"], "target": ">= 0.85", "ok": fast["f1"] >= 0.85, "raw": True},
+                 {"what": f"{tag}: tokens/forward", "value": fast["tokens_per_forward"], "target": ">= 2.5",
+                  "ok": fast["tokens_per_forward"] >= 2.5, "raw": True},
+                 {"what": f"{tag}: tokens/s vs parent", "value": fast["tokens_per_second"] /
+                  max(ar1["tokens_per_second"], 1e-9), "target": ">= 1.5x",
+                  "ok": fast["tokens_per_second"] >= 1.5 * ar1["tokens_per_second"], "raw": True}]
+    return bars
+
+
+def _stage_lines(stages: dict[str, dict[str, Any]]) -> list[str]:
+    lines = ["", "Training stages (wall time on this machine):", "",
+             "| stage | objective | samples | steps | wall time | samples/s | tokens/s |", "|---|---|---|---|---|---|---|"]
+    for name, st in stages.items():
+        samples = st["steps"] * st["global_batch"]
+        lines.append(f"| {name} | {st.get('objective', '')} | {samples} | {st['steps']} | {st['seconds'] / 60:.1f} min "
+                     f"| {samples / max(st['seconds'], 1e-9):.2f} | {st.get('tokens_per_s') or 0:.0f} |")
+    return lines
+
+
+def results_markdown(cfg: TinyVLMConfig, rows: list[dict[str, Any]], facts: dict[str, Any],
+                     desc: list[dict[str, Any]] | None = None, stages: dict[str, dict[str, Any]] | None = None) -> str:
+    desc = desc or []
     lines = ["# tiny-VLM recipe results", "",
              f"Held-out test questions: {rows[0]['samples']}. AR instruction tuning used {facts['n_ar']} samples; the "
              f"translation to diffusion used {facts['n_diffusion']} of them ({100 * facts['fraction']:.1f}%). "
-             f"Block size B={cfg.block_size}. CPU timings ({facts['threads']} threads).", "",
+             f"Block size B={cfg.block_size}. CPU timings ({facts['threads']} threads). Tokens/forward: generated "
+             "tokens up to and including the stop token / forwards, per sample, averaged.", "",
              "| model | decoder | accuracy | tokens/forward | tokens/s |", "|---|---|---|---|---|"]
     if any("direct" in r["model"] for r in rows):
         lines[2] += (f" The direct path (AR LM -> diffusion VLM, from the stage 1 projector) trained on "
                      f"{facts.get('n_direct')} samples x {cfg.direct_epochs} epochs.")
-    lines += [f"| {r['model']} | {_decoder_label(r)} | {100 * r['accuracy']:.1f}% | {r['tokens_per_forward']:.2f} "
+    lines += [f"| {r['model']} | {_decoder_label(r)} | {_pct(r['accuracy'])} | {r['tokens_per_forward']:.2f} "
               f"| {r['tokens_per_second']:.1f} |" for r in rows]
     types = sorted({t for r in rows for t in r["per_type"]})
     lines += ["", "Accuracy per question type:", "", "| model | decoder | " + " | ".join(types) + " |",
               "|---|---|" + "---|" * len(types)]
     lines += [f"| {r['model']} | {_decoder_label(r)} | " + " | ".join(f"{100 * r['per_type'].get(t, 0):.0f}%"
                                                                       for t in types) + " |" for r in rows]
+    if desc:
+        lines += ["", f"Descriptions (\"Describe the image.\", {desc[0]['samples']} held-out scenes, object-level F1, "
+                  f"at most {cfg.describe_tokens} new tokens):", "",
+                  "| model | decoder | batch | F1 | precision | recall | tokens/forward | tokens/s |",
+                  "|---|---|---|---|---|---|---|---|"]
+        lines += [f"| {r['model']} | {_decoder_label(r)} | {r['batch']} | {r['f1']:.3f} | {r['precision']:.3f} | "
+                  f"{r['recall']:.3f} | {r['tokens_per_forward']:.2f} | {r['tokens_per_second']:.1f} |" for r in desc]
+    if stages:
+        lines += _stage_lines(stages)
+    bars = check_bars(rows, desc)
+    if bars:
+        lines += ["", "Targets:", "", "| target | measured | bar | met |", "|---|---|---|---|"]
+        lines += [f"| {b['what']} | {b['value']:.2f}{'' if b.get('raw') else ''} | {b['target']} | "
+                  f"{'yes' if b['ok'] else 'NO'} |" if b.get("raw") else
+                  f"| {b['what']} | {_pct(b['value'])} | {b['target']} | {'yes' if b['ok'] else 'NO'} |" for b in bars]
     return "\n".join(lines) + "\n"
 
 
-def plot_threshold_curve(rows: list[dict[str, Any]], path: Path) -> Path | None:
-    """Accuracy vs tokens per forward across thresholds (with the static / AR points for reference)."""
+def plot_threshold_curve(rows: list[dict[str, Any]], path: Path,
+                         desc: list[dict[str, Any]] | None = None) -> Path | None:
+    """Left: accuracy vs tokens per forward across thresholds (static / AR points for reference). Right (when
+    descriptions were evaluated): description F1 vs tokens/s at batch 1, AR parent vs diffusion decoders."""
     try:
         import matplotlib
 
@@ -252,8 +442,19 @@ def plot_threshold_curve(rows: list[dict[str, Any]], path: Path) -> Path | None:
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    fig, ax = plt.subplots(figsize=(6, 4))
-    translated = [r for r in rows if "translated" in r["model"]]
+    fig, axes = plt.subplots(1, 2 if desc else 1, figsize=(11 if desc else 6, 4), squeeze=False)
+    _accuracy_panel(axes[0][0], rows)
+    if desc:
+        _description_panel(axes[0][1], desc)
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
+def _accuracy_panel(ax: Any, rows: list[dict[str, Any]]) -> None:
+    translated = [r for r in rows if r["model"] == DVLM_LABEL]
 
     def block(policy: str) -> list[dict[str, Any]]:
         return [r for r in translated if r["decoder"] == "block" and r["policy"] == policy]
@@ -261,7 +462,7 @@ def plot_threshold_curve(rows: list[dict[str, Any]], path: Path) -> Path | None:
     series = [("diffusion VLM, threshold", block("threshold"), "o-"), ("diffusion VLM, static", block("static"), "s"),
               ("diffusion VLM, full", [r for r in translated if r["decoder"] == "full"], "x"),
               ("diffusion VLM, AR decoding", [r for r in translated if r["decoder"] == "ar"], "v"),
-              ("AR VLM (stage 2)", [r for r in rows if r["model"].startswith("AR VLM")], "^")]
+              (AR_LABEL, [r for r in rows if r["model"] == AR_LABEL], "^")]
     for label, picked, style in series:
         pts = sorted(picked, key=lambda r: r["tokens_per_forward"])
         if not pts:
@@ -272,30 +473,56 @@ def plot_threshold_curve(rows: list[dict[str, Any]], path: Path) -> Path | None:
                 ax.annotate(f"{r['threshold']:g}", (r["tokens_per_forward"], 100 * r["accuracy"]),
                             textcoords="offset points", xytext=(4, 4), fontsize=8)
     ax.set_xlabel("tokens per forward")
-    ax.set_ylabel("accuracy on held-out test (%)")
+    ax.set_ylabel("accuracy on held-out short answers (%)")
     ax.set_title("tiny-VLM: accuracy vs parallelism")
     ax.grid(alpha=0.3)
-    ax.legend()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=120, bbox_inches="tight")
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    ax.legend(fontsize=8)
 
 
-def write_results(cfg: TinyVLMConfig, rows: list[dict[str, Any]], out: Path) -> dict[str, Path]:
+def _description_panel(ax: Any, desc: list[dict[str, Any]]) -> None:
+    for r in (r for r in desc if r["batch"] == 1):
+        marker = "^" if r["model"] == AR_LABEL else "o"
+        ax.plot([r["tokens_per_second"]], [r["f1"]], marker, label=f"{'AR parent' if marker == '^' else 'dVLM'} "
+                                                                  f"{_decoder_label(r)}")
+    ax.set_xlabel("tokens/s (batch 1, CPU)")
+    ax.set_ylabel("description F1")
+    ax.set_title("descriptions: quality vs speed")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+
+
+def stage_summaries(out: Path) -> dict[str, dict[str, Any]]:
+    """Each finished training stage's summary.json (steps, batch, wall seconds, tokens/s), in recipe order."""
+    found = {}
+    for name in ("stage1", "stage2", "translate", "direct"):
+        path = out / name / "summary.json"
+        if path.is_file():
+            summary = json.loads(path.read_text())
+            log = out / name / "log.jsonl"
+            start = json.loads(log.read_text().splitlines()[0]) if log.is_file() else {}
+            summary["objective"] = start.get("config", {}).get("objective", "")
+            found[name] = summary
+    return found
+
+
+def write_results(cfg: TinyVLMConfig, rows: list[dict[str, Any]], out: Path,
+                  desc: list[dict[str, Any]] | None = None) -> dict[str, Path]:
     import torch
 
     n_diff = max(1, int(cfg.diffusion_fraction * cfg.ar_samples))
     facts = {"n_ar": cfg.ar_samples * cfg.stage2_epochs, "n_diffusion": n_diff, "fraction": n_diff / cfg.ar_samples,
              "n_direct": min(cfg.direct_samples or cfg.ar_samples, cfg.n_train), "threads": torch.get_num_threads()}
-    payload = {"config": dataclasses.asdict(cfg), "facts": facts, "rows": rows}
+    stages = stage_summaries(out)
+    payload = {"config": dataclasses.asdict(cfg), "facts": facts, "rows": rows, "description": desc or [],
+               "stages": {k: {f: v.get(f) for f in ("steps", "global_batch", "seconds", "tokens_per_s", "objective")}
+                          for k, v in stages.items()}, "targets": check_bars(rows, desc or [])}
     paths = {"json": out / "results.json", "markdown": out / "results.md", "plot": out / "accuracy_vs_parallelism.png"}
-    for key, text in (("json", json.dumps(payload, indent=2)), ("markdown", results_markdown(cfg, rows, facts))):
+    for key, text in (("json", json.dumps(payload, indent=2)),
+                      ("markdown", results_markdown(cfg, rows, facts, desc, stages))):
         tmp = paths[key].with_suffix(".tmp")
         tmp.write_text(text)
         os.replace(tmp, paths[key])
-    plot_threshold_curve(rows, paths["plot"])
+    plot_threshold_curve(rows, paths["plot"], desc)
     return paths
 
 
@@ -306,11 +533,11 @@ def run_recipe(cfg: TinyVLMConfig, stages: Callable[[TinyVLMConfig], dict[str, P
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     paths = stages(cfg)
-    rows = run_eval(cfg, paths)
-    written = write_results(cfg, rows, Path(cfg.out))
+    results = run_eval(cfg, paths)
+    written = write_results(cfg, results["rows"], Path(cfg.out), results["description"])
     _say(Path(written["markdown"]).read_text())
     if cfg.export_to:
         from diffusionvl.default import export_default
 
-        export_default(paths, Path(cfg.export_to), cfg, rows)
+        export_default(paths, Path(cfg.export_to), cfg, json.loads(Path(written["json"]).read_text()))
     return {"paths": {k: str(v) for k, v in paths.items()}, "results": {k: str(v) for k, v in written.items()}}
