@@ -1,7 +1,9 @@
 """Per-architecture adapters: everything that differs between backbones, behind one small interface.
 
 Contract: the engine (modeling.py, decoding/) never looks inside a Hugging Face model. It asks the adapter for
-- `decoder`: the transformer stack, called with (inputs_embeds, attention_mask, position_ids, past_key_values);
+- `decoder`: the transformer stack, called with (inputs_embeds, attention_mask, position_ids, cache) where the cache
+  goes under the keyword the installed transformers expects (`cache` from 5.x releases that deprecate
+  `past_key_values`, else `past_key_values`; `cache_keyword`, detected once per decoder class);
 - `head(hidden)`: hidden states -> logits (lm_head, plus final soft-capping where the architecture has it);
 - `embed(ids, vision)`: token embeddings with image features scattered in at the image placeholder tokens;
 - `prompt_positions(ids, vision, i)`: the positions of one unpadded prompt, [P, n] (P = 1, or 3 for M-RoPE),
@@ -12,6 +14,9 @@ supported ones.
 """
 
 from __future__ import annotations
+
+import functools
+import inspect
 
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -24,6 +29,17 @@ from diffusionvl.prompts import Conversation
 
 Tensor = torch.Tensor
 
+
+
+@functools.lru_cache(maxsize=None)
+def cache_keyword(decoder_class: type) -> str:
+    """The keyword a decoder stack's forward takes its KV cache under: `cache` where it has that parameter (newer
+    transformers, which deprecate `past_key_values`), else `past_key_values`. Read from the signature, not a version."""
+    try:
+        params = inspect.signature(decoder_class.forward).parameters
+    except (TypeError, ValueError):
+        return "past_key_values"
+    return "cache" if "cache" in params else "past_key_values"
 
 @dataclass
 class Encoded:
@@ -78,8 +94,9 @@ class Adapter:
     def run_decoder(self, embeds: Tensor, mask: Any, positions: Tensor, cache: Any = None) -> Tensor:
         """embeds [N, Q, D], positions [P, N, Q] -> hidden [N, Q, D]."""
         pos = positions[0] if self.position_dims == 1 else positions
+        key = cache_keyword(type(self.decoder))
         out = self.decoder(inputs_embeds=embeds, attention_mask=mask, position_ids=pos,
-                           past_key_values=cache, use_cache=cache is not None)
+                           **{key: cache}, use_cache=cache is not None)
         return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
 
     # ---- inputs -----------------------------------------------------------------------------------------------
