@@ -88,25 +88,51 @@ def wrap(model: Any, processor: Any, block_size: int | None = None, mask_token: 
 
 
 def save_atomic(model: DiffusionVLModel, path: str | os.PathLike[str],
-                state_dict: dict[str, torch.Tensor] | None = None) -> Path:
+                state_dict: dict[str, torch.Tensor] | None = None, overwrite: bool = False) -> Path:
     """Write model + tokenizer/processor + diffusion config to `path` through a temporary sibling folder.
 
-    `state_dict`: the backbone's full weights when they live elsewhere (gathered from FSDP / ZeRO-3 shards)."""
+    `state_dict`: the backbone's full weights when they live elsewhere (gathered from FSDP / ZeRO-3 shards).
+    An existing `path` is replaced only when it is a diffusionvl model folder, an empty folder, or `overwrite`
+    (see `check_target`): nothing a user keeps there is deleted without being asked."""
+    check_target(path, MODEL_MARKER, overwrite)
     model.hf_model.config.diffusionvl = model.config.to_dict()
 
     def write(tmp: Path) -> None:
         model.hf_model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
         model.processor.save_pretrained(tmp)
-        (tmp / "diffusionvl.json").write_text(json.dumps(model.config.to_dict(), indent=2) + "\n")
+        (tmp / MODEL_MARKER).write_text(json.dumps(model.config.to_dict(), indent=2) + "\n")
 
     return write_atomic(path, write)
 
 
-def write_atomic(path: str | os.PathLike[str], write: Callable[[Path], None]) -> Path:
-    """Run `write(folder)` on a temporary sibling folder, then move it to `path` (replacing any old folder)."""
+MODEL_MARKER = "diffusionvl.json"  # the file that makes a folder a diffusionvl model folder
+
+
+def check_target(path: str | os.PathLike[str], marker: str, overwrite: bool = False) -> None:
+    """Refuse (one line) to replace `path` unless it does not exist, is an empty folder, is a folder holding `marker`
+    (the same kind of output: a rerun replaces it), or `overwrite` is set."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    if overwrite or not (path.exists() or path.is_symlink()):
+        return
+    if path.is_dir() and not path.is_symlink():
+        entries = sorted(p.name for p in path.iterdir())
+        if not entries or marker in entries:
+            return
+        raise DiffusionVLError(f"{path} is a folder with {len(entries)} entries that is not a diffusionvl output "
+                               f"(e.g. {entries[0]}): choose another output path, or pass --overwrite to replace it")
+    raise DiffusionVLError(f"{path} exists and is not a folder: choose another output path, or pass --overwrite to "
+                           "replace it")
+
+
+def write_atomic(path: str | os.PathLike[str], write: Callable[[Path], None]) -> Path:
+    """Run `write(folder)` on a temporary sibling folder, then move it to `path` (replacing what is there; callers
+    check first with `check_target`). An unwritable location is a one-line `DiffusionVLError`."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    except OSError as exc:
+        raise DiffusionVLError(f"cannot write {path}: {exc.strerror or exc}") from None
     try:
         write(tmp)
         _normal_permissions(tmp)
@@ -118,14 +144,18 @@ def write_atomic(path: str | os.PathLike[str], write: Callable[[Path], None]) ->
 
 
 def replace_dir(src: Path, dst: Path) -> None:
-    """Move the complete folder `src` to `dst`; an existing `dst` is set aside first and deleted only afterwards."""
+    """Move the complete folder `src` to `dst`; an existing `dst` (folder or file) is set aside first and deleted
+    only afterwards, so no reader ever sees half of either and nothing is left behind."""
     old = None
-    if dst.exists():
+    if dst.exists() or dst.is_symlink():
         old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
         os.replace(dst, old)
     os.replace(src, dst)
     if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+        if old.is_dir() and not old.is_symlink():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            old.unlink(missing_ok=True)
 
 
 def _normal_permissions(folder: Path) -> None:
@@ -215,12 +245,14 @@ def load(path: str | os.PathLike[str], device: str | torch.device | None = None,
 
 def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], block_size: int | None = None,
             mask_token: str | None = None, prediction: str | None = None, eos_token: str | None = None,
-            dtype: str | torch.dtype | None = None) -> Path:
-    """Translate the AR checkpoint `src` into a diffusion checkpoint at `dst` (see module docstring).
+            dtype: str | torch.dtype | None = None, overwrite: bool = False) -> Path:
+    """Translate the AR checkpoint `src` into a diffusion checkpoint at `dst` (see module docstring). An existing
+    `dst` that is not a diffusionvl model folder (or an empty one) is refused unless `overwrite`.
 
     `src` may also be a layout from FORMAT_LOADERS (e.g. a DiffusionVL reference checkpoint). Options left None
     keep the source's recorded diffusion settings, else the defaults (block size 8, prediction 'shift')."""
     DiffusionConfig(block_size=8 if block_size is None else block_size, prediction=prediction or "shift").validate()
+    check_target(dst, MODEL_MARKER, overwrite)  # before the (slow) load
     dev = torch.device("cpu")
     dt = _default_dtype(dtype, dev) if dtype else None  # None: keep the stored dtype
     loaded = load_registered(src, dev, dt)
@@ -230,4 +262,4 @@ def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], block_size
         hf_model, processor = load_hf(src, dev, dt or "auto")
     model = wrap(hf_model, processor, block_size=block_size, mask_token=mask_token, prediction=prediction,
                  eos_token=eos_token)
-    return save_atomic(model, dst)
+    return save_atomic(model, dst, overwrite=overwrite)

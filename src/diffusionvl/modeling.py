@@ -264,10 +264,12 @@ class DiffusionVLModel(nn.Module):
                 yield event.new_texts[0]
 
     # ---- persistence ---------------------------------------------------------------------------------------------
-    def save_pretrained(self, path: str | os.PathLike[str]) -> None:
+    def save_pretrained(self, path: str | os.PathLike[str], overwrite: bool = False) -> None:
+        """Save atomically; an existing `path` that is not a diffusionvl model folder is refused unless
+        `overwrite` (conversion.check_target)."""
         from diffusionvl.conversion import save_atomic
 
-        save_atomic(self, path)
+        save_atomic(self, path, overwrite=overwrite)
 
 
 def _pad_to_multiple(x0: Tensor, labels: Tensor, valid: Tensor, positions: Tensor, block: int,

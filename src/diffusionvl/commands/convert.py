@@ -27,26 +27,30 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--eos-token", default=None, help="end-of-answer token name (default: from the chat template)")
     parser.add_argument("--dtype", default=None, help="weights dtype to save (default: keep the source dtype)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the tiny random model (with --tiny)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace DST even when it is a file or a folder that is not a diffusionvl model")
     parser.add_argument("--json", action="store_true", help="print a JSON summary")
 
 
 def run(args: argparse.Namespace) -> int:
-    from diffusionvl.conversion import convert, save_atomic, wrap
+    from diffusionvl.conversion import MODEL_MARKER, check_target, convert, save_atomic, wrap
 
     if args.tiny:
         if args.src is not None:
             raise DiffusionVLError("give either SRC or --tiny ARCH, not both")
         from diffusionvl.tiny import make_tiny
 
+        check_target(args.dst, MODEL_MARKER, args.overwrite)
         hf_model, processor = make_tiny(args.tiny, seed=args.seed)
         model = wrap(hf_model, processor, block_size=args.block_size, mask_token=args.mask_token,
                      prediction=args.prediction, eos_token=args.eos_token)
-        path = save_atomic(model, args.dst)
+        path = save_atomic(model, args.dst, overwrite=args.overwrite)
     else:
         if args.src is None:
             raise DiffusionVLError("missing SRC: give an AR checkpoint folder or hub id, or --tiny ARCH")
         path = convert(args.src, args.dst, block_size=args.block_size, mask_token=args.mask_token,
-                       prediction=args.prediction, eos_token=args.eos_token, dtype=args.dtype)
+                       prediction=args.prediction, eos_token=args.eos_token, dtype=args.dtype,
+                       overwrite=args.overwrite)
     with open(path / "diffusionvl.json", encoding="utf-8") as fh:
         summary = {"output": str(path), **json.load(fh)}
     if args.json:
