@@ -15,6 +15,7 @@ import threading
 import time
 
 import pytest
+from PIL import Image
 
 from conftest import red_square, tiny_diffusion
 
@@ -252,6 +253,9 @@ def test_image_sources(vl_client):
         ("missing.png", "not found"),
         ("http://127.0.0.1:9/cat.png", "remote image URLs are refused"),
         ("ftp://example.com/cat.png", "unsupported image URL scheme"),
+        (_data_url(Image.new("1", (20000, 20000))), "decompression bomb"),  # 48 KB of PNG, 400 megapixels
+        (_data_url(Image.new("1", (9000, 9000))), "megapixels, above the limit"),
+        (_data_url(Image.new("1", (1, 20000))), "aspect ratio"),
     ]
     for url, needle in bad:
         r = vl_client.post("/v1/chat/completions", json=_image_body(url))

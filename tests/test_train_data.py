@@ -143,7 +143,7 @@ def test_llava_json_list_and_image_folder(qwen_vl, tmp_path):
 
 def test_bad_samples_are_counted_and_skipped(qwen_vl, tmp_path):
     red_square().save(tmp_path / "ok.png")
-    red_square((2000, 8)).save(tmp_path / "sliver.png")  # the Qwen-VL processor rejects this aspect ratio
+    red_square((2000, 8)).save(tmp_path / "sliver.png")  # an aspect ratio no processor can take
     (tmp_path / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
     ok = {"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello."}]}
     lines = [
@@ -176,7 +176,7 @@ def test_bad_samples_are_counted_and_skipped(qwen_vl, tmp_path):
     assert item["index"] == 3 and item["position"] == 7
     assert [i for i, _ in item["skipped"]] == [1, 2] and "corrupt" in item["skipped"][0][1]
     assert ds[(1, 0)]["index"] == 3  # same answer the second time
-    assert ds[(2, 0)]["index"] == 3 and "processor rejected" in ds[(2, 0)]["skipped"][0][1]
+    assert ds[(2, 0)]["index"] == 3 and "aspect ratio" in ds[(2, 0)]["skipped"][0][1]  # refused by the loader
 
 
 def test_text_model_skips_image_samples_and_errors_are_one_line(llama, tmp_path):

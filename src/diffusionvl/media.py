@@ -1,14 +1,20 @@
 """Loading images from what users pass: PIL images, file paths, bytes, data: URLs (and http(s) when allowed).
 
 Contract: `load_image` returns an RGB `PIL.Image.Image` or raises a one-line `DiffusionVLError` naming the input
-and the reason (missing file, not an image, truncated/corrupt, remote URL refused). It never returns a lazily
-decoded image that could fail later, deep inside a processor.
+and the reason (missing file, not an image, truncated/corrupt, remote URL refused, too many pixels, extreme aspect
+ratio). It never returns a lazily decoded image that could fail later, deep inside a processor. Encoded images
+(files, bytes, data: and http(s) URLs) are checked by their header before any pixel is decoded: more than
+`max_pixels` (width x height, default `MAX_IMAGE_PIXELS`) or a side ratio above `MAX_ASPECT_RATIO` is refused, and
+an allowed image with a side above `MAX_DECODE_SIDE` is decoded at a reduced size (JPEG `draft`, else `reduce` by
+an integer factor) so that a small file cannot expand into gigabytes. CLI, training data, eval and the server all
+load images through here. PIL images passed in memory are used as they are.
 """
 
 from __future__ import annotations
 
 import base64
 import io
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -16,17 +22,44 @@ from typing import Any
 from diffusionvl.errors import DiffusionVLError
 
 MAX_IMAGE_BYTES = 64 * 1024 * 1024
+MAX_IMAGE_PIXELS = 16_000_000  # width x height read from the header; larger images are refused before decoding
+MAX_ASPECT_RATIO = 50.0  # long side / short side
+MAX_DECODE_SIDE = 4096  # larger (allowed) images are decoded reduced by an integer factor
 
 
-def _decode(data: bytes, what: str) -> Any:
+def check_image_header(width: int, height: int, what: str, max_pixels: int = MAX_IMAGE_PIXELS) -> None:
+    """One-line refusal of an image whose size alone makes it unsafe or useless to decode."""
+    if width < 1 or height < 1:
+        raise DiffusionVLError(f"{what} has no pixels ({width} x {height})")
+    if width * height > max_pixels:
+        raise DiffusionVLError(f"{what} is {width} x {height} = {width * height / 1e6:.1f} megapixels, above the limit "
+                               f"of {max_pixels / 1e6:.1f}; downscale it first")
+    ratio = max(width, height) / min(width, height)
+    if ratio > MAX_ASPECT_RATIO:
+        raise DiffusionVLError(f"{what} is {width} x {height}: its aspect ratio {ratio:.0f}:1 is above "
+                               f"{MAX_ASPECT_RATIO:.0f}:1, too extreme to resize into a model's input; crop it first")
+
+
+def _decode(data: bytes, what: str, max_pixels: int = MAX_IMAGE_PIXELS) -> Any:
     from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(io.BytesIO(data)) as img:
+            check_image_header(*img.size, what, max_pixels)
+            factor = math.ceil(max(img.size) / MAX_DECODE_SIDE)
+            if factor > 1 and img.format == "JPEG":
+                img.draft("RGB", (img.size[0] // factor, img.size[1] // factor))  # decodes at 1/2, 1/4 or 1/8
             img.load()
-            return img.convert("RGB")
+            out = img.convert("RGB")
+            if max(out.size) > MAX_DECODE_SIDE:
+                out = out.reduce(math.ceil(max(out.size) / MAX_DECODE_SIDE))
+            return out
+    except DiffusionVLError:
+        raise
     except UnidentifiedImageError:
         raise DiffusionVLError(f"{what} is not an image file PIL can read") from None
+    except Image.DecompressionBombError as exc:
+        raise DiffusionVLError(f"{what} is refused as a decompression bomb ({exc})") from None
     except (OSError, ValueError, SyntaxError) as exc:
         raise DiffusionVLError(f"{what} is a corrupt or truncated image ({exc})") from None
 
