@@ -212,6 +212,14 @@ def test_text_assembler_holds_back_possible_stop_prefixes():
     (json.dumps(_body("word " * 1100, max_tokens=8)), 400, "prompt too long"),
     (json.dumps(_body("word " * 1100, max_tokens=8, stream=True)), 400, "prompt too long"),
     (json.dumps(_image_body(_data_url())), 400, "takes no images"),
+    ("", 400, "request body"),
+    (json.dumps(_body(block_size=1000, max_tokens=4)), 400, "larger than this request can use"),
+    (json.dumps(_body(block_size=1000000)), 400, "block_size"),
+    (json.dumps(_body(steps=1000)), 400, "steps"),
+    (json.dumps(_body(seed=2**70)), 400, "seed"),
+    (json.dumps(_body(max_tokens=True)), 400, "max_tokens"),
+    (json.dumps(_body(stream="yes")), 400, "stream"),
+    (json.dumps(_body(temperature="0.5")), 400, "temperature"),
 ])
 def test_bad_requests_get_openai_errors(client, raw, status, needle):
     r = client.post("/v1/chat/completions", content=raw, headers={"content-type": "application/json"})

@@ -49,5 +49,8 @@ def run(args: argparse.Namespace) -> int:
     decode = for_model(decode, model)
     name = config.model_name or (os.path.basename(os.path.normpath(args.model)) if args.model else None)
     app = create_app(model, config, decode, model_name=name)
+    from diffusionvl.serve.config import limits_line
+
+    print(limits_line(config), file=sys.stderr, flush=True)
     uvicorn.run(app, host=config.host, port=config.port, log_level=args.log_level, timeout_graceful_shutdown=10)
     return 0

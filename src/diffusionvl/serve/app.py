@@ -68,11 +68,23 @@ def build_conversation(messages: list[schema.Message], policy: ImagePolicy, max_
 
 
 def resolve_decode(base: DecodeConfig, body: schema.ChatRequest, model_block_size: int,
-                   max_tokens_limit: int) -> DecodeConfig:
-    """Server defaults updated with the request's decode fields, validated (DiffusionVLError -> 400)."""
-    cfg = dataclasses.replace(base, **schema.decode_overrides(body)).resolved(model_block_size)
-    check(cfg.max_new_tokens <= max_tokens_limit,
-          f"max_tokens {cfg.max_new_tokens} exceeds this server's limit of {max_tokens_limit}")
+                   config: ServeConfig) -> DecodeConfig:
+    """Server defaults updated with the request's decode fields, validated and bounded by what they may cost
+    (DiffusionVLError -> 400): max_tokens, block size (also by max_tokens rounded up to the model's block size: a
+    larger block only denoises positions past the budget) and steps."""
+    asked = schema.decode_overrides(body)
+    budget = -(-(asked.get("max_new_tokens") or base.max_new_tokens) // model_block_size) * model_block_size
+    if asked.get("block_size") is not None:
+        check(asked["block_size"] <= min(config.max_block_size, max(budget, model_block_size)),
+              f"block_size {asked['block_size']} is larger than this request can use (at most "
+              f"{min(config.max_block_size, max(budget, model_block_size))}: max_tokens rounded up to the model's block "
+              f"size {model_block_size}, and the server's limit {config.max_block_size})")
+    if asked.get("steps") is not None:
+        check(asked["steps"] <= config.max_steps,
+              f"steps {asked['steps']} exceeds this server's limit of {config.max_steps}")
+    cfg = dataclasses.replace(base, **asked).resolved(model_block_size)
+    check(cfg.max_new_tokens <= config.max_tokens_limit,
+          f"max_tokens {cfg.max_new_tokens} exceeds this server's limit of {config.max_tokens_limit}")
     return cfg
 
 
@@ -179,6 +191,8 @@ def _validation_message(errors: list[dict[str, Any]]) -> tuple[str, str | None]:
     if err.get("type") == "extra_forbidden":
         return f"unrecognized request argument supplied: {param}", param
     if err.get("type") == "missing":
+        if param is None:
+            return "empty request body: send a JSON object with model and messages", None
         return f"missing required parameter: {param}", param
     message = str(err.get("msg", "invalid value")).removeprefix("Value error, ")
     return (f"{param}: {message}" if param else f"request body: {message}"), param
@@ -253,7 +267,7 @@ async def _chat(state: _State, body: schema.ChatRequest) -> Any:
     if body.model != state.name:
         raise ApiError(404, f"model {body.model!r} not found; this server serves {state.name!r}", param="model",
                        code="model_not_found")
-    cfg = resolve_decode(state.decode, body, state.model.config.block_size, state.config.max_tokens_limit)
+    cfg = resolve_decode(state.decode, body, state.model.config.block_size, state.config)
     conversation = await run_in_threadpool(build_conversation, body.messages, state.images,
                                            state.config.max_images, state.has_vision)
     request = PendingRequest(conversation, cfg, list(body.stop or []), asyncio.get_running_loop())

@@ -28,6 +28,9 @@ class ServeConfig:
         5.0, "How long the decoder waits for more compatible requests before starting a batch that is not full.")
     max_tokens_limit: int = option(4096, "Largest max_tokens a request may ask for (larger: HTTP 400).")
     max_images: int = option(8, "Most images in one request.")
+    max_block_size: int = option(64, "Largest block_size a request may ask for (the request's max_tokens rounded up "
+                                 "to the model's block size bounds it too).")
+    max_steps: int = option(64, "Most denoising steps per block a request may ask for.")
     max_request_mb: float = option(32.0, "Largest request body in MiB (larger: HTTP 413).")
     allow_local_images: str | None = option(
         None, "Folder whose files requests may name as images (file paths or file:// URLs); default: none allowed.")
@@ -41,11 +44,20 @@ class ServeConfig:
         check(self.batch_wait_ms >= 0, f"batch_wait_ms must be >= 0, got {self.batch_wait_ms}")
         check(self.max_tokens_limit >= 1, f"max_tokens_limit must be >= 1, got {self.max_tokens_limit}")
         check(self.max_images >= 0, f"max_images must be >= 0, got {self.max_images}")
+        check(self.max_block_size >= 1, f"max_block_size must be >= 1, got {self.max_block_size}")
+        check(self.max_steps >= 1, f"max_steps must be >= 1, got {self.max_steps}")
         check(self.max_request_mb > 0, f"max_request_mb must be > 0, got {self.max_request_mb}")
         if self.allow_local_images is not None:
             check(os.path.isdir(self.allow_local_images),
                   f"--allow-local-images must name an existing folder, got {self.allow_local_images!r}")
         return self
+
+
+def limits_line(config: ServeConfig) -> str:
+    """The per-request ceilings, as printed when the server starts."""
+    return (f"limits per request: max_tokens <= {config.max_tokens_limit}, block_size <= {config.max_block_size} "
+            f"(and <= max_tokens rounded up to the model's block size), steps <= {config.max_steps}, images <= "
+            f"{config.max_images}, image pixels <= the loader's limit, body <= {config.max_request_mb:g} MiB")
 
 
 def is_loopback(host: str) -> bool:

@@ -4,7 +4,8 @@ Contract:
 - `ChatRequest` validates a `/v1/chat/completions` body. Unknown fields are refused (HTTP 400, as OpenAI does);
   OpenAI fields we cannot honour are accepted only at their neutral value (`n=1`, penalties 0, no logprobs).
   Extension fields `decoder`, `block_size`, `steps`, `policy`, `threshold`, `top_k` are `DecodeConfig` fields
-  (the `openai` client sends them with `extra_body={...}`).
+  (the `openai` client sends them with `extra_body={...}`). Types are strict (JSON `true` is not an integer,
+  `"yes"` is not a boolean); `seed` must fit torch's 64-bit generator seed.
 - `decode_overrides(body)` -> the `DecodeConfig` fields the request sets; the server's defaults fill the rest.
 - `error_body(...)` is the OpenAI error shape `{"error": {"message", "type", "param", "code"}}`.
 - `completion_body`, `chunk_body`, `sse(...)` build `chat.completion` / `chat.completion.chunk` objects and
@@ -20,7 +21,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # strict: JSON true is not an integer, "yes" is not a boolean, 1.5 is not an integer (JSON ints still fill floats)
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 class TextPart(_Strict):
@@ -59,7 +61,7 @@ class ChatRequest(_Strict):
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=-(2**63), lt=2**64)  # what torch.Generator.manual_seed takes
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
