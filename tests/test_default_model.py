@@ -109,3 +109,15 @@ def test_cli_runs_the_default_and_its_ar_parent(capsys):
                  "--json", "--decoder", "block"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["stats"]["decoder"] == "ar" and "red" in out["text"].lower()
+
+
+def test_an_autoregressive_only_model_is_decoded_with_the_ar_decoder():
+    from diffusionvl.commands._common import for_model
+    from diffusionvl.config import DecodeConfig
+
+    class Parent:
+        autoregressive_only = True
+
+    cfg = DecodeConfig(decoder="block", steps=4, block_size=8)
+    assert for_model(cfg, Parent()).resolved(8).decoder == "ar"
+    assert for_model(cfg, object()) is cfg

@@ -109,3 +109,22 @@ def test_probe_scenes_label_what_they_ask_and_probes_learn_a_separable_signal():
     md = gate_markdown([{"name": "t", "tokens": 4, "width": 5, "linear": {t: 1.0 for t in TARGETS},
                          "mlp": {"count": 1.0}, "passed": True}], 40)
     assert "| t | 4 x 5 | 100.0%" in md and "pass" in md
+
+
+def test_standardized_tokens_have_zero_mean_and_unit_variance_on_their_statistics_images():
+    from diffusionvl.vision.encoders import ImageTransform, token_statistics
+
+    raw = _tower(extra_stages=[-1, 0], pooling="maxmin", final=False)
+    images = probe_scenes(16, seed=3, image_size=64).images
+    transform = ImageTransform(size=64)
+    stats = token_statistics(raw, transform, images)
+    assert len(stats["mean"]) == len(stats["std"]) == 2 * (3 + 16)
+    tower = _tower(extra_stages=[-1, 0], pooling="maxmin", final=False, standardize=stats)
+    from diffusionvl.vision.encoders import preprocess_images
+
+    with torch.no_grad():
+        toks = tower(preprocess_images(images, transform)).flatten(0, 1)
+    assert toks.mean(0).abs().max() < 1e-3
+    live = torch.tensor(stats["std"]) > 1e-3
+    torch.testing.assert_close(toks.std(0)[live], torch.ones(int(live.sum())), rtol=1e-3, atol=1e-3)
+    assert "token_mean" not in tower.state_dict()  # statistics live in the spec, not in the weights

@@ -89,7 +89,7 @@ def load_default(device: str | torch.device | None = None, dtype: str | torch.dt
     folder = folder or default_folder()
     manifest = read_manifest(folder)
     recipe = manifest["recipe"]
-    model = build_init(config_from_dict(recipe))
+    model = build_init(config_from_dict(recipe), manifest.get("vision_standardize"))
     stages = manifest["adapters"][:1] if parent else manifest["adapters"]
     for stage in stages:
         path = folder / stage["file"]
@@ -122,10 +122,11 @@ def export_default(paths: dict[str, Path], dst: Path, cfg: Any, results: dict[st
         adapters.append({"name": name, "file": file.name, "scale": meta["scale"], "sha256": _sha256(file),
                          "tensors": len(tensors), "bytes": file.stat().st_size})
     recipe = asdict(cfg)
+    vision = json.loads((paths["ar_vlm"] / "config.json").read_text()).get("vision", {})
     layers = f"first {cfg.lm_layers} of 30 layers of " if cfg.lm_layers else ""
     manifest = {"description": f"{layers}SmolLM2-135M-Instruct + EfficientNet-Lite0, AR-tuned then translated to "
                 "block diffusion on synthetic visual QA by `diffusionvl recipe tiny-vlm`",
-                "recipe": recipe, "adapters": adapters,
+                "recipe": recipe, "adapters": adapters, "vision_standardize": vision.get("standardize"),
                 "results": {k: results.get(k) for k in ("facts", "rows", "description", "stages", "targets")}}
     tmp = dst / (MANIFEST + ".tmp")
     tmp.write_text(json.dumps(manifest, indent=2) + "\n")

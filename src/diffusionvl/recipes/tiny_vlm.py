@@ -45,6 +45,8 @@ class TinyVLMConfig:
     vision_pooling: str = option("maxmin", "How the stages are pooled to the token grid: avg, max, avgmax, maxmin, "
                                  "avgmaxmin.")
     vision_final: bool = option(False, "Also use the final 1280 EfficientNet channels.")
+    vision_standardize: bool = option(True, "Map every visual token channel to zero mean and unit variance (statistics "
+                                      "of 256 synthetic probe scenes), so the projector starts from well-scaled inputs.")
     lm_layers: int | None = option(None, "Keep only the first N of SmolLM2's 30 decoder layers; None = all (cutting "
                                    "layers breaks the pretrained LM: 30 -> 12 layers raises its chat loss 1.6 -> 24).")
     questions_per_image: int = option(8, "Question/answer turns per training image (one forward pays the image "
@@ -61,6 +63,8 @@ class TinyVLMConfig:
     stage1_lr: float = option(1e-3, "Learning rate of stage 1 (projector).")
     stage2_epochs: int = option(1, "Epochs of AR instruction tuning.")
     lr: float = option(1e-3, "Learning rate of the LoRA stages.")
+    lr_projector: float = option(2e-3, "Learning rate of the projector in stage 2 (a fresh module: faster than the "
+                                 "adapters).")
     lora_r: int = option(16, "LoRA rank of the language model adapters.")
     diffusion_fraction: float = option(0.05, "Share of stage 2's samples the translation may use (the paper: < 5%).")
     diffusion_epochs: int = option(4, "Epochs over the translation subset.")
@@ -132,9 +136,9 @@ CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\
 
 def tower_candidate(cfg: TinyVLMConfig) -> dict[str, Any]:
     """The recipe's tower as a vision-gate candidate (the same spec, grid and preprocessing build_init uses)."""
-    options = {"extra_stages": list(cfg.vision_stages), "pooling": cfg.vision_pooling, "final": cfg.vision_final}
+    options = tower_options(cfg)
     name = f"stages {cfg.vision_stages} {cfg.vision_pooling}{' + final' if cfg.vision_final else ''}, {cfg.pool}x{cfg.pool}"
-    return {"name": name, "pool": cfg.pool, "crop_pct": None, "vision_options": options if cfg.vision_stages else {}}
+    return {"name": name, "pool": cfg.pool, "crop_pct": None, "vision_options": options}
 
 
 def stage_gate(cfg: TinyVLMConfig, out: Path) -> dict[str, Any]:
@@ -172,23 +176,41 @@ def truncate_layers(lm: Any, n: int | None) -> Any:
     return lm
 
 
-def build_init(cfg: TinyVLMConfig) -> Any:
+def tower_options(cfg: TinyVLMConfig) -> dict[str, Any]:
+    return {"extra_stages": list(cfg.vision_stages), "pooling": cfg.vision_pooling,
+            "final": cfg.vision_final} if cfg.vision_stages else {}
+
+
+def tower_standardization(cfg: TinyVLMConfig) -> dict[str, list[float]]:
+    """Per-channel statistics of the recipe's tower tokens over 256 synthetic probe scenes (deterministic)."""
+    from diffusionvl.recipes.vision_gate import probe_scenes
+    from diffusionvl.vision.encoders import build_tower, dc_replace_transform, resolve_vision, token_statistics
+
+    source = resolve_vision("efficientnet_lite0")
+    tower = build_tower({**source.spec, **tower_options(cfg)}, cfg.pool)
+    tower.encoder.load_state_dict(tower.loadable_state(source.state))
+    images = probe_scenes(256, cfg.seed + 1, cfg.image_size).images
+    return token_statistics(tower, dc_replace_transform(source.transform, crop_pct=None), images)
+
+
+def build_init(cfg: TinyVLMConfig, standardize: dict[str, list[float]] | None = None) -> Any:
     """SmolLM2 (first `lm_layers` layers) + EfficientNet-Lite0 + projector, wrapped for diffusion (the mask token is
-    added, mean-initialized). Deterministic given the config; the embedded default model rebuilds exactly this
-    before applying its adapters."""
+    added, mean-initialized). Deterministic given the config (and `standardize`, the tower's token statistics, which
+    are measured when not given); the embedded default model rebuilds exactly this before applying its adapters."""
     import torch
 
     from diffusionvl import assets
     from diffusionvl.compose import compose
     from diffusionvl.conversion import wrap
 
+    options = tower_options(cfg)
+    if cfg.vision_standardize:
+        options["standardize"] = standardize or tower_standardization(cfg)
     lm, tok = assets.load_smollm2(progress=False)
     truncate_layers(lm, cfg.lm_layers)
     torch.manual_seed(cfg.seed)
-    options = {"extra_stages": list(cfg.vision_stages), "pooling": cfg.vision_pooling,
-               "final": cfg.vision_final} if cfg.vision_stages else None
     model, processor = compose(lm, tok, vision="efficientnet_lite0", projector="mlp2x_gelu", pool=cfg.pool,
-                               vision_options=options, chat_template=CHATML,
+                               vision_options=options or None, chat_template=CHATML,
                                transform_options={"crop_pct": None})
     return wrap(model, processor, block_size=cfg.block_size, prediction="shift")
 
@@ -239,7 +261,7 @@ def run_stages(cfg: TinyVLMConfig) -> dict[str, Path]:
     if cfg.stage2_samples is not None:
         stage2_data = _subset(stage2_data, out / "stage2.json", cfg.stage2_samples)
     s2 = _train(cfg, "stage2", out, s1, stage2_data, val, objective="ar", epochs=cfg.stage2_epochs,
-                **_lora(cfg, lora_modules_to_save=["projector"]))
+                lr_projector=cfg.lr_projector, **_lora(cfg, lora_modules_to_save=["projector"]))
     n_diff = max(1, int(cfg.diffusion_fraction * cfg.ar_samples))
     diff_data = _subset(data / "train.json", out / "translate.json", n_diff)
     tr = _train(cfg, "translate", out, s2, diff_data, val, objective="bd3", epochs=cfg.diffusion_epochs, **_lora(cfg))

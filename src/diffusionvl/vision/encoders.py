@@ -7,7 +7,9 @@ Contract:
   appends the outputs of those stages, pooled to the token grid (`"pooling"`: "avg" (default), "max", "avgmax",
   "maxmin" or "avgmaxmin": those poolings side by side) and rescaled per token to the final features' energy (squared norm), to the 1280
   final channels (`"final": false` drops the final channels and keeps the mid-level ones, each group scaled per image
-  to unit mean energy per channel): ImageNet's
+  to unit mean energy per channel; `"standardize": {"mean": [C], "std": [C]}` then maps every channel to zero mean
+  and unit variance with statistics measured once on sample images, `token_statistics`, so that a projector sees
+  well-conditioned inputs): ImageNet's
   final features are nearly colour-invariant, early stages are not),
   `{"kind": "hf", "config": <transformers vision config dict>}` (SigLIP, CLIP, ... through `AutoModel`),
   `{"kind": "timm", "name": <timm model name>}` (built by name with `timm.create_model`; timm is imported lazily and
@@ -187,6 +189,9 @@ class EfficientNetTower(VisionTower):
         self.extra_stages = [int(i) for i in spec.get("extra_stages", [])]
         self.pooling = str(spec.get("pooling", "avg"))
         self.use_final = bool(spec.get("final", True))
+        norm = spec.get("standardize")  # {"mean": [C], "std": [C]}: per-channel token statistics of the tower
+        self.register_buffer("token_mean", torch.tensor(norm["mean"]) if norm else None, persistent=False)
+        self.register_buffer("token_std", torch.tensor(norm["std"]) if norm else None, persistent=False)
         if not self.use_final and not self.extra_stages:
             raise DiffusionVLError('"final": false needs at least one of extra_stages')
         if self.pooling not in POOLINGS:
@@ -199,6 +204,12 @@ class EfficientNetTower(VisionTower):
                                    f"(the last one feeds the final features)")
 
     def tokens(self, pixels: Tensor) -> Tensor:
+        out = self._raw_tokens(pixels)  # [N, T, C]
+        if self.token_mean is None:
+            return out
+        return (out - self.token_mean.to(out.dtype)) / self.token_std.to(out.dtype)
+
+    def _raw_tokens(self, pixels: Tensor) -> Tensor:
         if not self.extra_stages:
             return grid_tokens(self.encoder.forward_features(pixels), self.pool)  # [N, 49 or pool^2, 1280]
         final, kept = self.encoder.features_and_stages(pixels, [i for i in self.extra_stages if i >= 0])
@@ -427,6 +438,16 @@ def resolve_vision(vision: Any, pretrained: bool = True) -> VisionSource:
     raise DiffusionVLError(f"unsupported vision encoder {type(vision).__name__}: give efficientnet_lite0, timm:NAME, "
                            "a HF vision model (or its folder) or an EfficientNetLite0 module")
 
+
+
+@torch.inference_mode()
+def token_statistics(tower: VisionTower, transform: ImageTransform, images: list[Any], batch: int = 32) -> dict:
+    """Per-channel mean and std of `tower`'s tokens over `images` (all tokens of all images), as JSON-able lists for
+    the `"standardize"` spec field. The tower is run in eval mode."""
+    tower.eval()
+    toks = torch.cat([tower(preprocess_images(images[i:i + batch], transform)).float().flatten(0, 1)
+                      for i in range(0, len(images), batch)])  # [N * T, C]
+    return {"mean": toks.mean(0).tolist(), "std": toks.std(0).clamp_min(1e-4).tolist()}
 
 
 def dc_replace_transform(transform: ImageTransform, **changes: Any) -> ImageTransform:
