@@ -66,3 +66,18 @@ def test_python_api_refuses_too(tmp_path):
     assert (dst / "a.txt").read_text() == "a"
     convert(src, dst, overwrite=True)
     assert (dst / "diffusionvl.json").is_file()
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage"])
+def test_corrupt_weights_are_one_line(tmp_path, capsys, damage):
+    model = tmp_path / "m"
+    assert _convert(model) == 0
+    capsys.readouterr()  # the conversion's own output
+    weights = model / "model.safetensors"
+    if damage == "truncate":
+        weights.write_bytes(weights.read_bytes()[:1000])
+    else:
+        weights.write_bytes(b"\x00" * 5000)
+    assert main(["generate", "--model", str(model), "--prompt", "hi"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: cannot read the weights") and "\n" not in err

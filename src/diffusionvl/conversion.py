@@ -194,6 +194,9 @@ def _check_source(src: str | os.PathLike[str]) -> None:
         raise DiffusionVLError(f"model not found: {text} (give a checkpoint folder or a hub id like org/name)")
 
 
+WEIGHT_ERRORS = ("SafetensorError", "HeaderTooLarge", "UnpicklingError")  # what a cut weights file raises
+
+
 def load_hf(src: str | os.PathLike[str], device: torch.device, dtype: torch.dtype | str,
             attn_implementation: str = "sdpa", trust_remote_code: bool = False) -> tuple[Any, Any]:
     """Load a transformers checkpoint (folder or hub id) and its tokenizer/processor."""
@@ -210,8 +213,15 @@ def load_hf(src: str | os.PathLike[str], device: torch.device, dtype: torch.dtyp
         raise DiffusionVLError(f"cannot read the model config at {src}: {str(exc).splitlines()[0]}") from None
     cls = adapter_class(config.model_type)
     auto = getattr(transformers, cls.auto_class)
-    model = auto.from_pretrained(src, dtype=dtype, attn_implementation=attn_implementation,
-                                 trust_remote_code=trust_remote_code)
+    try:
+        model = auto.from_pretrained(src, dtype=dtype, attn_implementation=attn_implementation,
+                                     trust_remote_code=trust_remote_code)
+    except Exception as exc:  # noqa: BLE001 - safetensors / torch errors on a cut or corrupt weights file
+        if type(exc).__name__ not in WEIGHT_ERRORS and not isinstance(exc, (OSError, EOFError)):
+            raise
+        raise DiffusionVLError(f"cannot read the weights at {src} ({type(exc).__name__}: "
+                               f"{str(exc).splitlines()[0] if str(exc) else 'unreadable'}): the file is truncated or "
+                               "corrupt; re-download or re-save the model") from None
     processor = load_processor(src, cls.has_vision, trust_remote_code=trust_remote_code)
     return model.to(device).eval(), processor
 
