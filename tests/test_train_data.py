@@ -145,7 +145,13 @@ def test_bad_samples_are_counted_and_skipped(qwen_vl, tmp_path):
     red_square().save(tmp_path / "ok.png")
     red_square((2000, 8)).save(tmp_path / "sliver.png")  # an aspect ratio no processor can take
     (tmp_path / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    for name in ("late1.png", "late2.png"):  # fine when the data is read, damaged before training reads them
+        red_square().save(tmp_path / name)
     ok = {"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello."}]}
+
+    def with_image(name):
+        return {"image": name, "conversations": [{"from": "human", "value": "<image>\nq"}, {"from": "gpt", "value": "a"}]}
+
     lines = [
         ok,
         "{not json",
@@ -158,23 +164,26 @@ def test_bad_samples_are_counted_and_skipped(qwen_vl, tmp_path):
         {"image": "https://example.com/a.png", "conversations": [{"from": "human", "value": "q"},
                                                                  {"from": "gpt", "value": "a"}]},
         [1, 2],
-        {"image": "corrupt.png", "conversations": [{"from": "human", "value": "<image>\nq"},
-                                                   {"from": "gpt", "value": "a"}]},
-        {"image": "sliver.png", "conversations": [{"from": "human", "value": "<image>\nq"},
-                                                  {"from": "gpt", "value": "a"}]},
+        with_image("corrupt.png"),
+        with_image("sliver.png"),
+        with_image("late1.png"),
+        with_image("late2.png"),
         ok,
     ]
     records, report = read_records(_write_jsonl(tmp_path / "d.jsonl", lines))
-    assert report.total == 11 and report.kept == 4
+    assert report.total == 13 and report.kept == 4
     assert dict(report.skipped) == {"bad JSON line": 1, "missing image": 1, "no assistant turn": 1,
                                     "unknown role": 1, "image count mismatch": 1, "remote image": 1,
-                                    "not an object": 1}
+                                    "not an object": 1, "bad image": 2}  # corrupt and sliver: caught up front
     assert len(report.examples) == 5 and report.examples[0].startswith("d.jsonl:2: bad JSON line")
-    # the corrupt image is only found when decoding: the dataset moves on to the next sample, deterministically
+    (tmp_path / "late1.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    red_square((2000, 8)).save(tmp_path / "late2.png")
+    # an image damaged after the check is found when decoding: the dataset moves on to the next sample,
+    # deterministically
     ds = SFTDataset(records, SampleEncoder(qwen_vl, max_length=256))
     item = ds[(1, 7)]
     assert item["index"] == 3 and item["position"] == 7
-    assert [i for i, _ in item["skipped"]] == [1, 2] and "corrupt" in item["skipped"][0][1]
+    assert [i for i, _ in item["skipped"]] == [1, 2] and "late1.png" in item["skipped"][0][1]
     assert ds[(1, 0)]["index"] == 3  # same answer the second time
     assert ds[(2, 0)]["index"] == 3 and "aspect ratio" in ds[(2, 0)]["skipped"][0][1]  # refused by the loader
 
@@ -234,3 +243,34 @@ def test_split_records_is_deterministic_and_disjoint(tmp_path):
     assert [r.where for r in held_a] == [r.where for r in held_b]
     assert not {r.where for r in held_a} & {r.where for r in train_a}
     assert len(split_records(records, 3, seed=0)[1]) == 3
+
+
+def test_truncated_and_missing_images_are_caught_before_training_and_named_with_their_ids(tmp_path):
+    red_square().save(tmp_path / "ok.png")
+    data = (tmp_path / "ok.png").read_bytes()
+    (tmp_path / "cut.png").write_bytes(data[: len(data) // 2])
+    conv = [{"from": "human", "value": "<image>\nWhat?"}, {"from": "gpt", "value": "red"}]
+    items = [{"id": "good", "image": "ok.png", "conversations": conv},
+             {"id": "s-cut", "image": "cut.png", "conversations": conv},
+             {"id": "s-missing", "image": "missing.png", "conversations": conv}]
+    records, report = read_records(_write_jsonl(tmp_path / "d.jsonl", items))
+    assert report.kept == 1 and report.skipped == {"bad image": 1, "missing image": 1}
+    assert any("(id s-cut)" in e and "truncated" in e for e in report.examples)
+    assert any("(id s-missing)" in e for e in report.examples)
+
+
+def test_training_on_only_bad_images_is_one_line_naming_the_sample(tmp_path, capsys):
+    from diffusionvl.cli import main
+
+    red_square().save(tmp_path / "ok.png")
+    data = (tmp_path / "ok.png").read_bytes()
+    (tmp_path / "cut.png").write_bytes(data[: len(data) // 2])
+    conv = [{"from": "human", "value": "<image>\nWhat?"}, {"from": "gpt", "value": "red"}]
+    path = _write_jsonl(tmp_path / "d.jsonl", [{"id": "s-cut", "image": "cut.png", "conversations": conv}])
+    model = tmp_path / "vl"
+    assert main(["convert", "--tiny", "qwen2_5_vl", str(model)]) == 0
+    capsys.readouterr()
+    assert main(["train", "--model", str(model), "--data", str(path), "--output", str(tmp_path / "out"),
+                 "--max-steps", "1", "--batch-size", "1", "--progress", "false"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("error: no usable training samples") and "(id s-cut)" in err

@@ -40,6 +40,26 @@ def check_image_header(width: int, height: int, what: str, max_pixels: int = MAX
                                f"{MAX_ASPECT_RATIO:.0f}:1, too extreme to resize into a model's input; crop it first")
 
 
+def check_image_file(path: str | os.PathLike[str], max_pixels: int = MAX_IMAGE_PIXELS) -> None:
+    """Cheap pre-check of an image file without keeping its pixels: readable, within the header limits and intact
+    (PIL `verify`: chunk checksums and truncation); a one-line `DiffusionVLError` otherwise."""
+    from PIL import Image, UnidentifiedImageError
+
+    what = f"image file {path}"
+    try:
+        with Image.open(path) as img:
+            check_image_header(*img.size, what, max_pixels)
+            img.verify()
+    except DiffusionVLError:
+        raise
+    except UnidentifiedImageError:
+        raise DiffusionVLError(f"{what} is not an image file PIL can read") from None
+    except Image.DecompressionBombError as exc:
+        raise DiffusionVLError(f"{what} is refused as a decompression bomb ({exc})") from None
+    except (OSError, ValueError, SyntaxError) as exc:
+        raise DiffusionVLError(f"{what} is a corrupt or truncated image ({exc})") from None
+
+
 def _decode(data: bytes, what: str, max_pixels: int = MAX_IMAGE_PIXELS) -> Any:
     from PIL import Image, UnidentifiedImageError
 

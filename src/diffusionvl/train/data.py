@@ -4,7 +4,8 @@ Contract:
 - `read_records(path, image_folder, has_vision)` reads a LLaVA JSON list, LLaVA JSONL, or OpenAI-style `messages`
   JSONL (text-only samples may be mixed in) and returns the usable `Record`s plus a `DataReport`. Structural
   problems are found here, before training: a bad JSON line, a sample that is not an object, no conversation, an
-  unknown role, no assistant turn, a missing image file, a remote image, `<image>` markers that do not match the
+  unknown role, no assistant turn, a missing image file, an image file that is truncated, corrupt or over the
+  loader's limits (header and integrity checked, media.check_image_file), a remote image, `<image>` markers that do not match the
   images, images for a model without a vision encoder. Each is skipped, counted by kind, and the first few are
   kept as "where: reason" lines. A file that cannot be read at all is one `DiffusionVLError`.
 - LLaVA `<image>` markers in a message's text become `{"type": "image"}` parts at that position (one newline next to
@@ -29,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from diffusionvl.errors import DiffusionVLError, check
+from diffusionvl.media import check_image_file
 from diffusionvl.prompts import ROLE_ALIASES
 
 IMAGE_MARKER = "<image>"
@@ -119,6 +121,8 @@ def read_records(path: str | os.PathLike[str], image_folder: str | os.PathLike[s
     for where, item in _load_items(path, report):
         report.total += 1
         try:
+            if isinstance(item, dict) and isinstance(item.get("id"), (str, int)):
+                where = f"{where} (id {item['id']})"
             records.append(to_record(item, where, base, has_vision))
         except SampleError as exc:
             report.skip(exc.kind, where, exc.detail)
@@ -227,6 +231,10 @@ def _resolve(source: Any, base: Path) -> Any:
     path = Path(source) if os.path.isabs(source) else base / source
     if not path.is_file():
         raise SampleError("missing image", str(path))
+    try:
+        check_image_file(path)
+    except DiffusionVLError as exc:
+        raise SampleError("bad image", str(exc)) from None
     return str(path)
 
 

@@ -225,6 +225,8 @@ class Trainer:
         acc, cfg, model = self.accelerator, self.cfg, self.model
         has_vision = model.adapter.has_vision
         records, self.report = read_records(cfg.data, cfg.image_folder, has_vision)
+        check(bool(records), f"no usable training samples in {cfg.data}: {self.report.summary()}"
+              + (f"; first: {self.report.examples[0]}" if self.report.examples else ""))
         self.eval_report = None
         if cfg.eval_data:
             held, self.eval_report = read_records(cfg.eval_data, cfg.image_folder, has_vision)
