@@ -127,4 +127,28 @@ def test_standardized_tokens_have_zero_mean_and_unit_variance_on_their_statistic
     assert toks.mean(0).abs().max() < 1e-3
     live = torch.tensor(stats["std"]) > 1e-3
     torch.testing.assert_close(toks.std(0)[live], torch.ones(int(live.sum())), rtol=1e-3, atol=1e-3)
-    assert "token_mean" not in tower.state_dict()  # statistics live in the spec, not in the weights
+    assert set(tower.state_dict()) == set(raw.state_dict())  # the statistics live in the spec, not the weights
+
+
+def test_a_standardized_tower_survives_save_and_load(tmp_path):
+    """Statistics in the spec (not buffers): a composed model loaded from disk gives the same finite tokens."""
+    from conftest import tiny_ar
+    from diffusionvl.compose import compose
+    from diffusionvl.conversion import load, save_atomic, wrap
+    from diffusionvl.vision import efficientnet
+    from diffusionvl.vision.encoders import ImageTransform, preprocess_images
+
+    lm, tok = tiny_ar("llama")
+    stats = {"mean": [0.1] * 38, "std": [2.0] * 38}
+    model, proc = compose(lm, tok, efficientnet.EfficientNetLite0(), pool=2,
+                          vision_options={"extra_stages": [-1, 0], "pooling": "maxmin", "final": False,
+                                          "standardize": stats})
+    dm = wrap(model, proc, block_size=4)
+    pixels = preprocess_images(probe_scenes(2, seed=0, image_size=64).images, ImageTransform(size=64))
+    with torch.no_grad():
+        before = dm.hf_model.vision_tower(pixels)
+    save_atomic(dm, tmp_path / "m")
+    with torch.no_grad():
+        after = load(tmp_path / "m", device="cpu").hf_model.vision_tower(pixels)
+    assert torch.isfinite(after).all()
+    torch.testing.assert_close(after, before)

@@ -189,9 +189,9 @@ class EfficientNetTower(VisionTower):
         self.extra_stages = [int(i) for i in spec.get("extra_stages", [])]
         self.pooling = str(spec.get("pooling", "avg"))
         self.use_final = bool(spec.get("final", True))
-        norm = spec.get("standardize")  # {"mean": [C], "std": [C]}: per-channel token statistics of the tower
-        self.register_buffer("token_mean", torch.tensor(norm["mean"]) if norm else None, persistent=False)
-        self.register_buffer("token_std", torch.tensor(norm["std"]) if norm else None, persistent=False)
+        # {"mean": [C], "std": [C]}: per-channel token statistics, kept in the spec (not buffers: a model loaded with
+        # from_pretrained builds modules on the meta device and would leave non-persistent buffers uninitialized)
+        self.standardize = spec.get("standardize")
         if not self.use_final and not self.extra_stages:
             raise DiffusionVLError('"final": false needs at least one of extra_stages')
         if self.pooling not in POOLINGS:
@@ -205,9 +205,11 @@ class EfficientNetTower(VisionTower):
 
     def tokens(self, pixels: Tensor) -> Tensor:
         out = self._raw_tokens(pixels)  # [N, T, C]
-        if self.token_mean is None:
+        if not self.standardize:
             return out
-        return (out - self.token_mean.to(out.dtype)) / self.token_std.to(out.dtype)
+        mean = torch.tensor(self.standardize["mean"], dtype=out.dtype, device=out.device)
+        std = torch.tensor(self.standardize["std"], dtype=out.dtype, device=out.device)
+        return (out - mean) / std
 
     def _raw_tokens(self, pixels: Tensor) -> Tensor:
         if not self.extra_stages:
