@@ -233,3 +233,24 @@ def test_gradient_checkpointing_gives_the_same_losses(llama_run, tmp_path):
     assert calls == {"plain": 3, "ckpt": 6}  # each layer is recomputed in the backward pass
     for step in (1, 2, 3):
         assert lb[step] == pytest.approx(la[step], rel=1e-5)
+
+
+def test_a_diverging_run_stops_with_one_line(tmp_path):
+    """A loss that becomes NaN/inf stops training at the next log with a one-line error (no hours of NaN steps)."""
+    import json as _json
+
+    from conftest import tiny_diffusion
+    from diffusionvl.conversion import save_atomic
+    from diffusionvl.errors import DiffusionVLError
+    from diffusionvl.train import TrainConfig, train
+
+    save_atomic(tiny_diffusion("llama", block_size=4), tmp_path / "m")
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(_json.dumps({"conversations": [{"from": "human", "value": f"q{i}"},
+                                                           {"from": "gpt", "value": "an answer"}]}) + "\n"
+                            for i in range(8)))
+    cfg = TrainConfig(model=str(tmp_path / "m"), data=str(data), output=str(tmp_path / "out"), max_steps=6,
+                      lr=1e12, max_grad_norm=0.0, log_every=1, batch_size=2, save_every=0, progress=False,
+                      tensorboard=False, num_workers=0, warmup_ratio=0.0)
+    with pytest.raises(DiffusionVLError, match="training loss became"):
+        train(cfg)

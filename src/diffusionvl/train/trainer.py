@@ -382,6 +382,8 @@ class Trainer:
                               lr=f"{entry['lr']:.2e}")
         self.last.update(loss=entry["loss"], tokens_per_s=entry["tokens_per_s"])
         self._window = self._new_window()
+        check(math.isfinite(entry["loss"]), f"the training loss became {entry['loss']} by step {self.state.step}: "
+              "lower --lr, check the data and the model's inputs (the last checkpoint is kept)")
 
     # ---- eval -----------------------------------------------------------------------------------------------
     @torch.no_grad()
