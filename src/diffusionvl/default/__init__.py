@@ -118,6 +118,7 @@ def export_default(paths: dict[str, Path], dst: Path, cfg: Any, results: dict[st
         file = dst / f"{name}.safetensors"
         tmp = file.with_suffix(".tmp")
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata={"format": "pt"})
+        tmp.chmod(0o644)  # shipped in the package: readable by every user, like a plain write
         os.replace(tmp, file)
         adapters.append({"name": name, "file": file.name, "scale": meta["scale"], "sha256": _sha256(file),
                          "tensors": len(tensors), "bytes": file.stat().st_size})
