@@ -454,3 +454,38 @@ def test_loadtest_script_is_bounded_and_loopback_only(live_server, tmp_path):
     report = json.loads(out.read_text())
     assert report["completed"] == report["requests"] == 6 and report["errors"] == 0
     assert report["tokens_per_s"] > 0 and report["latency_p95_s"] >= report["latency_p50_s"] > 0
+
+
+# ---- soak -----------------------------------------------------------------------------------------------------
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="needs /proc to read the resident memory")
+def test_soak_mixed_good_and_bad_requests_stays_bounded(vl_client):
+    """A bounded loopback soak: good requests always answer 200, bad ones (huge / cut images, wrong types, oversize
+    blocks, empty bodies) a 4xx, the whole run in bounded time, and resident memory settles near where it began."""
+    import gc
+    import time
+
+    bad = [(json.dumps(_image_body(_data_url(Image.new("1", (9000, 9000))))), 400),
+           (json.dumps(_image_body(_data_url(Image.new("1", (20000, 20000))))), 400),
+           (json.dumps(_image_body("data:image/png;base64," + base64.b64encode(b"\x89PNG\r\n\x1a\n cut").decode())),
+            400),
+           (json.dumps(_body(max_tokens=True)), 400), (json.dumps(_body(block_size=10**6)), 400), ("", 400),
+           ("{not json", 400)]
+    good = [json.dumps(_image_body(_data_url(Image.new("RGB", (3000, 2000), c)), text="What colour?"))
+            for c in ("red", "blue", "green")] + [json.dumps(_body("Hello", max_tokens=6))]
+    headers = {"content-type": "application/json"}
+    vl_client.post("/v1/chat/completions", content=good[0], headers=headers)  # warm-up: lazy allocations
+    gc.collect()
+    start, t0 = _rss_mb(), time.perf_counter()
+    for i in range(24):
+        raw, status = bad[i % len(bad)]
+        assert vl_client.post("/v1/chat/completions", content=raw, headers=headers).status_code == status
+        r = vl_client.post("/v1/chat/completions", content=good[i % len(good)], headers=headers)
+        assert r.status_code == 200, r.text
+    assert time.perf_counter() - t0 < 120
+    gc.collect()
+    assert _rss_mb() - start < 300
