@@ -13,11 +13,12 @@ load images through here. PIL images passed in memory are used as they are.
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import math
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from diffusionvl.errors import DiffusionVLError
 
@@ -43,13 +44,21 @@ def check_image_header(width: int, height: int, what: str, max_pixels: int = MAX
 def check_image_file(path: str | os.PathLike[str], max_pixels: int = MAX_IMAGE_PIXELS) -> None:
     """Cheap pre-check of an image file without keeping its pixels: readable, within the header limits and intact
     (PIL `verify`: chunk checksums and truncation); a one-line `DiffusionVLError` otherwise."""
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
 
     what = f"image file {path}"
+    with _image_errors(what), Image.open(path) as img:
+        check_image_header(*img.size, what, max_pixels)
+        img.verify()
+
+
+@contextlib.contextmanager
+def _image_errors(what: str) -> Iterator[None]:
+    """PIL's many failure types -> one-line `DiffusionVLError`s naming `what`."""
+    from PIL import Image, UnidentifiedImageError
+
     try:
-        with Image.open(path) as img:
-            check_image_header(*img.size, what, max_pixels)
-            img.verify()
+        yield
     except DiffusionVLError:
         raise
     except UnidentifiedImageError:
@@ -61,27 +70,18 @@ def check_image_file(path: str | os.PathLike[str], max_pixels: int = MAX_IMAGE_P
 
 
 def _decode(data: bytes, what: str, max_pixels: int = MAX_IMAGE_PIXELS) -> Any:
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
 
-    try:
-        with Image.open(io.BytesIO(data)) as img:
-            check_image_header(*img.size, what, max_pixels)
-            factor = math.ceil(max(img.size) / MAX_DECODE_SIDE)
-            if factor > 1 and img.format == "JPEG":
-                img.draft("RGB", (img.size[0] // factor, img.size[1] // factor))  # decodes at 1/2, 1/4 or 1/8
-            img.load()
-            out = img.convert("RGB")
-            if max(out.size) > MAX_DECODE_SIDE:
-                out = out.reduce(math.ceil(max(out.size) / MAX_DECODE_SIDE))
-            return out
-    except DiffusionVLError:
-        raise
-    except UnidentifiedImageError:
-        raise DiffusionVLError(f"{what} is not an image file PIL can read") from None
-    except Image.DecompressionBombError as exc:
-        raise DiffusionVLError(f"{what} is refused as a decompression bomb ({exc})") from None
-    except (OSError, ValueError, SyntaxError) as exc:
-        raise DiffusionVLError(f"{what} is a corrupt or truncated image ({exc})") from None
+    with _image_errors(what), Image.open(io.BytesIO(data)) as img:
+        check_image_header(*img.size, what, max_pixels)
+        factor = math.ceil(max(img.size) / MAX_DECODE_SIDE)
+        if factor > 1 and img.format == "JPEG":
+            img.draft("RGB", (img.size[0] // factor, img.size[1] // factor))  # decodes at 1/2, 1/4 or 1/8
+        img.load()
+        out = img.convert("RGB")
+        if max(out.size) > MAX_DECODE_SIDE:
+            out = out.reduce(math.ceil(max(out.size) / MAX_DECODE_SIDE))
+        return out
 
 
 def load_image(source: Any, *, allow_remote: bool = False, base_dir: str | os.PathLike[str] | None = None) -> Any:
