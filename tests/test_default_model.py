@@ -112,12 +112,13 @@ def test_cli_runs_the_default_and_its_ar_parent(capsys):
 
 
 def test_an_autoregressive_only_model_is_decoded_with_the_ar_decoder():
-    from diffusionvl.commands._common import for_model
-    from diffusionvl.config import DecodeConfig
+    """An AR parent (`load_default(parent=True)`, `--model default:ar`) decodes with the AR decoder whatever the
+    call asks for, in the Python API and therefore in every command built on it."""
+    from conftest import tiny_diffusion
 
-    class Parent:
-        autoregressive_only = True
-
-    cfg = DecodeConfig(decoder="block", steps=4, block_size=8)
-    assert for_model(cfg, Parent()).resolved(8).decoder == "ar"
-    assert for_model(cfg, object()) is cfg
+    dm = tiny_diffusion("llama", block_size=4)
+    assert dm.generate("hi", max_new_tokens=4, decoder="block", steps=2).stats["decoder"] == "block"
+    dm.autoregressive_only = True
+    out = dm.generate("hi", max_new_tokens=4, decoder="block", steps=2)
+    assert out.stats["decoder"] == "ar" and out.stats["block_size"] == 1
+    assert out.token_ids == dm.generate("hi", max_new_tokens=4, decoder="ar").token_ids

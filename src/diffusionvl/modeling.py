@@ -88,6 +88,7 @@ class DiffusionVLModel(nn.Module):
         gen_eos = [gen_eos] if isinstance(gen_eos, int) else list(gen_eos or [])
         self.stop_token_ids = sorted({eos_id, *gen_eos, *([tok.eos_token_id] if tok.eos_token_id is not None else [])})
         self.pad_token_id = tok.pad_token_id if tok.pad_token_id is not None else eos_id
+        self.autoregressive_only = False  # True for an AR parent: every decode then uses the AR decoder (decoding/)
         self.train(hf_model.training)  # mirror the wrapped model's mode: generate() restores it afterwards
 
     # ---- basic properties ----------------------------------------------------------------------------------------

@@ -34,16 +34,6 @@ def load_model(args: argparse.Namespace) -> Any:
     return load(args.model, device=args.device, dtype=args.dtype)
 
 
-def for_model(cfg: Any, model: Any) -> Any:
-    """The decoding settings a model can run: an autoregressive-only model (`--model default:ar`) decodes with the
-    AR decoder whatever --decoder says (its block and step settings do not apply)."""
-    import dataclasses
-
-    if getattr(model, "autoregressive_only", False) and cfg.decoder != "ar":
-        return dataclasses.replace(cfg, decoder="ar", block_size=None, steps=None)
-    return cfg
-
-
 def stats_line(stats: dict[str, Any]) -> str:
     head = f"[{stats['decoder']}"
     if stats["decoder"] != "ar":

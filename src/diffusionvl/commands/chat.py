@@ -11,7 +11,7 @@ import argparse
 import sys
 from typing import Any
 
-from diffusionvl.commands._common import add_model_arguments, for_model, load_model, stats_line
+from diffusionvl.commands._common import add_model_arguments, load_model, stats_line
 from diffusionvl.config import DecodeConfig, add_dataclass_arguments, dataclass_from_args
 from diffusionvl.errors import DiffusionVLError
 
@@ -43,7 +43,6 @@ def _answer(model: Any, history: list[dict[str, Any]], images: list[Any], cfg: D
 def run(args: argparse.Namespace) -> int:
     cfg = dataclass_from_args(DecodeConfig, args).validate()
     model = load_model(args)
-    cfg = for_model(cfg, model)
     system = [{"role": "system", "content": args.system}] if args.system else []
     history: list[dict[str, Any]] = list(system)
     images: list[Any] = []

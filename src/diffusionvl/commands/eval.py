@@ -13,7 +13,7 @@ import argparse
 import dataclasses
 import os
 
-from diffusionvl.commands._common import add_model_arguments, for_model, load_model
+from diffusionvl.commands._common import add_model_arguments, load_model
 from diffusionvl.config import DecodeConfig, add_dataclass_arguments, dataclass_from_args
 
 # short answers need few tokens: the default budget per task when --max-new-tokens is not given (synth-vqa
@@ -57,7 +57,6 @@ def run(args: argparse.Namespace) -> int:
     if device is not None and args.device is None:
         args.device = device
     model = load_model(args)
-    decode = for_model(decode, model)
     summary, records = evaluate(model, samples, task, cfg, decode, rank, world, gather,
                                 progress=is_main and not args.no_progress)
     if is_main:

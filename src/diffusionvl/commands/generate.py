@@ -10,7 +10,7 @@ import argparse
 import json
 import sys
 
-from diffusionvl.commands._common import add_model_arguments, for_model, load_model, stats_line
+from diffusionvl.commands._common import add_model_arguments, load_model, stats_line
 from diffusionvl.config import DecodeConfig, add_dataclass_arguments, dataclass_from_args
 from diffusionvl.errors import DiffusionVLError
 
@@ -40,7 +40,6 @@ def run(args: argparse.Namespace) -> int:
 
     conversation = to_conversation(messages, args.image or None)  # validates the images before loading the model
     model = load_model(args)
-    cfg = for_model(cfg, model)
     if args.json:
         out = model.generate(conversation, config=cfg)
         print(json.dumps({"text": out.texts[0], "token_ids": out.token_ids[0],

@@ -12,7 +12,7 @@ import argparse
 import os
 import sys
 
-from diffusionvl.commands._common import add_model_arguments, for_model, load_model
+from diffusionvl.commands._common import add_model_arguments, load_model
 from diffusionvl.config import DecodeConfig, add_dataclass_arguments, dataclass_from_args
 
 
@@ -46,7 +46,6 @@ def run(args: argparse.Namespace) -> int:
         raise DiffusionVLError(f"serving needs the serve extra ({exc.name} is missing): "
                                "pip install 'diffusionvl[serve]'") from None
     model = load_model(args)
-    decode = for_model(decode, model)
     name = config.model_name or (os.path.basename(os.path.normpath(args.model)) if args.model else None)
     app = create_app(model, config, decode, model_name=name)
     from diffusionvl.serve.config import limits_line

@@ -14,8 +14,9 @@ token, `forwards_per_sample` the forwards that had work for it (prefill included
 
 from __future__ import annotations
 
+
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Iterator
 
 import torch
@@ -173,7 +174,10 @@ def run(model: Any, conversations: list[Any], cfg: DecodeConfig) -> Iterator[Str
 
 
 def run_encoded(model: Any, encoded: Any, cfg: DecodeConfig) -> Iterator[StreamEvent]:
-    """`run` on an `adapters.Encoded` batch (token ids per sample, vision tensors)."""
+    """`run` on an `adapters.Encoded` batch (token ids per sample, vision tensors). A model marked
+    `autoregressive_only` (an AR parent, e.g. `load_default(parent=True)`) is always decoded with the AR decoder."""
+    if getattr(model, "autoregressive_only", False) and cfg.decoder != "ar":
+        cfg = replace(cfg, decoder="ar", block_size=None, steps=None)
     cfg = cfg.resolved(model.config.block_size)
     decoder, choice = select_decoder(cfg, model.device)
     model.check_prompt_lengths(encoded.input_ids, cfg.max_new_tokens)
