@@ -124,8 +124,7 @@ def export_default(paths: dict[str, Path], dst: Path, cfg: Any, results: dict[st
                          "tensors": len(tensors), "bytes": file.stat().st_size})
     recipe = asdict(cfg)
     vision = json.loads((paths["ar_vlm"] / "config.json").read_text()).get("vision", {})
-    layers = f"first {cfg.lm_layers} of 30 layers of " if cfg.lm_layers else ""
-    manifest = {"description": f"{layers}SmolLM2-135M-Instruct + EfficientNet-Lite0, AR-tuned then translated to "
+    manifest = {"description": "SmolLM2-135M-Instruct + EfficientNet-Lite0, AR-tuned then translated to "
                 "block diffusion on synthetic visual QA by `diffusionvl recipe tiny-vlm`",
                 "recipe": recipe, "adapters": adapters, "vision_standardize": vision.get("standardize"),
                 "results": {k: results.get(k) for k in ("facts", "rows", "description", "stages", "targets")}}

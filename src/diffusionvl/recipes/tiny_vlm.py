@@ -47,8 +47,6 @@ class TinyVLMConfig:
     vision_final: bool = option(False, "Also use the final 1280 EfficientNet channels.")
     vision_standardize: bool = option(True, "Map every visual token channel to zero mean and unit variance (statistics "
                                       "of 256 synthetic probe scenes), so the projector starts from well-scaled inputs.")
-    lm_layers: int | None = option(None, "Keep only the first N of SmolLM2's 30 decoder layers; None = all (cutting "
-                                   "layers breaks the pretrained LM: 30 -> 12 layers raises its chat loss 1.6 -> 24).")
     questions_per_image: int = option(8, "Question/answer turns per training image (one forward pays the image "
                                       "and template tokens once).")
     task_mix: dict[str, float] = option({"shape": 1.0, "colour": 1.0, "count": 1.0, "position": 1.0, "relation": 1.0,
@@ -91,7 +89,6 @@ class TinyVLMConfig:
         for name in ("n_train", "n_test", "batch_size", "block_size", "pool", "lora_r", "questions_per_image"):
             check(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
         check(self.stage1_samples >= 0, f"stage1_samples must be >= 0, got {self.stage1_samples}")
-        check(self.lm_layers is None or 1 <= self.lm_layers <= 30, f"lm_layers must be in 1..30, got {self.lm_layers}")
         check(all(0.0 < t <= 1.0 for t in self.thresholds), "thresholds must be in (0, 1]")
         return self
 
@@ -134,6 +131,12 @@ CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\
           "'<|im_end|>' + '\\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
 
 
+def tower_options(cfg: TinyVLMConfig) -> dict[str, Any]:
+    """The tower spec fields the recipe's options select (saved with the model)."""
+    return {"extra_stages": list(cfg.vision_stages), "pooling": cfg.vision_pooling,
+            "final": cfg.vision_final} if cfg.vision_stages else {}
+
+
 def tower_candidate(cfg: TinyVLMConfig) -> dict[str, Any]:
     """The recipe's tower as a vision-gate candidate (the same spec, grid and preprocessing build_init uses)."""
     options = tower_options(cfg)
@@ -164,37 +167,17 @@ def stage_gate(cfg: TinyVLMConfig, out: Path) -> dict[str, Any]:
     return row
 
 
-def truncate_layers(lm: Any, n: int | None) -> Any:
-    """Keep the first `n` decoder layers of a causal LM (in place; config updated)."""
-    layers = lm.get_decoder().layers
-    if n is None or n >= len(layers):
-        return lm
-    lm.get_decoder().layers = layers[:n]
-    lm.config.num_hidden_layers = n
-    if isinstance(getattr(lm.config, "layer_types", None), list):
-        lm.config.layer_types = lm.config.layer_types[:n]
-    return lm
-
-
-def tower_options(cfg: TinyVLMConfig) -> dict[str, Any]:
-    return {"extra_stages": list(cfg.vision_stages), "pooling": cfg.vision_pooling,
-            "final": cfg.vision_final} if cfg.vision_stages else {}
-
-
 def tower_standardization(cfg: TinyVLMConfig) -> dict[str, list[float]]:
     """Per-channel statistics of the recipe's tower tokens over 256 synthetic probe scenes (deterministic)."""
-    from diffusionvl.recipes.vision_gate import probe_scenes
-    from diffusionvl.vision.encoders import build_tower, dc_replace_transform, resolve_vision, token_statistics
+    from diffusionvl.recipes.vision_gate import candidate_tower, probe_scenes
+    from diffusionvl.vision.encoders import token_statistics
 
-    source = resolve_vision("efficientnet_lite0")
-    tower = build_tower({**source.spec, **tower_options(cfg)}, cfg.pool)
-    tower.encoder.load_state_dict(tower.loadable_state(source.state))
-    images = probe_scenes(256, cfg.seed + 1, cfg.image_size).images
-    return token_statistics(tower, dc_replace_transform(source.transform, crop_pct=None), images)
+    tower, transform = candidate_tower(tower_candidate(cfg))
+    return token_statistics(tower, transform, probe_scenes(256, cfg.seed + 1, cfg.image_size).images)
 
 
 def build_init(cfg: TinyVLMConfig, standardize: dict[str, list[float]] | None = None) -> Any:
-    """SmolLM2 (first `lm_layers` layers) + EfficientNet-Lite0 + projector, wrapped for diffusion (the mask token is
+    """SmolLM2-135M-Instruct + EfficientNet-Lite0 + projector, wrapped for diffusion (the mask token is
     added, mean-initialized). Deterministic given the config (and `standardize`, the tower's token statistics, which
     are measured when not given); the embedded default model rebuilds exactly this before applying its adapters."""
     import torch
@@ -207,7 +190,6 @@ def build_init(cfg: TinyVLMConfig, standardize: dict[str, list[float]] | None = 
     if cfg.vision_standardize:
         options["standardize"] = standardize or tower_standardization(cfg)
     lm, tok = assets.load_smollm2(progress=False)
-    truncate_layers(lm, cfg.lm_layers)
     torch.manual_seed(cfg.seed)
     model, processor = compose(lm, tok, vision="efficientnet_lite0", projector="mlp2x_gelu", pool=cfg.pool,
                                vision_options=options or None, chat_template=CHATML,
@@ -406,6 +388,11 @@ def check_bars(rows: list[dict[str, Any]], desc: list[dict[str, Any]]) -> list[d
     return bars
 
 
+def _bar_value(bar: dict[str, Any]) -> str:
+    """A target's measured value: a plain number ("raw": F1, tokens/forward, a speed ratio) or a percentage."""
+    return f"{bar['value']:.2f}" if bar.get("raw") else _pct(bar["value"])
+
+
 def _stage_lines(stages: dict[str, dict[str, Any]]) -> list[str]:
     lines = ["", "Training stages (wall time on this machine):", "",
              "| stage | objective | samples | steps | wall time | samples/s | tokens/s |", "|---|---|---|---|---|---|---|"]
@@ -447,9 +434,7 @@ def results_markdown(cfg: TinyVLMConfig, rows: list[dict[str, Any]], facts: dict
     bars = check_bars(rows, desc)
     if bars:
         lines += ["", "Targets:", "", "| target | measured | bar | met |", "|---|---|---|---|"]
-        lines += [f"| {b['what']} | {b['value']:.2f}{'' if b.get('raw') else ''} | {b['target']} | "
-                  f"{'yes' if b['ok'] else 'NO'} |" if b.get("raw") else
-                  f"| {b['what']} | {_pct(b['value'])} | {b['target']} | {'yes' if b['ok'] else 'NO'} |" for b in bars]
+        lines += [f"| {b['what']} | {_bar_value(b)} | {b['target']} | {'yes' if b['ok'] else 'NO'} |" for b in bars]
     return "\n".join(lines) + "\n"
 
 

@@ -116,6 +116,18 @@ def gate_passed(row: dict[str, Any]) -> bool:
     return all(row["linear"][t] >= bar for t, bar in BARS.items())
 
 
+def candidate_tower(cand: dict[str, Any]) -> tuple[Any, Any]:
+    """(frozen pretrained EfficientNet-Lite0 tower, its preprocessing) of a gate candidate."""
+    from dataclasses import replace
+
+    from diffusionvl.vision.encoders import build_tower, resolve_vision
+
+    source = resolve_vision("efficientnet_lite0")
+    tower = build_tower({**source.spec, **cand.get("vision_options", {})}, cand.get("pool"))
+    tower.encoder.load_state_dict(tower.loadable_state(source.state))
+    return tower, replace(source.transform, crop_pct=cand.get("crop_pct", source.transform.crop_pct))
+
+
 def run_gate(specs: list[dict[str, Any]], n_scenes: int = 2400, seed: int = 0, image_size: int = 224,
              test_fraction: float = 0.5, mlp_hidden: int = 256, progress: bool = True) -> list[dict[str, Any]]:
     """One row per candidate: {"spec", "tokens", "width", "linear": {target: acc}, "mlp": {...}, "passed"}.
@@ -123,17 +135,11 @@ def run_gate(specs: list[dict[str, Any]], n_scenes: int = 2400, seed: int = 0, i
     A candidate is {"name", "vision_options" (tower spec fields), "pool", "crop_pct"}."""
     from tqdm import tqdm
 
-    from diffusionvl.vision.encoders import build_tower, dc_replace_transform, resolve_vision
-
     data = probe_scenes(n_scenes, seed, image_size)
     n_train = int(round(n_scenes * (1 - test_fraction)))
     rows = []
     for cand in tqdm(specs, desc="vision gate", unit="tower", disable=not progress):
-        source = resolve_vision("efficientnet_lite0")
-        tower = build_tower({**source.spec, **cand.get("vision_options", {})}, cand.get("pool"))
-        tower.encoder.load_state_dict(tower.loadable_state(source.state))
-        transform = dc_replace_transform(source.transform, crop_pct=cand.get("crop_pct", source.transform.crop_pct))
-        tokens = tower_tokens(tower, transform, data.images)
+        tokens = tower_tokens(*candidate_tower(cand), data.images)
         row = {"name": cand["name"], "candidate": cand, "tokens": tokens.shape[1], "width": tokens.shape[2],
                "linear": {t: probe_accuracy(tokens, data.labels[t], n_train, seed=seed, shared=t in SHARED)
                           for t in TARGETS},

@@ -451,9 +451,3 @@ def token_statistics(tower: VisionTower, transform: ImageTransform, images: list
                       for i in range(0, len(images), batch)])  # [N * T, C]
     return {"mean": toks.mean(0).tolist(), "std": toks.std(0).clamp_min(1e-4).tolist()}
 
-
-def dc_replace_transform(transform: ImageTransform, **changes: Any) -> ImageTransform:
-    """A copy of `transform` with some fields changed (e.g. crop_pct=None: resize the whole image, crop nothing)."""
-    from dataclasses import replace
-
-    return replace(transform, **changes)
