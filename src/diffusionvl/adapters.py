@@ -41,6 +41,7 @@ def cache_keyword(decoder_class: type) -> str:
         return "past_key_values"
     return "cache" if "cache" in params else "past_key_values"
 
+
 @dataclass
 class Encoded:
     """A tokenized batch: unpadded ids per sample and the model-specific vision tensors (images in sample order)."""
@@ -61,6 +62,7 @@ class Adapter:
     def __init__(self, model: nn.Module, processor: Any):
         self.model = model
         self.processor = processor
+        self.cache_key = cache_keyword(type(self.decoder))  # once: traced forwards read a plain attribute
 
     # ---- model parts ------------------------------------------------------------------------------------------
     @property
@@ -94,9 +96,8 @@ class Adapter:
     def run_decoder(self, embeds: Tensor, mask: Any, positions: Tensor, cache: Any = None) -> Tensor:
         """embeds [N, Q, D], positions [P, N, Q] -> hidden [N, Q, D]."""
         pos = positions[0] if self.position_dims == 1 else positions
-        key = cache_keyword(type(self.decoder))
         out = self.decoder(inputs_embeds=embeds, attention_mask=mask, position_ids=pos,
-                           **{key: cache}, use_cache=cache is not None)
+                           **{self.cache_key: cache}, use_cache=cache is not None)
         return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
 
     # ---- inputs -----------------------------------------------------------------------------------------------
