@@ -23,6 +23,7 @@ pytest.importorskip("fastapi")
 httpx = pytest.importorskip("httpx")
 from fastapi.testclient import TestClient  # noqa: E402
 
+from diffusionvl.errors import DiffusionVLError  # noqa: E402
 from diffusionvl.serve import ServeConfig, create_app  # noqa: E402
 from diffusionvl.serve.engine import TextAssembler  # noqa: E402
 
@@ -271,8 +272,25 @@ def test_image_sources(vl_client):
         assert needle in r.json()["error"]["message"], (url, r.json())
 
 
+def test_server_ceilings_are_configurable(text_model):
+    """--max-images, --max-image-pixels and --max-prompt-tokens refuse in one line, naming the limit."""
+    model = tiny_diffusion("qwen2_5_vl", block_size=4)
+    config = ServeConfig(max_images=1, max_image_pixels=64 * 64, max_prompt_tokens=40)
+    with TestClient(create_app(model, config, model_name=NAME)) as c:
+        two = _image_body(_data_url())
+        two["messages"][0]["content"].insert(0, {"type": "image_url", "image_url": {"url": _data_url()}})
+        cases = [(two, "too many images: 2 (this server allows 1"),
+                 (_image_body(_data_url(Image.new("RGB", (65, 64)))), "4160 pixels, above the limit of 4096"),
+                 (_body("word " * 60), "this server allows at most 40")]
+        for body, needle in cases:
+            r = c.post("/v1/chat/completions", json=body)
+            assert r.status_code == 400 and needle in r.json()["error"]["message"], r.json()
+        assert c.post("/v1/chat/completions", json=_body("hi")).status_code == 200
+    with pytest.raises(DiffusionVLError, match="max_image_pixels"):
+        ServeConfig(max_image_pixels=10**12).validate()
+
+
 def test_local_images_refused_without_allowed_folder(client, tmp_path):
-    from diffusionvl.errors import DiffusionVLError
     from diffusionvl.serve.images import ImagePolicy
 
     red_square().save(tmp_path / "red.png")

@@ -33,8 +33,10 @@ def check_image_header(width: int, height: int, what: str, max_pixels: int = MAX
     if width < 1 or height < 1:
         raise DiffusionVLError(f"{what} has no pixels ({width} x {height})")
     if width * height > max_pixels:
-        raise DiffusionVLError(f"{what} is {width} x {height} = {width * height / 1e6:.1f} megapixels, above the limit "
-                               f"of {max_pixels / 1e6:.1f}; downscale it first")
+        unit, scale = ("megapixels", 1e6) if max_pixels >= 1e6 else ("pixels", 1)
+        raise DiffusionVLError(f"{what} is {width} x {height} = {width * height / scale:.{1 if scale > 1 else 0}f} "
+                               f"{unit}, above the limit of {max_pixels / scale:.{1 if scale > 1 else 0}f}; "
+                               "downscale it first")
     ratio = max(width, height) / min(width, height)
     if ratio > MAX_ASPECT_RATIO:
         raise DiffusionVLError(f"{what} is {width} x {height}: its aspect ratio {ratio:.0f}:1 is above "
@@ -84,18 +86,19 @@ def _decode(data: bytes, what: str, max_pixels: int = MAX_IMAGE_PIXELS) -> Any:
         return out
 
 
-def load_image(source: Any, *, allow_remote: bool = False, base_dir: str | os.PathLike[str] | None = None) -> Any:
-    """Any supported image reference -> RGB PIL image (see module docstring)."""
+def load_image(source: Any, *, allow_remote: bool = False, base_dir: str | os.PathLike[str] | None = None,
+               max_pixels: int = MAX_IMAGE_PIXELS) -> Any:
+    """Any supported image reference -> RGB PIL image (see module docstring); `max_pixels` may lower the limit."""
     from PIL import Image
 
     if isinstance(source, Image.Image):
         return source.convert("RGB") if source.mode != "RGB" else source
     if isinstance(source, (bytes, bytearray)):
-        return _decode(bytes(source), "image bytes")
+        return _decode(bytes(source), "image bytes", max_pixels)
     if isinstance(source, dict):  # {"url": ...} / {"image_url": {"url": ...}} / {"path": ...}
         inner = source.get("image_url", source)
         inner = inner.get("url", inner.get("path")) if isinstance(inner, dict) else inner
-        return load_image(inner, allow_remote=allow_remote, base_dir=base_dir)
+        return load_image(inner, allow_remote=allow_remote, base_dir=base_dir, max_pixels=max_pixels)
     if not isinstance(source, (str, os.PathLike)):
         raise DiffusionVLError(f"unsupported image input of type {type(source).__name__}: "
                                "pass a file path, a PIL image, bytes or a data: URL")
@@ -108,17 +111,17 @@ def load_image(source: Any, *, allow_remote: bool = False, base_dir: str | os.Pa
             data = base64.b64decode(payload, validate=True)
         except (ValueError, base64.binascii.Error):
             raise DiffusionVLError("image data URL holds invalid base64") from None
-        return _decode(data, "image data URL")
+        return _decode(data, "image data URL", max_pixels)
     if text.startswith(("http://", "https://")):
         if not allow_remote:
             raise DiffusionVLError(f"remote image URLs are not allowed here: {text[:80]}")
-        return _decode(_download(text), f"image at {text[:80]}")
+        return _decode(_download(text), f"image at {text[:80]}", max_pixels)
     path = Path(base_dir, text) if base_dir is not None and not os.path.isabs(text) else Path(text)
     if not path.is_file():
         raise DiffusionVLError(f"image file not found: {path}")
     if path.stat().st_size > MAX_IMAGE_BYTES:
         raise DiffusionVLError(f"image file too large (> {MAX_IMAGE_BYTES >> 20} MiB): {path}")
-    return _decode(path.read_bytes(), f"image file {path}")
+    return _decode(path.read_bytes(), f"image file {path}", max_pixels)
 
 
 def _download(url: str) -> bytes:

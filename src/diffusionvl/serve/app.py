@@ -166,8 +166,10 @@ class _State:
     def __init__(self, model: Any, config: ServeConfig, decode: DecodeConfig, name: str):
         self.model, self.config, self.decode, self.name = model, config, decode, name
         self.engine = DecodeEngine(model, max_batch=config.max_batch, max_queue=config.max_queue,
-                                   batch_wait_s=config.batch_wait_ms / 1000.0)
-        self.images = ImagePolicy.create(config.allow_local_images, config.allow_remote_images)
+                                   batch_wait_s=config.batch_wait_ms / 1000.0,
+                                   max_prompt_tokens=config.max_prompt_tokens)
+        self.images = ImagePolicy.create(config.allow_local_images, config.allow_remote_images,
+                                         config.max_image_pixels)
         self.has_vision = bool(getattr(model.adapter, "has_vision", False))
         self.created = int(time.time())
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from diffusionvl.config import option
 from diffusionvl.errors import check
+from diffusionvl.media import MAX_IMAGE_PIXELS
 
 
 @dataclass
@@ -28,6 +29,10 @@ class ServeConfig:
         5.0, "How long the decoder waits for more compatible requests before starting a batch that is not full.")
     max_tokens_limit: int = option(4096, "Largest max_tokens a request may ask for (larger: HTTP 400).")
     max_images: int = option(8, "Most images in one request.")
+    max_image_pixels: int = option(MAX_IMAGE_PIXELS, "Largest image (width x height, read from its header before "
+                                   "decoding) a request may send; at most the loader's own limit.")
+    max_prompt_tokens: int = option(8192, "Most prompt tokens (text and image tokens, after the chat template) in "
+                                    "one request; the model's context bounds it too.")
     max_block_size: int = option(64, "Largest block_size a request may ask for (the request's max_tokens rounded up "
                                  "to the model's block size bounds it too).")
     max_steps: int = option(64, "Most denoising steps per block a request may ask for.")
@@ -44,6 +49,9 @@ class ServeConfig:
         check(self.batch_wait_ms >= 0, f"batch_wait_ms must be >= 0, got {self.batch_wait_ms}")
         check(self.max_tokens_limit >= 1, f"max_tokens_limit must be >= 1, got {self.max_tokens_limit}")
         check(self.max_images >= 0, f"max_images must be >= 0, got {self.max_images}")
+        check(1 <= self.max_image_pixels <= MAX_IMAGE_PIXELS,
+              f"max_image_pixels must be in 1..{MAX_IMAGE_PIXELS}, got {self.max_image_pixels}")
+        check(self.max_prompt_tokens >= 1, f"max_prompt_tokens must be >= 1, got {self.max_prompt_tokens}")
         check(self.max_block_size >= 1, f"max_block_size must be >= 1, got {self.max_block_size}")
         check(self.max_steps >= 1, f"max_steps must be >= 1, got {self.max_steps}")
         check(self.max_request_mb > 0, f"max_request_mb must be > 0, got {self.max_request_mb}")
@@ -57,7 +65,8 @@ def limits_line(config: ServeConfig) -> str:
     """The per-request ceilings, as printed when the server starts."""
     return (f"limits per request: max_tokens <= {config.max_tokens_limit}, block_size <= {config.max_block_size} "
             f"(and <= max_tokens rounded up to the model's block size), steps <= {config.max_steps}, images <= "
-            f"{config.max_images}, image pixels <= the loader's limit, body <= {config.max_request_mb:g} MiB")
+            f"{config.max_images}, image pixels <= {config.max_image_pixels}, prompt tokens <= "
+            f"{config.max_prompt_tokens}, body <= {config.max_request_mb:g} MiB")
 
 
 def is_loopback(host: str) -> bool:

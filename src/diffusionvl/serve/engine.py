@@ -168,8 +168,10 @@ class TextAssembler:
 class DecodeEngine:
     """Bounded queue + one decode thread (module docstring)."""
 
-    def __init__(self, model: Any, *, max_batch: int = 8, max_queue: int = 64, batch_wait_s: float = 0.005):
+    def __init__(self, model: Any, *, max_batch: int = 8, max_queue: int = 64, batch_wait_s: float = 0.005,
+                 max_prompt_tokens: int | None = None):
         self.model = model.eval()  # the server never trains; decoding.run_encoded does not switch modes itself
+        self.max_prompt_tokens = max_prompt_tokens
         self.max_batch = max_batch
         self.max_queue = max_queue
         self.batch_wait_s = batch_wait_s
@@ -282,6 +284,9 @@ class DecodeEngine:
             try:
                 alone = encoded is None
                 ids = (adapter.encode([request.conversation]) if alone else encoded).input_ids[0 if alone else i]
+                if self.max_prompt_tokens is not None and len(ids) > self.max_prompt_tokens:
+                    raise DiffusionVLError(f"the prompt is {len(ids)} tokens (text, images and chat template); this "
+                                           f"server allows at most {self.max_prompt_tokens} per request")
                 self.model.check_prompt_lengths([ids], request.config.max_new_tokens)
                 admitted.append((request, len(ids)))
             except DiffusionVLError as exc:

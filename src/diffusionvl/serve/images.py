@@ -17,30 +17,32 @@ from typing import Any
 from urllib.parse import unquote, urlparse
 
 from diffusionvl.errors import DiffusionVLError
-from diffusionvl.media import load_image
+from diffusionvl.media import MAX_IMAGE_PIXELS, load_image
 
 
 @dataclass(frozen=True)
 class ImagePolicy:
     local_root: str | None = None  # real path of the folder local images must live in; None = no local files
     allow_remote: bool = False
+    max_pixels: int = MAX_IMAGE_PIXELS  # width x height, read from the header before anything is decoded
 
     @classmethod
-    def create(cls, local_dir: str | os.PathLike[str] | None, allow_remote: bool) -> "ImagePolicy":
+    def create(cls, local_dir: str | os.PathLike[str] | None, allow_remote: bool,
+               max_pixels: int = MAX_IMAGE_PIXELS) -> "ImagePolicy":
         root = os.path.realpath(os.fspath(local_dir)) if local_dir is not None else None
-        return cls(root, allow_remote)
+        return cls(root, allow_remote, max_pixels)
 
     def load(self, url: str) -> Any:
         if not isinstance(url, str) or not url:
             raise DiffusionVLError("image_url.url must be a non-empty string")
         if url.startswith("data:"):
-            return load_image(url)
+            return load_image(url, max_pixels=self.max_pixels)
         scheme = urlparse(url).scheme.lower()
         if scheme in ("http", "https"):
             if not self.allow_remote:
                 raise DiffusionVLError("remote image URLs are refused by this server (start it with "
                                        "--allow-remote-images to allow them); send the image as a data: URL")
-            return load_image(url, allow_remote=True)
+            return load_image(url, allow_remote=True, max_pixels=self.max_pixels)
         if scheme == "file":
             parsed = urlparse(url)
             if parsed.netloc not in ("", "localhost"):
@@ -57,4 +59,4 @@ class ImagePolicy:
         real = os.path.realpath(os.path.join(self.local_root, path))  # an absolute `path` replaces the root
         if os.path.commonpath([real, self.local_root]) != self.local_root:
             raise DiffusionVLError(f"image path is outside the folder this server allows images from: {path[:120]}")
-        return load_image(real)
+        return load_image(real, max_pixels=self.max_pixels)
