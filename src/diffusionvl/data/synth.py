@@ -15,7 +15,7 @@ Contract:
   (seed, split, index), never from global state, so sample i of a split does not depend on the split's size.
 - Splits never share an image: every image file belongs to one sample, and each real photograph (see
   `diffusionvl.data.real`) is assigned to exactly one split, in proportion to the split sizes.
-- Every file is written to a temporary name and moved into place with `os.replace`; images named like ours
+- Every file is written atomically (`diffusionvl.atomic`: a temporary name, then a rename); images named like ours
   (`<split>-<6 digits>.png`) that the new dataset does not list are removed, so a smaller rerun leaves no strays.
 - Bad arguments raise a one-line `DiffusionVLError` before anything is written.
 """
@@ -36,6 +36,7 @@ from typing import Any, Mapping, Sequence
 
 from PIL import Image
 
+from diffusionvl.atomic import write_bytes, write_json
 from diffusionvl.data.questions import DEFAULT_TYPES, QA, QUESTION_TYPES, SCENE_HINTS, ask
 from diffusionvl.data.real import BY_NAME, available_real_images, load_real_image, real_qa, real_view
 from diffusionvl.data.scene import check_image_size, font_name, render_scene, sample_scene
@@ -263,18 +264,6 @@ def jsonl_bytes(rows: list[dict[str, Any]]) -> bytes:
 # ---------------------------------------------------------------------------------------------- I/O
 
 
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write `data` to a temporary file next to `path`, then move it into place (readers never see half a file)."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as handle:
-            handle.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def prepare_out_dir(out_dir: str | os.PathLike) -> Path:
     out = Path(out_dir)
     check(not out.exists() or out.is_dir(), f"output path {out} exists and is not a directory; choose another --out")
@@ -300,12 +289,12 @@ def generate_dataset(out_dir: str | os.PathLike, n_train: int = 1000, n_val: int
     pools = partition_real(names, counts, seed)
     samples = _write_samples(out, plan, counts, pools, progress)
     summary = build_summary(plan, counts, samples, pools, missing)
-    write_atomic(out / "train.json", json_bytes([llava_record(s) for s in samples["train"]]))
-    write_atomic(out / "val.json", json_bytes([llava_record(s) for s in samples["val"]]))
-    write_atomic(out / "test.jsonl", jsonl_bytes([eval_record(s) for s in samples["test"]]))
+    write_bytes(out / "train.json", json_bytes([llava_record(s) for s in samples["train"]]))
+    write_bytes(out / "val.json", json_bytes([llava_record(s) for s in samples["val"]]))
+    write_bytes(out / "test.jsonl", jsonl_bytes([eval_record(s) for s in samples["test"]]))
     scenes = [scene_record(s) for split in SPLITS for s in samples[split] if s.has_image]
-    write_atomic(out / "scenes.jsonl", jsonl_bytes(scenes))
-    write_atomic(out / "summary.json", json_bytes(summary, indent=2))
+    write_bytes(out / "scenes.jsonl", jsonl_bytes(scenes))
+    write_json(out / "summary.json", summary)
     _remove_stray_images(out, {Path(r["image"]).name for r in scenes})
     return summary
 
@@ -321,7 +310,7 @@ def _write_samples(out: Path, plan: Plan, counts: Mapping[str, int],
             for index in range(counts[split]):
                 sample = make_sample(plan, split, index, pools[split])
                 if sample.image is not None:
-                    write_atomic(out / image_path(sample.id), png_bytes(sample.image))
+                    write_bytes(out / image_path(sample.id), png_bytes(sample.image))
                     sample = sample.without_pixels()
                 samples[split].append(sample)
                 bar.update(1)

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from diffusionvl.atomic import write_file, write_json
 from diffusionvl.errors import DiffusionVLError, check
 
 HERE = Path(__file__).resolve().parent
@@ -111,15 +112,12 @@ def export_default(paths: dict[str, Path], dst: Path, cfg: Any, results: dict[st
 
     from safetensors.torch import save_file
 
-    dst.mkdir(parents=True, exist_ok=True)
     adapters = []
     for name, run in (("stage2", paths["ar_vlm"]), ("translate", paths["dvlm"])):
         tensors, meta = compact_adapter(run.parent / "final-adapter")
         file = dst / f"{name}.safetensors"
-        tmp = file.with_suffix(".tmp")
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata={"format": "pt"})
-        tmp.chmod(0o644)  # shipped in the package: readable by every user, like a plain write
-        os.replace(tmp, file)
+        contiguous = {k: v.contiguous() for k, v in tensors.items()}
+        write_file(file, lambda tmp: save_file(contiguous, str(tmp), metadata={"format": "pt"}))
         adapters.append({"name": name, "file": file.name, "scale": meta["scale"], "sha256": _sha256(file),
                          "tensors": len(tensors), "bytes": file.stat().st_size})
     recipe = asdict(cfg)
@@ -128,7 +126,5 @@ def export_default(paths: dict[str, Path], dst: Path, cfg: Any, results: dict[st
                 "block diffusion on synthetic visual QA by `diffusionvl recipe tiny-vlm`",
                 "recipe": recipe, "adapters": adapters, "vision_standardize": vision.get("standardize"),
                 "results": {k: results.get(k) for k in ("facts", "rows", "description", "stages", "targets")}}
-    tmp = dst / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
-    os.replace(tmp, dst / MANIFEST)
+    write_json(dst / MANIFEST, manifest)
     return dst

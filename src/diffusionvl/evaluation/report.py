@@ -1,32 +1,21 @@
 """Evaluation output: results.json (summary), samples.jsonl (one record per sample), results.md (tables).
 
-Contract: `write_results(out_dir, summary, records)` writes the three files atomically (temporary file, then
-`os.replace`), so an interrupted run never leaves a half-written result; `markdown(summary)` renders the summary
-as Markdown tables with quality next to speed (accuracy beside tokens/forward and tokens/s; NELBO beside scoring
-throughput), plus the per-type breakdown (short-answer types) and, when the task had describe samples, one line
-with their object-level F1, precision and recall. Pure formatting apart from `write_results`.
+Contract: `write_results(out_dir, summary, records)` writes the three files atomically (`diffusionvl.atomic`: plain
+permissions, temporary file renamed into place), so an interrupted run never leaves a half-written result;
+`markdown(summary)` renders the summary as Markdown tables with quality next to speed (accuracy beside
+tokens/forward and tokens/s; NELBO beside scoring throughput), plus the per-type breakdown (short-answer types) and,
+when the task had describe samples, one line with their object-level F1, precision and recall.
+Pure formatting apart from `write_results`.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
-
-def write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+from diffusionvl.atomic import write_json, write_text
 
 
 def _pct(x: float | None) -> str:
@@ -81,7 +70,7 @@ def write_results(out_dir: str | os.PathLike[str], summary: dict[str, Any],
                   records: list[dict[str, Any]]) -> dict[str, Path]:
     out = Path(out_dir)
     paths = {"json": out / "results.json", "markdown": out / "results.md", "samples": out / "samples.jsonl"}
-    write_atomic(paths["samples"], "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
-    write_atomic(paths["json"], json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
-    write_atomic(paths["markdown"], markdown(summary))
+    write_text(paths["samples"], "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    write_json(paths["json"], summary)
+    write_text(paths["markdown"], markdown(summary))
     return paths

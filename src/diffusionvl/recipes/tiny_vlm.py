@@ -18,12 +18,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from diffusionvl.atomic import write_file, write_json, write_text
 from diffusionvl.config import option
 from diffusionvl.errors import check
 
@@ -105,11 +105,7 @@ def _say(msg: str) -> None:
 
 def _subset(src: Path, dst: Path, n: int) -> Path:
     """The first n records of a LLaVA JSON list (the generator's order is already random), written atomically."""
-    records = json.loads(src.read_text())[:n]
-    tmp = dst.with_suffix(".tmp")
-    tmp.write_text(json.dumps(records))
-    os.replace(tmp, dst)
-    return dst
+    return write_json(dst, json.loads(src.read_text())[:n])
 
 
 # ---------------------------------------------------------------------------------------------------- stages
@@ -154,11 +150,8 @@ def stage_gate(cfg: TinyVLMConfig, out: Path) -> dict[str, Any]:
         _say(f"vision gate: linear probes on {cfg.gate_scenes} synthetic scenes")
         rows = run_gate([tower_candidate(cfg)], n_scenes=cfg.gate_scenes, seed=cfg.seed, image_size=cfg.image_size,
                         progress=cfg.progress)
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / "gate.md").write_text(gate_markdown(rows, cfg.gate_scenes))
-        tmp = folder / "gate.json.tmp"
-        tmp.write_text(json.dumps(rows, indent=2))
-        os.replace(tmp, folder / "gate.json")
+        write_text(folder / "gate.md", gate_markdown(rows, cfg.gate_scenes))
+        write_json(folder / "gate.json", rows)  # last: its presence marks the stage done
     row = json.loads((folder / "gate.json").read_text())[0]
     _say("vision gate:\n" + (folder / "gate.md").read_text())
     if cfg.gate_strict and not row["passed"]:
@@ -453,10 +446,10 @@ def plot_threshold_curve(rows: list[dict[str, Any]], path: Path,
     _accuracy_panel(axes[0][0], rows)
     if desc:
         _description_panel(axes[0][1], desc)
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=120, bbox_inches="tight")
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        write_file(path, lambda tmp: fig.savefig(tmp, dpi=120, bbox_inches="tight"))
+    finally:
+        plt.close(fig)
     return path
 
 
@@ -524,11 +517,8 @@ def write_results(cfg: TinyVLMConfig, rows: list[dict[str, Any]], out: Path,
                "stages": {k: {f: v.get(f) for f in ("steps", "global_batch", "seconds", "tokens_per_s", "objective")}
                           for k, v in stages.items()}, "targets": check_bars(rows, desc or [])}
     paths = {"json": out / "results.json", "markdown": out / "results.md", "plot": out / "accuracy_vs_parallelism.png"}
-    for key, text in (("json", json.dumps(payload, indent=2)),
-                      ("markdown", results_markdown(cfg, rows, facts, desc, stages))):
-        tmp = paths[key].with_suffix(".tmp")
-        tmp.write_text(text)
-        os.replace(tmp, paths[key])
+    write_json(paths["json"], payload)
+    write_text(paths["markdown"], results_markdown(cfg, rows, facts, desc, stages))
     plot_threshold_curve(rows, paths["plot"], desc)
     return paths
 

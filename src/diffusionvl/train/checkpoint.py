@@ -17,19 +17,23 @@ import json
 import os
 import re
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from diffusionvl.conversion import replace_dir
+from diffusionvl.atomic import replace_folder, write_folder, write_json
 from diffusionvl.errors import DiffusionVLError, check
 
 PREFIX = "checkpoint-"
 STATE_FILE = "trainer_state.json"
 ACCELERATE_DIR = "accelerate_state"
 BACKBONE_PREFIX = "model.hf_model."  # state-dict prefix of the backbone inside the trained module
+
+# Old names of the atomic.py functions, kept only because train/trainer.py (outside the atomic-writer change) still
+# calls `ckpt.replace_dir` and `ckpt.write_json_atomic`.
+replace_dir = replace_folder
+write_json_atomic = write_json
 
 
 def checkpoints(output: str | os.PathLike[str]) -> list[tuple[int, Path]]:
@@ -62,18 +66,14 @@ def backbone_state(state_dict: dict[str, torch.Tensor], prefix: str = "") -> dic
 
 def save_adapter(model: Any, peft_model: Any, path: Path, state_dict: dict[str, torch.Tensor] | None) -> Path:
     """LoRA adapter + processor + diffusion config, written atomically to `path`."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    try:
+
+    def write(tmp: Path) -> None:
         sd = backbone_state(state_dict, "base_model.model.") if state_dict is not None else None
         peft_model.save_pretrained(tmp, state_dict=sd)
         model.processor.save_pretrained(tmp)
         (tmp / "diffusionvl.json").write_text(json.dumps(model.config.to_dict(), indent=2) + "\n")
-        replace_dir(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return path
+
+    return write_folder(path, write)
 
 
 def export(model: Any, path: Path, state_dict: dict[str, torch.Tensor] | None, peft_model: Any = None) -> Path:
@@ -83,14 +83,6 @@ def export(model: Any, path: Path, state_dict: dict[str, torch.Tensor] | None, p
     from diffusionvl.conversion import save_atomic
 
     return save_atomic(model, path, state_dict=backbone_state(state_dict) if state_dict is not None else None)
-
-
-
-
-def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
 
 
 def prune(output: str | os.PathLike[str], keep: int) -> list[Path]:
