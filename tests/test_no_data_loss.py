@@ -81,3 +81,42 @@ def test_corrupt_weights_are_one_line(tmp_path, capsys, damage):
     assert main(["generate", "--model", str(model), "--prompt", "hi"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: cannot read the weights") and "\n" not in err
+
+
+@pytest.mark.slow
+def test_ctrl_c_during_training_is_one_line_and_keeps_the_last_checkpoint(tmp_path):
+    """SIGINT to the whole process group (Ctrl-C; DataLoader workers included): exit 130, 'interrupted', no
+    traceback from the trainer or its workers, and the checkpoint saved before it is intact."""
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    import diffusionvl
+    from conftest import tiny_diffusion
+    from diffusionvl.conversion import save_atomic
+
+    save_atomic(tiny_diffusion("llama", block_size=4), tmp_path / "model")
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps({"conversations": [{"from": "human", "value": f"Say {i}."},
+                                                          {"from": "gpt", "value": f"{i} {i} {i}."}]}) + "\n"
+                            for i in range(32)))
+    out = tmp_path / "run"
+    src = str(Path(diffusionvl.__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")])}
+    cmd = [sys.executable, "-m", "diffusionvl", "train", "--model", str(tmp_path / "model"), "--data", str(data),
+           "--output", str(out), "--max-steps", "100000", "--batch-size", "2", "--num-workers", "2",
+           "--save-every", "2", "--progress", "false", "--tensorboard", "false"]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    deadline = time.monotonic() + 120
+    while not (out / "checkpoint-2").is_dir() and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.1)
+    os.killpg(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err[-2000:]
+    assert "interrupted" in err and "Traceback" not in err, err[-2000:]
+    assert (out / "checkpoint-2" / "trainer_state.json").is_file()

@@ -613,7 +613,7 @@ def load_lm(spec: str) -> tuple[Any, Any]:
 
 def compose_to_disk(options: ComposeOptions, output: str | os.PathLike[str]) -> tuple[Path, dict[str, Any]]:
     """Compose as `options` says and save the AR VLM folder at `output` atomically; returns (path, summary)."""
-    from diffusionvl.conversion import write_atomic
+    from diffusionvl.atomic import write_folder
 
     lm, tokenizer = load_lm(options.lm)
     model, processor = compose(lm, tokenizer, options.vision, options.projector, options.pool, options.image_token,
@@ -625,7 +625,7 @@ def compose_to_disk(options: ComposeOptions, output: str | os.PathLike[str]) -> 
         model.save_pretrained(folder, safe_serialization=True)
         processor.save_pretrained(folder)
 
-    path = write_atomic(output, write)
+    path = write_folder(output, write)
     summary = {"output": str(path), "lm": options.lm, "vision": model.config.vision.get("name", options.vision),
                "projector": options.projector, "num_image_tokens": model.config.num_image_tokens,
                "image_token": options.image_token, "parameters": parameter_counts(model)}

@@ -28,9 +28,6 @@ from diffusionvl.config import DEFAULT_MASK_TOKEN, KNOWN_MASK_TOKENS, DiffusionC
 from diffusionvl.errors import DiffusionVLError
 from diffusionvl.modeling import DiffusionVLModel, end_of_turn_token, find_token_id
 
-# Old name of `atomic.write_folder`, kept only because compose.py (outside the atomic-writer change) imports it.
-write_atomic = write_folder
-
 FORMAT_LOADERS: list[Callable[..., DiffusionVLModel | None]] = []
 
 

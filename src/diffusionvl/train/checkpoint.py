@@ -22,18 +22,13 @@ from typing import Any
 
 import torch
 
-from diffusionvl.atomic import replace_folder, write_folder, write_json
+from diffusionvl.atomic import write_folder
 from diffusionvl.errors import DiffusionVLError, check
 
 PREFIX = "checkpoint-"
 STATE_FILE = "trainer_state.json"
 ACCELERATE_DIR = "accelerate_state"
 BACKBONE_PREFIX = "model.hf_model."  # state-dict prefix of the backbone inside the trained module
-
-# Old names of the atomic.py functions, kept only because train/trainer.py (outside the atomic-writer change) still
-# calls `ckpt.replace_dir` and `ckpt.write_json_atomic`.
-replace_dir = replace_folder
-write_json_atomic = write_json
 
 
 def checkpoints(output: str | os.PathLike[str]) -> list[tuple[int, Path]]:

@@ -19,6 +19,7 @@ Contract (`train(TrainConfig) -> summary dict`, `Trainer(cfg).fit()`):
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import math
 import os
@@ -30,7 +31,7 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-from diffusionvl import attention
+from diffusionvl import atomic, attention
 from diffusionvl.errors import check
 from diffusionvl.train import checkpoint as ckpt
 from diffusionvl.train import noise
@@ -427,10 +428,10 @@ class Trainer:
         acc.save_state(str(tmp / ckpt.ACCELERATE_DIR))
         acc.wait_for_everyone()
         if acc.is_main_process:
-            ckpt.write_json_atomic(tmp / ckpt.STATE_FILE, {**asdict(self.state),
+            atomic.write_json(tmp / ckpt.STATE_FILE, {**asdict(self.state),
                                                            "global_batch": self.sampler.global_batch,
                                                            "base_model": str(Path(self.cfg.model).resolve())})
-            ckpt.replace_dir(tmp, final)
+            atomic.replace_folder(tmp, final)
             ckpt.prune(self.output, self.cfg.keep_checkpoints)
             if self.token_cache is not None:
                 self.token_cache.save()
@@ -477,12 +478,21 @@ class Trainer:
                    "truncated": len(truncated),
                    "token_cache": self.token_cache.stats() if self.token_cache is not None else None}
         if acc.is_main_process:
-            ckpt.write_json_atomic(self.output / "summary.json", summary)
+            atomic.write_json(self.output / "summary.json", summary)
         self.tracker.log({"event": "end", "step": self.state.step, "summary": summary})
         self.tracker.close()
         acc.wait_for_everyone()  # no rank tears the process group down while another still talks through it
+        self._release()
         acc.end_training()
         return summary
+
+    def _release(self) -> None:
+        """Drop everything that holds the process group before it is destroyed. DDP's reducer keeps its own reference
+        to the group: destroyed later, at interpreter exit, gloo's threads can abort the process ('terminate called
+        without an active exception', exit -6 after a successful run; reproduced with a bare DDP model too)."""
+        self.module = self.optimizer = self.scheduler = self.loader = self.eval_loader = None
+        self.accelerator.free_memory()
+        gc.collect()
 
 
 def train(cfg: TrainConfig) -> dict[str, Any]:
