@@ -18,8 +18,9 @@ import torch
 from PIL import Image, ImageDraw
 
 from diffusionvl import assets
-from diffusionvl.compose import compose, parameter_counts, set_trainable
-from diffusionvl.conversion import wrap
+from diffusionvl.compose import compose
+from diffusionvl.train.parts import parameter_counts, set_trainable
+from diffusionvl.wrapping import wrap
 from diffusionvl.prompts import to_conversation
 
 COLOURS = ["red", "blue", "green", "yellow", "purple", "orange", "white", "black"]

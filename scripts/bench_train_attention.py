@@ -30,7 +30,7 @@ def build_model(tiny: bool, device: torch.device, block_size: int) -> Any:
     """A random DiffusionVLModel of the benchmark shape (tiny: the test suite's tiny Qwen2)."""
     import transformers as tf
 
-    from diffusionvl.conversion import wrap
+    from diffusionvl.wrapping import wrap
     from diffusionvl.tiny import make_tiny, tiny_tokenizer
 
     if tiny:

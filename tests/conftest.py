@@ -8,7 +8,7 @@ import functools
 import pytest
 import torch
 
-from diffusionvl.conversion import wrap
+from diffusionvl.wrapping import wrap
 from diffusionvl.tiny import make_tiny
 
 # Tiny models gain nothing from intra-op threads; on a shared 2-core machine threads make tiny matmuls far slower.

@@ -15,9 +15,10 @@ import torch
 from safetensors.torch import save_file
 
 import diffusionvl
+from diffusionvl.compat import generate_compat, load_checkpoint
 from diffusionvl.compat import generate as cgen
 from diffusionvl.compat import hustvl
-from diffusionvl.conversion import wrap
+from diffusionvl.wrapping import wrap
 from diffusionvl.errors import DiffusionVLError
 from diffusionvl.sampling import POLICIES
 
@@ -192,7 +193,7 @@ def test_load_gives_the_same_weights_and_logits(tmp_path, layout, tied):
 
 def test_stored_dtype_is_kept_unless_asked(tmp_path):
     write_reference(tmp_path / "ref", "prepared", dtype=torch.bfloat16)
-    kept = hustvl.load_checkpoint(hustvl.detect(tmp_path / "ref"), "cpu", None)
+    kept = load_checkpoint(hustvl.detect(tmp_path / "ref"), "cpu", None)
     assert kept.dtype == torch.bfloat16 and kept.hf_model.model.visual.patch_embed.proj.weight.dtype == torch.bfloat16
     assert diffusionvl.load(tmp_path / "ref", device="cpu", dtype="float32").dtype == torch.float32
 
@@ -284,8 +285,8 @@ def test_generate_compat_equals_generate_with_mapped_options(tmp_path, strategy,
     _, proc = write_reference(tmp_path / "ref", "trained")
     model = diffusionvl.load(tmp_path / "ref", device="cpu", dtype="float32")
     batch = image_batch(proc)
-    out = model.generate(inputs=batch["input_ids"], images=batch["pixel_values"],
-                         image_grid_thws=batch["image_grid_thw"], gen_length=20, steps=4,
+    out = generate_compat(model, inputs=batch["input_ids"], images=batch["pixel_values"],
+                                 image_grid_thws=batch["image_grid_thw"], gen_length=20, steps=4,
                          remasking_strategy=strategy, **extra)
     assert out.dtype == torch.long and out.shape == (1, 20)
     cfg = cgen.decode_config(20, 4, extra["temperature"], strategy, extra.get("confidence_threshold", 0.85),
@@ -302,10 +303,10 @@ def test_generate_compat_llava_placeholders_and_padded_batch(tmp_path):
     batch = image_batch(proc)
     ids, image_id = batch["input_ids"][0], model.adapter.image_token_id
     opts = dict(images=batch["pixel_values"], image_grid_thws=batch["image_grid_thw"], gen_length=12, steps=2)
-    expanded = model.generate(inputs=batch["input_ids"], **opts)
+    expanded = generate_compat(model, inputs=batch["input_ids"], **opts)
     first = int((ids == image_id).nonzero()[0])
     llava = torch.cat([ids[:first], torch.tensor([cgen.LLAVA_IMAGE_INDEX]), ids[ids != image_id][first:]])
-    assert torch.equal(model.generate(llava[None], **opts), expanded)  # one -200 per image == expanded pad tokens
+    assert torch.equal(generate_compat(model, llava[None], **opts), expanded)  # one -200 per image == expanded pad tokens
     text = proc.tokenizer("<|im_start|>user\nHi, how are you?<|im_end|>\n<|im_start|>assistant\n",
                           return_tensors="pt")["input_ids"][0]
     width = max(len(text), len(ids))
@@ -313,8 +314,8 @@ def test_generate_compat_llava_placeholders_and_padded_batch(tmp_path):
     mask = torch.zeros(2, width, dtype=torch.long)
     padded[0, width - len(ids):], mask[0, width - len(ids):] = ids, 1  # left padded, different lengths
     padded[1, width - len(text):], mask[1, width - len(text):] = text, 1
-    both = model.generate(padded, attention_mask=mask, **opts)  # positional ids, like their lmms-eval wrapper
-    alone = model.generate(inputs=text[None], gen_length=12, steps=2)
+    both = generate_compat(model, padded, attention_mask=mask, **opts)  # positional ids, like their lmms-eval wrapper
+    alone = generate_compat(model, inputs=text[None], gen_length=12, steps=2)
     assert torch.equal(both[0], expanded[0]) and torch.equal(both[1], alone[0])
 
 
@@ -356,14 +357,16 @@ def test_generate_compat_input_errors(tmp_path):
     model = diffusionvl.load(tmp_path / "ref", device="cpu", dtype="float32")
     batch = image_batch(proc)
     with pytest.raises(DiffusionVLError, match="LongTensor"):
-        model.generate("hello", gen_length=8)
+        generate_compat(model, "hello", gen_length=8)
     with pytest.raises(DiffusionVLError, match="image_grid_thws is required"):
-        model.generate(inputs=batch["input_ids"], images=batch["pixel_values"], gen_length=8)
+        generate_compat(model, inputs=batch["input_ids"], images=batch["pixel_values"], gen_length=8)
     with pytest.raises(DiffusionVLError, match="2 images given"):
-        model.generate(inputs=batch["input_ids"], images=torch.cat([batch["pixel_values"]] * 2),
-                       image_grid_thws=torch.cat([batch["image_grid_thw"]] * 2), gen_length=8)
+        generate_compat(model, inputs=batch["input_ids"], images=torch.cat([batch["pixel_values"]] * 2),
+                               image_grid_thws=torch.cat([batch["image_grid_thw"]] * 2), gen_length=8)
     with pytest.raises(DiffusionVLError, match="unknown generation option"):
-        model.generate(inputs=batch["input_ids"], gen_length=8, bogus=1)
+        generate_compat(model, inputs=batch["input_ids"], gen_length=8, bogus=1)
+    with pytest.raises(DiffusionVLError, match="generate_compat"):  # generate always returns a GenerationOutput
+        model.generate(inputs=batch["input_ids"], gen_length=8)
 
 
 # ---- broken layouts: one-line errors -------------------------------------------------------------------------

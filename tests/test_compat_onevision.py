@@ -19,6 +19,7 @@ from PIL import Image, ImageDraw
 from safetensors.torch import save_file
 
 import diffusionvl
+from diffusionvl.compat import generate_compat
 from diffusionvl.compat import generate as cgen
 from diffusionvl.compat import hustvl
 from diffusionvl.compose import compose
@@ -311,17 +312,17 @@ def test_generate_compat_llava_call_equals_generate(tmp_path):
     first = int((ids == image_id).nonzero()[0])
     llava = torch.cat([ids[:first], torch.tensor([cgen.LLAVA_IMAGE_INDEX]), ids[ids != image_id][first:]])
     tiles = batch["pixel_values"].half()  # their lmms-eval wrapper: fp16 tiles, a list with one tensor per image
-    out = model.generate(llava[None], images=[tiles], image_sizes=[image.size], gen_length=16, steps=2,
-                         remasking_strategy="low_confidence_static", modalities=["image"], use_cache=False)
+    out = generate_compat(model, llava[None], images=[tiles], image_sizes=[image.size], gen_length=16, steps=2,
+                                 remasking_strategy="low_confidence_static", modalities=["image"], use_cache=False)
     assert out.dtype == torch.long and out.shape == (1, 16)
     cfg = cgen.decode_config(16, 2, model_block_size=model.config.block_size)
     ours = model.generate(QUESTION, images=[image], config=cfg).token_ids[0]
     assert out[0, : len(ours)].tolist() == ours and (out[0, len(ours):] == model.eos_token_id).all()
-    expanded = model.generate(inputs=batch["input_ids"], images=tiles[None], image_sizes=[image.size],
-                              gen_length=16, steps=2)  # [N, tiles, 3, S, S] + ids with the tokens expanded
+    expanded = generate_compat(model, inputs=batch["input_ids"], images=tiles[None], image_sizes=[image.size],
+                                      gen_length=16, steps=2)  # [N, tiles, 3, S, S] + ids with the tokens expanded
     assert torch.equal(expanded, out)
     with pytest.raises(DiffusionVLError, match="image_sizes"):
-        model.generate(llava[None], images=[tiles], gen_length=4)
+        generate_compat(model, llava[None], images=[tiles], gen_length=4)
 
 
 def test_training_loss_reaches_the_newline_and_the_tower(tmp_path):

@@ -16,9 +16,9 @@ from torch import nn
 import diffusionvl
 from conftest import red_square, tiny_ar
 from diffusionvl.cli import main as cli_main
-from diffusionvl.compose import (PARTS, ComposedProcessor, ComposedVLM, compose, composed_parameter_groups,
-                                 set_trainable)
-from diffusionvl.conversion import wrap
+from diffusionvl.compose import ComposedProcessor, ComposedVLM, compose
+from diffusionvl.train.parts import PARTS, parameters_by_part, set_trainable
+from diffusionvl.wrapping import wrap
 from diffusionvl.errors import DiffusionVLError
 from diffusionvl.prompts import to_conversation
 from diffusionvl.vision import efficientnet
@@ -284,7 +284,7 @@ def test_diffusion_save_load_round_trip(tmp_path):
 @pytest.mark.parametrize("which", ["composed", "qwen2_5_vl", "llama", "qwen2"])
 def test_parameter_groups_cover_every_parameter_exactly_once(which):
     model = composed()[0] if which == "composed" else tiny_ar(which)[0]
-    groups = composed_parameter_groups(wrap(model, tiny_ar("llama")[1]) if which == "llama" else model)
+    groups = parameters_by_part(wrap(model, tiny_ar("llama")[1]) if which == "llama" else model)
     assert tuple(groups) == PARTS
     ids = [id(p) for params in groups.values() for p in params]
     assert len(ids) == len(set(ids))
@@ -292,7 +292,7 @@ def test_parameter_groups_cover_every_parameter_exactly_once(which):
     if which in ("composed", "qwen2_5_vl"):
         assert all(groups[part] for part in PARTS)
     else:
-        assert not groups["vision_tower"] and not groups["projector"]
+        assert not groups["vision"] and not groups["projector"]
     if which == "qwen2_5_vl":
         merger = {id(p) for p in model.model.visual.merger.parameters()}
         assert merger == {id(p) for p in groups["projector"]}
@@ -301,7 +301,7 @@ def test_parameter_groups_cover_every_parameter_exactly_once(which):
 def test_stage1_trains_only_the_projector_and_a_frozen_tower_keeps_its_batchnorm_statistics():
     model, proc = composed()
     counts = set_trainable(model, "stage1")
-    assert counts["projector"] > 0 and counts["vision_tower"] == counts["language_model"] == 0
+    assert counts["projector"] > 0 and counts["vision"] == counts["language"] == 0
     assert {n.split(".")[0] for n, p in model.named_parameters() if p.requires_grad} == {"projector"}
     stats = model.vision_tower.encoder.bn1.running_mean.clone()
     model.train()

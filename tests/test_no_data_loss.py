@@ -97,7 +97,7 @@ def test_ctrl_c_during_training_is_one_line_and_keeps_the_last_checkpoint(tmp_pa
 
     import diffusionvl
     from conftest import tiny_diffusion
-    from diffusionvl.conversion import save_atomic
+    from diffusionvl.modeling import save_atomic
 
     save_atomic(tiny_diffusion("llama", block_size=4), tmp_path / "model")
     data = tmp_path / "train.jsonl"

@@ -7,7 +7,8 @@ import json
 import pytest
 
 from diffusionvl.errors import DiffusionVLError
-from diffusionvl.recipes.tiny_vlm import TinyVLMConfig, decoder_grid, results_markdown, write_results
+from diffusionvl.recipes.tiny_model import TinyVLMConfig
+from diffusionvl.recipes.tiny_vlm import decoder_grid, results_markdown, write_results
 
 
 def _rows(cfg):

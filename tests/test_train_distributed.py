@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 import diffusionvl
 from conftest import tiny_diffusion
-from diffusionvl.conversion import save_atomic
+from diffusionvl.modeling import save_atomic
 from diffusionvl.train import TrainConfig, train
 
 QA = [("What is the capital of France?", "The capital of France is Paris."), ("Say hello.", "Hello, how are you?"),

@@ -13,7 +13,8 @@ from safetensors.torch import load_file
 
 from conftest import has_cuda, red_square, tiny_diffusion
 from diffusionvl.cli import main as cli_main
-from diffusionvl.conversion import load, save_atomic
+from diffusionvl.conversion import load
+from diffusionvl.modeling import save_atomic
 from diffusionvl.errors import DiffusionVLError
 from diffusionvl.train import TrainConfig, train
 from diffusionvl.train.trainer import Trainer, choose_attention, set_attention
@@ -240,7 +241,7 @@ def test_a_diverging_run_stops_with_one_line(tmp_path):
     import json as _json
 
     from conftest import tiny_diffusion
-    from diffusionvl.conversion import save_atomic
+    from diffusionvl.modeling import save_atomic
     from diffusionvl.errors import DiffusionVLError
     from diffusionvl.train import TrainConfig, train
 

@@ -134,7 +134,9 @@ def test_a_standardized_tower_survives_save_and_load(tmp_path):
     """Statistics in the spec (not buffers): a composed model loaded from disk gives the same finite tokens."""
     from conftest import tiny_ar
     from diffusionvl.compose import compose
-    from diffusionvl.conversion import load, save_atomic, wrap
+    from diffusionvl.conversion import load
+    from diffusionvl.modeling import save_atomic
+    from diffusionvl.wrapping import wrap
     from diffusionvl.vision import efficientnet
     from diffusionvl.vision.encoders import ImageTransform, preprocess_images
 

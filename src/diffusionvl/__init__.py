@@ -13,12 +13,12 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-__version__ = "0.1.0"
+from diffusionvl.version import __version__
 
 _LAZY = {
     "convert": "diffusionvl.conversion",
     "load": "diffusionvl.conversion",
-    "wrap": "diffusionvl.conversion",
+    "wrap": "diffusionvl.wrapping",
     "make_tiny": "diffusionvl.tiny",
     "DiffusionVLModel": "diffusionvl.modeling",
     "DiffusionConfig": "diffusionvl.config",

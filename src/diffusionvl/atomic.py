@@ -7,7 +7,7 @@ layer may use it). One way to do each thing:
 - `write_file(path, write)`: for writers that want a file name (matplotlib's savefig, safetensors' save_file):
   `write(tmp)` writes the temporary file, whose name ends in the target's suffix so format detection still works.
 - `write_folder(path, write)`: `write(tmp)` fills a temporary folder, which then replaces `path` (a folder or a
-  file). Callers decide beforehand whether replacing is allowed (e.g. `conversion.check_target`).
+  file). Callers decide beforehand whether replacing is allowed (`check_target`).
 - `replace_folder(src, dst)`: move a complete folder over `dst`, the last step of `write_folder`, for callers that
   assemble a folder in their own temporary place.
 
@@ -172,3 +172,19 @@ def _delete(path: Path) -> None:
         shutil.rmtree(path, ignore_errors=True)
     else:
         path.unlink(missing_ok=True)
+
+
+def check_target(path: str | os.PathLike[str], marker: str, overwrite: bool = False) -> None:
+    """Refuse (one line) to replace `path` unless it does not exist, is an empty folder, is a folder holding `marker`
+    (the same kind of output: a rerun replaces it), or `overwrite` is set."""
+    path = Path(path)
+    if overwrite or not (path.exists() or path.is_symlink()):
+        return
+    if path.is_dir() and not path.is_symlink():
+        entries = sorted(p.name for p in path.iterdir())
+        if not entries or marker in entries:
+            return
+        raise DiffusionVLError(f"{path} is a folder with {len(entries)} entries that is not a diffusionvl output "
+                               f"(e.g. {entries[0]}): choose another output path, or pass --overwrite to replace it")
+    raise DiffusionVLError(f"{path} exists and is not a folder: choose another output path, or pass --overwrite to "
+                           "replace it")

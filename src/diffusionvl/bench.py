@@ -108,7 +108,7 @@ def build_model(shape: str, device: torch.device, dtype: torch.dtype, seed: int 
     """A random-init model of `shape` with the offline tiny tokenizer, wrapped as a diffusion model."""
     import transformers
 
-    from diffusionvl.conversion import wrap
+    from diffusionvl.wrapping import wrap
     from diffusionvl.tiny import tiny_tokenizer
 
     cls_name, fields = SHAPES[shape]

@@ -9,14 +9,13 @@ Contract:
   `.projector`, `.language_model` (the full CausalLM); `forward(input_ids, pixel_values, attention_mask, labels)`
   is the plain AR forward (HF's shifted CE on labels) with the projected image features scattered in at the image
   tokens, so it trains and `generate`s as a normal AR VLM. `save_pretrained`/`from_pretrained` round-trip through
-  safetensors (vision tower included); importing this module registers the classes with `AutoConfig` and
-  `AutoModelForImageTextToText`.
+  safetensors (vision tower included); `register_auto_classes()` registers them with `AutoConfig` and
+  `AutoModelForImageTextToText` (the loaders call it).
 - `ComposedProcessor`: tokenizer + torchvision-free image preprocessing; `__call__` expands every image token in
   the text to `num_image_tokens` copies and returns input_ids, attention_mask and pixel_values [N_img, 3, S, S];
   saved as tokenizer files + `processor_config.json` (loaded by `diffusionvl.processing.load_processor`).
-- `composed_parameter_groups(model)` splits any supported model (composed, Qwen-VL, text-only) into the parts
-  `vision_tower`, `projector`, `language_model` (every parameter exactly once); `set_trainable(model, parts)`
-  freezes the rest. `STAGES` names the two LLaVA training stages.
+Freezing by part (`set_trainable`, the LLaVA `STAGES`) lives with the trainer's part rules in train/parts.py;
+writing a composition to disk (`diffusionvl compose`) is `composition.compose_to_disk`.
 The engine then treats the composed model like any other VLM (adapter `ComposedAdapter` in adapters.py):
 `diffusionvl.wrap(model, processor)` converts it to block diffusion.
 """
@@ -28,9 +27,8 @@ import copy
 import json
 import math
 import os
-from dataclasses import dataclass, replace as dc_replace
-from pathlib import Path
-from typing import Any, Iterable, Literal
+from dataclasses import replace as dc_replace
+from typing import Any
 
 import torch
 from torch import nn
@@ -38,7 +36,6 @@ from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForImageTex
                           PretrainedConfig, PreTrainedModel)
 
 from diffusionvl.adapters import scatter_image_features
-from diffusionvl.config import option
 from diffusionvl.errors import DiffusionVLError, check
 from diffusionvl.vision.anyres import ImageLayout, assemble, image_tiles, parse_pinpoints
 from diffusionvl.vision.encoders import ImageTransform, build_tower, preprocess_images, resolve_vision
@@ -245,13 +242,11 @@ class ComposedVLM(PreTrainedModel, GenerationMixin):
                                    **kwargs)
 
 
-def register() -> None:
-    """Make `AutoConfig` / `AutoModelForImageTextToText.from_pretrained` know `diffusionvl_llava` (idempotent)."""
+def register_auto_classes() -> None:
+    """Make `AutoConfig` / `AutoModelForImageTextToText.from_pretrained` know `diffusionvl_llava` (idempotent;
+    called explicitly by the loaders, never as an import side effect)."""
     AutoConfig.register(MODEL_TYPE, ComposedVLMConfig, exist_ok=True)
     AutoModelForImageTextToText.register(ComposedVLMConfig, ComposedVLM, exist_ok=True)
-
-
-register()
 
 
 # ------------------------------------------------------------------------------------------------ processor
@@ -510,123 +505,3 @@ def checked_layout(config: ComposedVLMConfig) -> ImageLayout:
           f"{layout.aspect}/{layout.merge} images need a square grid of tokens per tile, but the tower gives "
           f"{config.num_image_tokens}")
     return layout
-
-
-# --------------------------------------------------------------------------------------- training parts
-
-PARTS = ("vision_tower", "projector", "language_model")
-# The two stages of the modality shift: 1 = align the projector (encoder and LM frozen), 2 = train everything.
-# "stage2_frozen_tower" is stage 2 with the encoder kept frozen (LLaVA-1.5's choice; much cheaper on CPU, where the
-# backward of EfficientNet's depthwise convolutions is slow).
-STAGES: dict[str, tuple[str, ...]] = {"stage1": ("projector",), "stage2": PARTS,
-                                      "stage2_frozen_tower": ("projector", "language_model")}
-# The trainer's part names (train/parts.py holds the one rule table) -> the names used here.
-_PART_NAMES = {"vision": "vision_tower", "projector": "projector", "language": "language_model"}
-
-
-def _hf_model(model: Any) -> Any:
-    """The transformers model inside a DiffusionVLModel / PEFT wrapper (or the model itself)."""
-    model = getattr(model, "hf_model", model)
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
-def composed_parameter_groups(model: Any) -> dict[str, list[nn.Parameter]]:
-    """{"vision_tower": [...], "projector": [...], "language_model": [...]}: every parameter exactly once.
-
-    Works on composed VLMs, Qwen2-VL/Qwen2.5-VL (`model.visual` = tower, `visual.merger` = projector), HF LLaVA and
-    text-only LMs (all `language_model`); accepts a DiffusionVLModel too. Shared (tied) parameters count once.
-    """
-    from diffusionvl.train.parts import part_of
-
-    hf = _hf_model(model)
-    groups: dict[str, list[nn.Parameter]] = {part: [] for part in PARTS}
-    for name, param in hf.named_parameters():  # deduplicated: tied weights appear once
-        groups[_PART_NAMES[part_of(name)]].append(param)
-    return groups
-
-
-def set_trainable(model: Any, parts: Iterable[str]) -> dict[str, int]:
-    """Train only `parts` (names from PARTS, or a STAGES key); returns the trainable parameter count per part."""
-    parts = STAGES[parts] if isinstance(parts, str) and parts in STAGES else tuple(parts)
-    unknown = sorted(set(parts) - set(PARTS))
-    check(not unknown, f"unknown model part(s) {', '.join(unknown)}; choose from {', '.join(PARTS)}")
-    counts = {}
-    for part, params in composed_parameter_groups(model).items():
-        for p in params:
-            p.requires_grad_(part in parts)
-        counts[part] = sum(p.numel() for p in params) if part in parts else 0
-    return counts
-
-
-def parameter_counts(model: Any) -> dict[str, int]:
-    """Number of parameters per part (and "total")."""
-    counts = {part: sum(p.numel() for p in params) for part, params in composed_parameter_groups(model).items()}
-    return {**counts, "total": sum(counts.values())}
-
-
-# ---------------------------------------------------------------------------------------------- disk job
-
-
-@dataclass
-class ComposeOptions:
-    """What to compose (the `diffusionvl compose` flags)."""
-
-    lm: str = option("smollm2", "Text LM: a causal LM folder or hub id, or 'smollm2' (the offline "
-                     "SmolLM2-135M-Instruct asset).")
-    vision: str = option("efficientnet_lite0", "Vision encoder: 'efficientnet_lite0' (offline ImageNet asset), a "
-                         "HF vision model folder (SigLIP, CLIP, ...) or 'timm:NAME'.")
-    projector: Literal["linear", "mlp2x_gelu"] = option("mlp2x_gelu", "Projector from visual tokens to LM "
-                                                        "embeddings (LLaVA-1.5 uses mlp2x_gelu).")
-    pool: int | None = option(None, "Average-pool the encoder's grid to POOL x POOL tokens per image; unset keeps "
-                              "all of them (7 x 7 = 49 for EfficientNet-Lite0 at 224 px).")
-    image_token: str = option("<image>", "Name of the image placeholder token added to the tokenizer.")
-    feature_layer: int = option(-2, "Hidden layer of a HF ViT tower whose patch tokens are used (LLaVA: -2).")
-    image_aspect_ratio: str = option("square", "How images become tiles: 'square' (one resized tile), 'pad' (padded "
-                                     "to a square first), 'anyres' or 'anyres_max_N' (base tile + a grid of tiles "
-                                     "at the best of --image-grid-pinpoints; LLaVA-OneVision uses anyres_max_4).")
-    image_grid_pinpoints: str | None = option(None, "anyres grid resolutions: '(1x1),...,(3x3)' (in tiles) or "
-                                              "'[[448,448],[448,896]]' (in pixels).")
-    patch_merge: Literal["flat", "spatial_unpad"] = option("flat", "How tile tokens are merged: 'flat', or "
-                                                           "'spatial_unpad' (unpadded tile grid + a learned newline "
-                                                           "token per row, LLaVA-NeXT).")
-    random_vision: bool = option(False, "Initialize the vision encoder randomly instead of loading pretrained "
-                                 "weights (for tests and smoke runs).")
-
-
-def load_lm(spec: str) -> tuple[Any, Any]:
-    """'smollm2' (offline asset) or a causal LM folder / hub id -> (model, tokenizer)."""
-    from transformers import AutoTokenizer
-
-    if spec == "smollm2":
-        from diffusionvl import assets
-
-        return assets.load_smollm2(progress=False)
-    from diffusionvl.conversion import _check_source
-
-    _check_source(spec)
-    try:
-        model = AutoModelForCausalLM.from_pretrained(spec)
-    except (OSError, ValueError) as exc:
-        raise DiffusionVLError(f"cannot load the language model {spec}: {str(exc).splitlines()[0]}") from None
-    return model, AutoTokenizer.from_pretrained(spec)
-
-
-def compose_to_disk(options: ComposeOptions, output: str | os.PathLike[str]) -> tuple[Path, dict[str, Any]]:
-    """Compose as `options` says and save the AR VLM folder at `output` atomically; returns (path, summary)."""
-    from diffusionvl.atomic import write_folder
-
-    lm, tokenizer = load_lm(options.lm)
-    model, processor = compose(lm, tokenizer, options.vision, options.projector, options.pool, options.image_token,
-                               options.feature_layer, vision_pretrained=not options.random_vision,
-                               image_aspect_ratio=options.image_aspect_ratio,
-                               image_grid_pinpoints=options.image_grid_pinpoints, patch_merge=options.patch_merge)
-
-    def write(folder: Path) -> None:
-        model.save_pretrained(folder, safe_serialization=True)
-        processor.save_pretrained(folder)
-
-    path = write_folder(output, write)
-    summary = {"output": str(path), "lm": options.lm, "vision": model.config.vision.get("name", options.vision),
-               "projector": options.projector, "num_image_tokens": model.config.num_image_tokens,
-               "image_token": options.image_token, "parameters": parameter_counts(model)}
-    return path, summary

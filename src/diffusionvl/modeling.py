@@ -16,8 +16,10 @@ Training batch (what the collator produces; all [N, L], right padded):
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Iterator
 
 import torch
@@ -25,8 +27,11 @@ from torch import nn
 
 from diffusionvl import attention, masks, objective
 from diffusionvl.adapters import Adapter, adapter_class
+from diffusionvl.atomic import check_target, write_folder
 from diffusionvl.config import DecodeConfig, DiffusionConfig
+from diffusionvl.decoding import GenerationOutput, run
 from diffusionvl.errors import DiffusionVLError
+from diffusionvl.prompts import normalize_batch
 
 Tensor = torch.Tensor
 VISION_KEYS = ("pixel_values", "image_grid_thw", "image_grid_thw_per_sample", "image_sizes", "image_tiles")
@@ -226,18 +231,17 @@ class DiffusionVLModel(nn.Module):
         return dataclasses.replace(base, **kwargs)
 
     def generate(self, prompts: Any = None, images: Any = None, config: DecodeConfig | None = None,
-                 **kwargs: Any) -> Any:
+                 **kwargs: Any) -> GenerationOutput:
         """Generate answers. prompts: str | list[str] | messages | list[messages]; images: per sample.
 
         Keyword options are DecodeConfig fields (decoder, max_new_tokens, block_size, steps, policy, threshold,
         temperature, top_k, top_p, seed, use_cache, stop_early). Returns a GenerationOutput (texts, token_ids, stats).
-        A call in the DiffusionVL reference form (token id tensor, `inputs=`/`gen_length=`) goes to
-        `diffusionvl.compat.generate_compat` and returns a LongTensor [N, gen_length] like the reference.
+        The DiffusionVL reference form (token id tensor, `inputs=`/`gen_length=`, a LongTensor back) is its own
+        function, `diffusionvl.compat.generate_compat(model, inputs=..., gen_length=...)`.
         """
         if prompts is None or isinstance(prompts, Tensor) or "gen_length" in kwargs:
-            from diffusionvl.compat import generate_compat
-
-            return generate_compat(self, prompts, images=images, config=config, **kwargs)
+            raise DiffusionVLError("generate takes prompts (text or messages); for the DiffusionVL reference call "
+                                   "(token ids, gen_length=) use diffusionvl.compat.generate_compat(model, inputs=...)")
         final = None
         for event in self.stream_events(prompts, images, config, **kwargs):
             final = event
@@ -245,9 +249,6 @@ class DiffusionVLModel(nn.Module):
 
     def stream_events(self, prompts: Any, images: Any = None, config: DecodeConfig | None = None,
                       **kwargs: Any) -> Iterator[Any]:
-        from diffusionvl.decoding import run
-        from diffusionvl.prompts import normalize_batch
-
         cfg = self._decode_config(config, kwargs)
         conversations = normalize_batch(prompts, images)
         was_training = self.training
@@ -267,10 +268,29 @@ class DiffusionVLModel(nn.Module):
     # ---- persistence ---------------------------------------------------------------------------------------------
     def save_pretrained(self, path: str | os.PathLike[str], overwrite: bool = False) -> None:
         """Save atomically; an existing `path` that is not a diffusionvl model folder is refused unless
-        `overwrite` (conversion.check_target)."""
-        from diffusionvl.conversion import save_atomic
-
+        `overwrite` (atomic.check_target)."""
         save_atomic(self, path, overwrite=overwrite)
+
+
+MODEL_MARKER = "diffusionvl.json"  # the file that makes a folder a diffusionvl model folder
+
+
+def save_atomic(model: DiffusionVLModel, path: str | os.PathLike[str],
+                state_dict: dict[str, torch.Tensor] | None = None, overwrite: bool = False) -> Path:
+    """Write model + tokenizer/processor + diffusion config to `path` through a temporary sibling folder.
+
+    `state_dict`: the backbone's full weights when they live elsewhere (gathered from FSDP / ZeRO-3 shards).
+    An existing `path` is replaced only when it is a diffusionvl model folder, an empty folder, or `overwrite`
+    (see `check_target`): nothing a user keeps there is deleted without being asked."""
+    check_target(path, MODEL_MARKER, overwrite)
+    model.hf_model.config.diffusionvl = model.config.to_dict()
+
+    def write(tmp: Path) -> None:
+        model.hf_model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
+        model.processor.save_pretrained(tmp)
+        (tmp / MODEL_MARKER).write_text(json.dumps(model.config.to_dict(), indent=2) + "\n")
+
+    return write_folder(path, write)
 
 
 def _pad_to_multiple(x0: Tensor, labels: Tensor, valid: Tensor, positions: Tensor, block: int,

@@ -14,7 +14,7 @@ import json
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from diffusionvl.compose import ComposeOptions
+    from diffusionvl.composition import ComposeOptions
     from diffusionvl.config import add_dataclass_arguments
 
     parser.add_argument("--output", "-o", required=True, metavar="DIR", help="folder to write the AR VLM to")
@@ -23,7 +23,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from diffusionvl.compose import ComposeOptions, compose_to_disk
+    from diffusionvl.composition import ComposeOptions, compose_to_disk
     from diffusionvl.config import dataclass_from_args
 
     options = dataclass_from_args(ComposeOptions, args)
@@ -34,7 +34,7 @@ def run(args: argparse.Namespace) -> int:
     counts = summary["parameters"]
     print(f"wrote {path}  ({options.lm} + {summary['vision']}, projector {options.projector}, "
           f"{summary['num_image_tokens']} tokens per image as {options.image_token})")
-    for part in ("vision_tower", "projector", "language_model", "total"):
+    for part in ("vision", "projector", "language", "total"):
         print(f"  {part:<15} {counts[part]:>14,} parameters")
     print(f"next: diffusionvl convert {path} DST")
     return 0

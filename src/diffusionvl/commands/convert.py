@@ -33,7 +33,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from diffusionvl.conversion import MODEL_MARKER, check_target, convert, save_atomic, wrap
+    from diffusionvl.atomic import check_target
+    from diffusionvl.conversion import convert
+    from diffusionvl.modeling import MODEL_MARKER, save_atomic
+    from diffusionvl.wrapping import wrap
 
     if args.tiny:
         if args.src is not None:

@@ -13,14 +13,15 @@ RECIPES = ("tiny-vlm",)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from diffusionvl.recipes.tiny_vlm import TinyVLMConfig
+    from diffusionvl.recipes.tiny_model import TinyVLMConfig
 
     parser.add_argument("name", choices=RECIPES, help="which recipe to run")
     add_dataclass_arguments(parser, TinyVLMConfig)
 
 
 def run(args: argparse.Namespace) -> int:
-    from diffusionvl.recipes.tiny_vlm import TinyVLMConfig, run_recipe
+    from diffusionvl.recipes.tiny_model import TinyVLMConfig
+    from diffusionvl.recipes.tiny_vlm import run_recipe
 
     cfg = dataclass_from_args(TinyVLMConfig, args).validate()
     result = run_recipe(cfg)

@@ -22,7 +22,7 @@ Contract:
   any id or touching any weight (`name_row`). Diffusion settings: block size =
   `bd3lm_block_size`, prediction 'same' (their logits at position i predict token i), EOS `<|im_end|>`, positions
   'sequential' (their training and decoding give every token, image tokens included, positions 0, 1, 2, ...).
-- `format_loader(path, device=, dtype=)` is the `diffusionvl.conversion.FORMAT_LOADERS` entry; `path` is a folder
+- `compat.format_loader(path, device=, dtype=)` is the `conversion.FORMAT_LOADERS` entry; `path` is a folder
   or a hub id already in the local Hugging Face cache (`local_folder`; nothing is downloaded).
 """
 
@@ -39,6 +39,7 @@ import torch
 from diffusionvl.config import DEFAULT_MASK_TOKEN, DiffusionConfig
 from diffusionvl.errors import DiffusionVLError, check
 from diffusionvl.modeling import DiffusionVLModel, find_token_id
+from diffusionvl.wrapping import wrap
 
 # The reference code writes its mask token as the literal embedding row 151671 (bd3lm code of both model files);
 # in the Qwen2.5 vocabulary that row is padding with no token name. We name it once, here, and look it up by name.
@@ -399,15 +400,10 @@ def load_reference_processor(folder: Path, cfg: dict[str, Any]) -> Any:
     return make_qwen_vl_processor(Qwen2_5_VLProcessor, images, tok, _chat_template(folder, tok))
 
 
-def load_checkpoint(ckpt: HustvlCheckpoint, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
-                    mask_row: int | None = None) -> DiffusionVLModel:
-    """Build the DiffusionVLModel of a detected reference checkpoint (dtype None = the stored dtype)."""
-    from diffusionvl.conversion import wrap
-
-    if ckpt.kind == "llava_qwen":
-        from diffusionvl.compat.llava_qwen import load_llava_qwen
-
-        return load_llava_qwen(ckpt, device, dtype, mask_row)
+def load_qwenvl(ckpt: HustvlCheckpoint, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
+                mask_row: int | None = None) -> DiffusionVLModel:
+    """Build the DiffusionVLModel of a detected "qwenvl" reference checkpoint (dtype None = the stored dtype)."""
+    check(ckpt.kind == "qwenvl", f"{ckpt.path}: a {ckpt.kind} checkpoint, not a Qwen2.5-VL one")
     plan, stray = plan_weights(ckpt)
     tied = "lm_head.weight" not in plan  # 3B: tied, lm_head skipped by their conversion script
     processor = load_reference_processor(ckpt.path, ckpt.config)
@@ -427,12 +423,3 @@ def load_checkpoint(ckpt: HustvlCheckpoint, device: str | torch.device = "cpu", 
                            prediction="same", eos_token=eos, positions="sequential").validate()
     model.config.diffusionvl = dcfg.to_dict()
     return wrap(model.to(device).eval(), processor)
-
-
-def format_loader(path: Any, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
-                  **_: Any) -> DiffusionVLModel | None:
-    """FORMAT_LOADERS entry: a DiffusionVLModel for a reference checkpoint folder, None for anything else."""
-    if not isinstance(path, (str, os.PathLike)):
-        return None
-    ckpt = detect(path)
-    return None if ckpt is None else load_checkpoint(ckpt, device, dtype)

@@ -37,6 +37,7 @@ from diffusionvl.compat import hustvl
 from diffusionvl.config import DiffusionConfig
 from diffusionvl.errors import DiffusionVLError, check
 from diffusionvl.modeling import DiffusionVLModel, find_token_id
+from diffusionvl.wrapping import wrap
 
 TEXT, VISION, PROJECTOR, NEWLINE = "language model", "vision tower", "projector", "image newline"
 HINTS = {TEXT: "model.* and lm_head.weight", VISION: "model.vision_tower.vision_tower.*",
@@ -239,8 +240,6 @@ def diffusion_trained(cfg: dict[str, Any]) -> bool:
 def load_llava_qwen(ckpt: hustvl.HustvlCheckpoint, device: str | torch.device = "cpu",
                     dtype: torch.dtype | None = None, mask_row: int | None = None) -> DiffusionVLModel:
     """Build the DiffusionVLModel of a DiffusionVL-Qwen2.5 checkpoint (dtype None = the stored dtype)."""
-    from diffusionvl.conversion import wrap
-
     trained = diffusion_trained(ckpt.config)
     plan, tower, stray = stored_keys(ckpt)
     vision = siglip_config(tower, ckpt.config, ckpt.path)

@@ -3,7 +3,7 @@
 Contract: the package ships only what training changed, in fp16 (a few MB): the LoRA factors of the AR
 instruction-tuning stage and of the translation to diffusion, and the projector. `load_default()` rebuilds the
 exact starting point of the tiny-VLM recipe from the offline assets (SmolLM2-135M-Instruct + EfficientNet-Lite0 +
-projector, mask token added; `recipes.tiny_vlm.build_init`), then merges the shipped adapters in recipe order
+projector, mask token added; `recipes.tiny_model.build_init`), then merges the shipped adapters in recipe order
 (W += alpha / r * B @ A; saved modules replace their weights). `export_default` writes those files from a finished
 recipe run. A missing asset package raises a one-line error naming the pip command.
 """
@@ -84,8 +84,8 @@ def load_default(device: str | torch.device | None = None, dtype: str | torch.dt
     instruction-tuned VLM before the translation, marked `autoregressive_only`: decode it with decoder="ar")."""
     from safetensors.torch import load_file
 
-    from diffusionvl.conversion import _default_device, _default_dtype
-    from diffusionvl.recipes.tiny_vlm import build_init, config_from_dict
+    from diffusionvl.devices import default_device, default_dtype
+    from diffusionvl.recipes.tiny_model import build_init, config_from_dict
 
     folder = folder or default_folder()
     manifest = read_manifest(folder)
@@ -99,8 +99,8 @@ def load_default(device: str | torch.device | None = None, dtype: str | torch.dt
             raise DiffusionVLError(f"embedded default model file {path.name} is corrupt (checksum mismatch); "
                                    "reinstall diffusionvl")
         merge_compact(model.hf_model, load_file(path), stage["scale"])
-    dev = _default_device(device)
-    model.hf_model.to(device=dev, dtype=_default_dtype(dtype, dev)).eval()
+    dev = default_device(device)
+    model.hf_model.to(device=dev, dtype=default_dtype(dtype, dev)).eval()
     model.autoregressive_only = parent
     return model
 

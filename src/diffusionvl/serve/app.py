@@ -30,6 +30,7 @@ from diffusionvl.serve.config import ServeConfig
 from diffusionvl.serve.engine import Accepted, DecodeEngine, Delta, Failed, Finished, PendingRequest, QueueFull, \
     ShuttingDown
 from diffusionvl.serve.images import ImagePolicy
+from diffusionvl.version import __version__
 
 log = logging.getLogger("diffusionvl.serve")
 
@@ -157,8 +158,6 @@ def create_app(model: Any, config: ServeConfig | None = None, decode: DecodeConf
 
 
 def _version() -> str:
-    from diffusionvl import __version__
-
     return __version__
 
 

@@ -75,7 +75,7 @@ def export(model: Any, path: Path, state_dict: dict[str, torch.Tensor] | None, p
     """The trained model in its user-facing form (HF folder, or LoRA adapter folder) at `path`, atomically."""
     if peft_model is not None:
         return save_adapter(model, peft_model, path, state_dict)
-    from diffusionvl.conversion import save_atomic
+    from diffusionvl.modeling import save_atomic
 
     return save_atomic(model, path, state_dict=backbone_state(state_dict) if state_dict is not None else None)
 
@@ -94,7 +94,8 @@ def merge_lora(adapter: str | os.PathLike[str], output: str | os.PathLike[str], 
     """Base model + LoRA adapter folder -> a full diffusion model at `output` (atomically)."""
     from peft import PeftModel
 
-    from diffusionvl.conversion import load, save_atomic
+    from diffusionvl.conversion import load
+    from diffusionvl.modeling import save_atomic
 
     adapter = Path(adapter)
     cfg_file = adapter / "adapter_config.json"

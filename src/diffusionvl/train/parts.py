@@ -13,11 +13,11 @@ from __future__ import annotations
 
 from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 from torch import nn
 
-from diffusionvl.errors import DiffusionVLError
+from diffusionvl.errors import DiffusionVLError, check
 from diffusionvl.train.config import TrainConfig
 
 # (part, markers in the dotted parameter name); first match wins, no match = "language"
@@ -96,3 +96,49 @@ def trainable_counts(model: Any) -> dict[str, int]:
         if p.requires_grad:
             counts[part_of(name)] += _numel(p)
     return dict(counts)
+
+
+# ---- freezing whole parts (the LLaVA training stages) ---------------------------------------------------------------
+PARTS = ("vision", "projector", "language")
+# The two stages of the modality shift: 1 = align the projector (encoder and LM frozen), 2 = train everything.
+# "stage2_frozen_tower" is stage 2 with the encoder kept frozen (LLaVA-1.5's choice; much cheaper on CPU, where the
+# backward of EfficientNet's depthwise convolutions is slow).
+STAGES: dict[str, tuple[str, ...]] = {"stage1": ("projector",), "stage2": PARTS,
+                                      "stage2_frozen_tower": ("projector", "language")}
+
+
+def _hf_model(model: Any) -> Any:
+    """The transformers model inside a DiffusionVLModel / PEFT wrapper (or the model itself)."""
+    model = getattr(model, "hf_model", model)
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def parameters_by_part(model: Any) -> dict[str, list[nn.Parameter]]:
+    """{"vision": [...], "projector": [...], "language": [...]}: every parameter exactly once (`part_of`).
+
+    Works on composed VLMs, Qwen2-VL/Qwen2.5-VL (`model.visual` = tower, `visual.merger` = projector), HF LLaVA and
+    text-only LMs (all `language`); accepts a DiffusionVLModel too. Shared (tied) parameters count once.
+    """
+    groups: dict[str, list[nn.Parameter]] = {part: [] for part in PARTS}
+    for name, param in _hf_model(model).named_parameters():  # deduplicated: tied weights appear once
+        groups[part_of(name)].append(param)
+    return groups
+
+
+def set_trainable(model: Any, parts: Iterable[str]) -> dict[str, int]:
+    """Train only `parts` (names from PARTS, or a STAGES key); returns the trainable parameter count per part."""
+    parts = STAGES[parts] if isinstance(parts, str) and parts in STAGES else tuple(parts)
+    unknown = sorted(set(parts) - set(PARTS))
+    check(not unknown, f"unknown model part(s) {', '.join(unknown)}; choose from {', '.join(PARTS)}")
+    counts = {}
+    for part, params in parameters_by_part(model).items():
+        for p in params:
+            p.requires_grad_(part in parts)
+        counts[part] = sum(p.numel() for p in params) if part in parts else 0
+    return counts
+
+
+def parameter_counts(model: Any) -> dict[str, int]:
+    """Number of parameters per part (and "total")."""
+    counts = {part: sum(p.numel() for p in params) for part, params in parameters_by_part(model).items()}
+    return {**counts, "total": sum(counts.values())}

@@ -1,0 +1,133 @@
+"""The tiny-VLM recipe's model: its configuration and the exact starting point every stage (and the embedded
+default model) is built from.
+
+Contract: `TinyVLMConfig` holds every recipe option (saved in the default model's manifest and read back by
+`config_from_dict`, which ignores unknown keys). `build_init(cfg)` = SmolLM2-135M-Instruct + EfficientNet-Lite0
+(the recipe's tower: `tower_options`, no centre crop, tokens standardized per channel by `tower_standardization`)
++ an MLP projector, ChatML without a default system prompt, wrapped for diffusion; deterministic given the config.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from diffusionvl import assets
+from diffusionvl.compose import compose
+from diffusionvl.config import option
+from diffusionvl.errors import check
+from diffusionvl.recipes.vision_gate import candidate_tower, probe_scenes
+from diffusionvl.vision.encoders import token_statistics
+from diffusionvl.wrapping import wrap
+
+
+@dataclass
+class TinyVLMConfig:
+    """The tiny-VLM recipe (`diffusionvl recipe tiny-vlm`)."""
+
+    out: str = option("runs/tiny-vlm", "Output folder of every stage (a rerun resumes finished stages).")
+    seed: int = option(0, "Seed of the data, the projector initialization and the training noise.")
+    n_train: int = option(6000, "AR instruction-tuning samples (synthetic training split size).")
+    stage2_samples: int | None = option(None, "Use only the first N training samples in stage 2 (default: all).")
+    n_val: int = option(200, "Validation samples (eval loss).")
+    n_test: int = option(400, "Held-out test questions for the accuracy table.")
+    image_size: int = option(224, "Image side in pixels.")
+    pool: int = option(4, "EfficientNet feature grid pooled to POOL x POOL visual tokens per image.")
+    vision_stages: list[int] = option([-1, 0, 1, 2, 4], "EfficientNet stages whose pooled outputs make the visual tokens "
+                                      "(-1 = the pixels; the final ImageNet features are nearly colour-blind).")
+    vision_pooling: str = option("maxmin", "How the stages are pooled to the token grid: avg, max, avgmax, maxmin, "
+                                 "avgmaxmin.")
+    vision_final: bool = option(False, "Also use the final 1280 EfficientNet channels.")
+    vision_standardize: bool = option(True, "Map every visual token channel to zero mean and unit variance (statistics "
+                                      "of 256 synthetic probe scenes), so the projector starts from well-scaled inputs.")
+    questions_per_image: int = option(8, "Question/answer turns per training image (one forward pays the image "
+                                      "and template tokens once).")
+    task_mix: dict[str, float] = option({"shape": 1.0, "colour": 1.0, "count": 1.0, "position": 1.0, "relation": 1.0,
+                                         "exist": 1.0, "describe": 1.0}, "Question type -> weight.")
+    gate_scenes: int = option(2400, "Synthetic scenes of the vision gate (linear probes on the frozen tower's tokens, "
+                              "half held out).")
+    gate_strict: bool = option(True, "Stop before any LM training when the tower fails the vision gate.")
+    block_size: int = option(8, "Diffusion block size B.")
+    batch_size: int = option(16, "Training samples per optimizer step.")
+    stage1_samples: int = option(0, "Samples of the projector-alignment stage (0: skip it; stage 2 trains the "
+                                 "projector with the LoRA adapters).")
+    stage1_lr: float = option(1e-3, "Learning rate of stage 1 (projector).")
+    stage2_epochs: int = option(1, "Epochs of AR instruction tuning.")
+    lr: float = option(1e-3, "Learning rate of the LoRA stages.")
+    lr_projector: float = option(2e-3, "Learning rate of the projector in stage 2 (a fresh module: faster than the "
+                                 "adapters).")
+    lora_r: int = option(16, "LoRA rank of the language model adapters.")
+    diffusion_fraction: float = option(0.05, "Share of stage 2's samples the translation may use (the paper: < 5%).")
+    diffusion_epochs: int = option(4, "Epochs over the translation subset.")
+    direct: bool = option(False, "Also train the direct AR-LM -> diffusion-VLM path (costly on CPU).")
+    direct_epochs: int = option(1, "Epochs of the direct path over its data.")
+    direct_samples: int | None = option(None, "Direct path on the first N training samples only (default: stage 2's "
+                                        "data; the translation's count gives both paths the same diffusion budget).")
+    thresholds: list[float] = option([0.5, 0.7, 0.8, 0.9, 0.95, 0.99], "Confidence thresholds evaluated.")
+    eval_limit: int | None = option(None, "Evaluate only the first N short-answer test questions.")
+    describe_limit: int | None = option(None, "Evaluate only the first N description test samples.")
+    describe_tokens: int = option(48, "Most new tokens of a description (4 objects take about 36).")
+    full_baseline: bool = option(False, "Also evaluate the LLaDA-style full-sequence decoder (slow on CPU).")
+    export_to: str | None = option(None, "Folder that receives the compact default-model weights.")
+    threads: int | None = option(2, "torch CPU threads (None: torch's choice).")
+    progress: bool = option(True, "Progress bars.")
+
+    @property
+    def ar_samples(self) -> int:
+        """Distinct samples of AR instruction tuning (stage 2); the diffusion fraction is taken of these."""
+        return min(self.n_train, self.stage2_samples or self.n_train)
+
+    def validate(self) -> "TinyVLMConfig":
+        check(0.0 < self.diffusion_fraction <= 1.0, f"diffusion_fraction must be in (0, 1], got {self.diffusion_fraction}")
+        for name in ("n_train", "n_test", "batch_size", "block_size", "pool", "lora_r", "questions_per_image"):
+            check(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
+        check(self.stage1_samples >= 0, f"stage1_samples must be >= 0, got {self.stage1_samples}")
+        check(all(0.0 < t <= 1.0 for t in self.thresholds), "thresholds must be in (0, 1]")
+        return self
+
+
+def config_from_dict(data: dict[str, Any]) -> TinyVLMConfig:
+    """The recipe configuration saved in a manifest (unknown keys from other versions are ignored)."""
+    names = {f.name for f in dataclasses.fields(TinyVLMConfig)}
+    return TinyVLMConfig(**{k: v for k, v in data.items() if k in names})
+
+
+CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + "
+          "'<|im_end|>' + '\\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+
+
+def tower_options(cfg: TinyVLMConfig) -> dict[str, Any]:
+    """The tower spec fields the recipe's options select (saved with the model)."""
+    return {"extra_stages": list(cfg.vision_stages), "pooling": cfg.vision_pooling,
+            "final": cfg.vision_final} if cfg.vision_stages else {}
+
+
+def tower_candidate(cfg: TinyVLMConfig) -> dict[str, Any]:
+    """The recipe's tower as a vision-gate candidate (the same spec, grid and preprocessing build_init uses)."""
+    options = tower_options(cfg)
+    name = f"stages {cfg.vision_stages} {cfg.vision_pooling}{' + final' if cfg.vision_final else ''}, {cfg.pool}x{cfg.pool}"
+    return {"name": name, "pool": cfg.pool, "crop_pct": None, "vision_options": options}
+
+
+def tower_standardization(cfg: TinyVLMConfig) -> dict[str, list[float]]:
+    """Per-channel statistics of the recipe's tower tokens over 256 synthetic probe scenes (deterministic)."""
+    tower, transform = candidate_tower(tower_candidate(cfg))
+    return token_statistics(tower, transform, probe_scenes(256, cfg.seed + 1, cfg.image_size).images)
+
+
+def build_init(cfg: TinyVLMConfig, standardize: dict[str, list[float]] | None = None) -> Any:
+    """SmolLM2-135M-Instruct + EfficientNet-Lite0 + projector, wrapped for diffusion (the mask token is
+    added, mean-initialized). Deterministic given the config (and `standardize`, the tower's token statistics, which
+    are measured when not given); the embedded default model rebuilds exactly this before applying its adapters."""
+    import torch
+
+    options = tower_options(cfg)
+    if cfg.vision_standardize:
+        options["standardize"] = standardize or tower_standardization(cfg)
+    lm, tok = assets.load_smollm2(progress=False)
+    torch.manual_seed(cfg.seed)
+    model, processor = compose(lm, tok, vision="efficientnet_lite0", projector="mlp2x_gelu", pool=cfg.pool,
+                               vision_options=options or None, chat_template=CHATML,
+                               transform_options={"crop_pct": None})
+    return wrap(model, processor, block_size=cfg.block_size, prediction="shift")
