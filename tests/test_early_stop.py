@@ -1,4 +1,4 @@
-"""Early stop (DecodeConfig.stop_early, decoding/block.py `live_masks`): a sample's block stops denoising once every
+"""Early stop (DecodeConfig.stop_early, decoding/state.py `live_masks`): a sample's block stops denoising once every
 position up to its first stop token is filled. Same tokens as without it, never more forwards, fewer where a stop
 token lands early in a block; and the per-sample speed stats (decoding/__init__.py). CPU, fp32, tiny models."""
 
@@ -10,8 +10,8 @@ import torch
 from conftest import tiny_diffusion
 from diffusionvl.adapters import Encoded
 from diffusionvl.config import DecodeConfig
-from diffusionvl.decoding import block, run_encoded, static
-from diffusionvl.decoding.block import DecodeState
+from diffusionvl.decoding import run_encoded, state, static
+from diffusionvl.decoding.state import DecodeState
 
 PROMPTS = ["Count: one two", "Hello, how are you?", "What is the capital of France? Answer in one short sentence.",
            "Tell me a story about a dragon and a knight."]
@@ -55,9 +55,9 @@ def test_live_masks_rule():
                            [5, 6, 7, m],  # no stop token: keeps working
                            [m, m, m, m],  # done in an earlier block: no work
                            [2, 7, m, m]])  # columns 0-1 are prompt (answer starts at slot 10): keeps working
-    state = DecodeState(None, block_, torch.tensor([False, False, False, True, False]),
+    batch = DecodeState(None, block_, torch.tensor([False, False, False, True, False]),
                         gen_start=torch.tensor([8, 8, 8, 8, 10]))
-    live = block.live_masks(state, block_, block_ == m, 8, torch.tensor([2]), max_new=16)
+    live = state.live_masks(batch, block_, block_ == m, 8, torch.tensor([2]), max_new=16)
     assert live.any(dim=1).tolist() == [True, False, True, False, True]
     assert torch.equal(live[[0, 2, 4]], (block_ == m)[[0, 2, 4]])
 
@@ -102,7 +102,7 @@ def _force_stop_at_column_2(monkeypatch, stop_id: int):
     (model candidates) come next, column 3 keeps the model's (tiny) confidence. A static step of k = 1 thus places
     the stop token first, while columns 0 and 1 are still masked (that must not end the block), then fills 0, then 1;
     the threshold policy (threshold 0.5) fills 0-2 in one step. Column 3 lies after the answer."""
-    real = block.sample
+    real = state.sample
 
     def forced(logits, *args, **kwargs):
         cand, conf = real(logits, *args, **kwargs)
@@ -111,7 +111,7 @@ def _force_stop_at_column_2(monkeypatch, stop_id: int):
         conf[:, 2], conf[:, 0], conf[:, 1] = 2.0, 1.6, 1.5
         return cand, conf
 
-    monkeypatch.setattr(block, "sample", forced)
+    monkeypatch.setattr(state, "sample", forced)
 
 
 # prompt lengths 8, 9, 11 (B = 4): leftovers 0, 1, 3 in the first block. Row 0 answers columns 0-1 of block 0, row 1

@@ -3,12 +3,13 @@
 Contract: `run(model, conversations, cfg)` is a generator of `StreamEvent`s, one per finished block (or AR chunk),
 carrying each sample's newly final token ids and text; its last event has `final=True` and the complete
 `GenerationOutput`. `generate` drains it; `stream` forwards it. Every sample stops at its own first stop token or
-after `max_new_tokens`; the returned ids exclude the stop token. Decoders come from `DECODERS` (plain path) and
-`FAST_DECODERS` (static shapes, CUDA graphs) by name; `backend.choose` picks the path in one place from
-`DecodeConfig.fast`, and the stats say which ran (`backend`, `backend_reason`). `run_encoded` takes already
-tokenized prompts (benchmarks, servers that tokenize themselves).
+after `max_new_tokens`; the returned ids exclude the stop token. Decoders come from `DECODERS` by name, one loop
+each, run over the slot forward that `backend.choose` picks in one place from `DecodeConfig.fast` (plain: dynamic
+shapes; static: static shapes, CUDA graphs); the stats say which ran (`backend`, `backend_reason`). The model is
+read only through `protocol.DecoderModel`. `run_encoded` takes already tokenized prompts (benchmarks, servers that
+tokenize themselves).
 Speed stats are per sample: `tokens_per_sample` counts each sample's generated tokens up to and including its stop
-token, `forwards_per_sample` the forwards that had work for it (prefill included; block.py `charge`), and
+token, `forwards_per_sample` the forwards that had work for it (prefill included; state.py `charge`), and
 `tokens_per_forward` is the mean over samples of their ratio. `tokens` and `forwards` stay batch totals.
 """
 
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field, replace
+from functools import partial
 from typing import Any, Callable, Iterator
 
 import torch
@@ -24,9 +26,11 @@ import torch
 from diffusionvl.config import DecodeConfig
 from diffusionvl.decoding import backend
 from diffusionvl.decoding.ar import ar_decode
-from diffusionvl.decoding.block import DecodeState, block_decode, full_decode
-from diffusionvl.decoding.fast import FAST_DECODERS
-from diffusionvl.decoding.layout import build_layout
+from diffusionvl.decoding.block import block_decode, full_decode
+from diffusionvl.decoding.layout import Layout, build_layout
+from diffusionvl.decoding.protocol import DecoderModel
+from diffusionvl.decoding.state import DecodeState
+from diffusionvl.decoding.static import open_static
 from diffusionvl.errors import DiffusionVLError
 
 Tensor = torch.Tensor
@@ -86,7 +90,7 @@ class _TextTracker:
         return new_ids, delta
 
 
-def _layout(model: Any, encoded: Any, cfg: DecodeConfig) -> Any:
+def _layout(model: DecoderModel, encoded: Any, cfg: DecodeConfig) -> Layout:
     positions = [model.adapter.prompt_positions(ids, encoded.vision, i) for i, ids in enumerate(encoded.input_ids)]
     bsz = cfg.block_size
     if cfg.decoder == "full":
@@ -102,7 +106,7 @@ def _layout(model: Any, encoded: Any, cfg: DecodeConfig) -> Any:
 class _Rows:
     """Host copy of each sample's final tokens, extended incrementally (one small transfer per event)."""
 
-    def __init__(self, layout: Any, stop: set[int], max_new: int):
+    def __init__(self, layout: Layout, stop: set[int], max_new: int):
         self.gen_start = layout.gen_start.tolist()
         self.stop, self.max_new = stop, max_new
         self.rows: list[list[int]] = [[] for _ in self.gen_start]
@@ -144,36 +148,36 @@ def _stats(cfg: DecodeConfig, state: DecodeState, ids: list[list[int]], stopped:
 
 def select_decoder(cfg: DecodeConfig, device: torch.device) -> tuple[Callable[..., Iterator[DecodeState]],
                                                                      backend.Choice]:
-    """The decoder function for `cfg` on `device`: plain or fast path, as `backend.choose` decides."""
+    """The decoder function for `cfg` on `device`, over the slot forward `backend.choose` picks: plain (dynamic
+    shapes) or static (static shapes; eager, CUDA graph or compiled steps)."""
     if cfg.decoder not in DECODERS:
         raise DiffusionVLError(f"unknown decoder {cfg.decoder!r}; choose one of {', '.join(DECODERS)}")
     choice = backend.choose(cfg, device)
     if choice.path == "fast":
-        fast = FAST_DECODERS[cfg.decoder]
-        return (lambda *args: fast(*args, mode=choice.mode)), choice
+        return partial(DECODERS[cfg.decoder], open_forward=partial(open_static, mode=choice.mode)), choice
     return DECODERS[cfg.decoder], choice
 
 
-def _no_grad_steps(steps: Iterator[DecodeState]) -> Iterator[DecodeState]:
-    """Advance a decoder under inference mode one step at a time, never holding the mode across a `yield`: a
+def _inference_steps(states: Iterator[DecodeState]) -> Iterator[DecodeState]:
+    """Advance a decoder under inference mode one state at a time, never holding the mode across a `yield`: a
     context held across yields would be exited out of order when callers interleave streams, leaving autograd
     globally disabled."""
     while True:
         with torch.inference_mode():
             try:
-                state = next(steps)
+                state = next(states)
             except StopIteration:
                 return
         yield state
 
 
-def run(model: Any, conversations: list[Any], cfg: DecodeConfig) -> Iterator[StreamEvent]:
+def run(model: DecoderModel, conversations: list[Any], cfg: DecodeConfig) -> Iterator[StreamEvent]:
     cfg = cfg.resolved(model.config.block_size)
     encoded = model.adapter.encode(conversations)
     yield from run_encoded(model, encoded, cfg)
 
 
-def run_encoded(model: Any, encoded: Any, cfg: DecodeConfig) -> Iterator[StreamEvent]:
+def run_encoded(model: DecoderModel, encoded: Any, cfg: DecodeConfig) -> Iterator[StreamEvent]:
     """`run` on an `adapters.Encoded` batch (token ids per sample, vision tensors). A model marked
     `autoregressive_only` (an AR parent, e.g. `load_default(parent=True)`) is always decoded with the AR decoder."""
     if getattr(model, "autoregressive_only", False) and cfg.decoder != "ar":
@@ -193,7 +197,7 @@ def run_encoded(model: Any, encoded: Any, cfg: DecodeConfig) -> Iterator[StreamE
     with torch.inference_mode():
         layout = _layout(model, encoded, cfg)
     rows = _Rows(layout, stop, cfg.max_new_tokens)
-    for state in _no_grad_steps(decoder(model, layout, encoded.vision, cfg, stop_ids, generator)):
+    for state in _inference_steps(decoder(model, layout, encoded.vision, cfg, stop_ids, generator)):
         ids, _ = rows.update(state)
         done = state.done.tolist()
         if first_block_s is None:

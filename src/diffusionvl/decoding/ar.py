@@ -1,9 +1,12 @@
 """Autoregressive baseline on the same backbone: causal prefill, then one token per forward with the slot cache.
 
-Contract: same generator protocol as the block decoders (yields a DecodeState every `chunk` tokens). The layout is
-the B = 1 layout (plain left padding), whose block-causal mask is the causal mask, so this is exactly greedy or
-sampled AR decoding of the unconverted backbone (test: equals transformers `generate`). Host sync once per chunk;
-the mask is built once per chunk too (attention reads up to the chunk's end; the causal mask hides the rest).
+Contract: same generator protocol as the block decoders (block.py; yields a DecodeState every `chunk` tokens),
+written once over a slot forward (`open_forward`: plain or static, protocol.py). The layout is the B = 1 layout
+(plain left padding), whose block-causal mask is the causal mask, so this is exactly greedy or sampled AR decoding
+of the unconverted backbone (test: equals transformers `generate`). The step (steps.py `ARStepper`) forwards one
+token, samples the next into the following slot and advances its own slot, so consecutive steps need no host work.
+Host sync once per chunk; the plain forward builds one mask per chunk too (attention reads up to the chunk's end;
+the causal mask hides the rest).
 """
 
 from __future__ import annotations
@@ -13,41 +16,41 @@ from typing import Any, Iterator
 import torch
 
 from diffusionvl.config import DecodeConfig
-from diffusionvl.decoding.block import DecodeState, charge, mark_done
+from diffusionvl.decoding.block import OpenForward, finish_block, new_state
 from diffusionvl.decoding.layout import Layout
-from diffusionvl.decoding.runner import Runner
-from diffusionvl.sampling import sample
+from diffusionvl.decoding.plain import open_plain
+from diffusionvl.decoding.protocol import DecoderModel
+from diffusionvl.decoding.state import DecodeState, charge
+from diffusionvl.decoding.steps import ARStepper
 
 Tensor = torch.Tensor
 
 
-def ar_decode(model: Any, layout: Layout, vision: Any, cfg: DecodeConfig, stop_ids: Tensor,
-              generator: torch.Generator | None, chunk: int = 8) -> Iterator[DecodeState]:
-    head = model.adapter.head
-    runner = Runner(model, layout, vision, use_cache=True)
-    tokens = layout.tokens.to(model.device)
-    state = DecodeState(layout, tokens, torch.zeros(tokens.shape[0], dtype=torch.bool, device=tokens.device))
-    p = layout.prefill
-    logits = head(runner.forward(tokens[:, :p], 0)[:, -1])  # [N, V]
-    state.prefill_forwards = 1
-    last_mark = p
-    for j in range(cfg.max_new_tokens):
-        logits = logits.float()
-        logits[:, model.mask_token_id] = float("-inf")
-        nxt, _ = sample(logits, cfg.temperature, cfg.top_k, cfg.top_p, generator)
-        tokens[:, p + j] = nxt
-        end = p + j + 1
-        if end - last_mark >= chunk or j == cfg.max_new_tokens - 1:
-            charge(state, None, runner.forwards - 1 - state.forwards)  # this chunk's forwards, to samples not done
-            state.forwards = runner.forwards - 1
-            mark_done(state, last_mark, end, stop_ids, cfg.max_new_tokens)
-            last_mark = end
-            yield state
-            if bool(state.done.all()):
-                return
-        if j < cfg.max_new_tokens - 1:
-            q = p + j
-            if j % chunk == 0:  # one mask (and one cache view length) per chunk of tokens
-                kv_end = min(q + chunk, layout.total)
-                runner.prepare_mask(q, kv_end, kv_end)
-            logits = head(runner.forward(tokens[:, q:q + 1], q, kv_len=kv_end)[:, -1])
+def ar_decode(model: DecoderModel, layout: Layout, vision: Any, cfg: DecodeConfig, stop_ids: Tensor,
+              generator: torch.Generator | None, open_forward: OpenForward = open_plain,
+              chunk: int = 8) -> Iterator[DecodeState]:
+    p, last = layout.prefill, cfg.max_new_tokens - 1
+    with open_forward(model, layout, vision, cfg, use_cache=True, attention_block=1) as fwd:
+        stepper = fwd.stepper(lambda f: ARStepper(f, model, cfg))
+        state = new_state(fwd, layout)
+        logits = stepper.prepare(model.adapter.head(fwd.prefill(p)[:, -1]))  # [N, V]
+        state.prefill_forwards = 1
+        fwd.aim(stepper.slot, p - 1)
+        stepper.advance(logits, generator)  # token 0 at slot p
+        last_mark, forwards = p, 0
+        for j in range(cfg.max_new_tokens):  # token j is in slot p + j
+            end = p + j + 1
+            if end - last_mark >= chunk or j == last:
+                charge(state, None, forwards - state.forwards)  # this chunk's forwards, to samples not done
+                finish_block(state, fwd, forwards, last_mark, end, stop_ids, cfg.max_new_tokens)
+                last_mark = end
+                yield state
+                if bool(state.done.all()):
+                    return
+            if j < last:
+                if j % chunk == 0:  # one mask (and one cache view length) per chunk of tokens
+                    fwd.plan(p + j, min(p + j + chunk, layout.total))
+                logits = fwd.run("token", stepper.fns["token"])
+                if logits is not None:
+                    stepper.advance(logits, generator)
+                forwards += 1

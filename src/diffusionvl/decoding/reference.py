@@ -13,6 +13,8 @@ Two deliberate differences, neither affecting speed: masked positions are found 
 comparing float embeddings, and the mask token itself is never sampled (the reference can sample it and then loop).
 The reference also re-derives the prompt ids from the prompt embeddings with an argmax over the vocabulary; here the
 ids are given. With B = S = 8, a 512-token prompt and 256 new tokens this costs 1 + 32 * 9 = 289 forwards.
+The backbone forward itself is the plain slot forward (plain.py) given that `DynamicCache`, so the reference differs
+from our decoders only in its loop.
 """
 
 from __future__ import annotations
@@ -23,7 +25,9 @@ from typing import Any
 
 import torch
 
-from diffusionvl import attention, masks
+from diffusionvl.decoding.layout import build_layout
+from diffusionvl.decoding.plain import PlainForward
+from diffusionvl.decoding.protocol import Window
 from diffusionvl.sampling import sample, transfer_schedule
 
 Tensor = torch.Tensor
@@ -52,53 +56,36 @@ def _row_transfer(conf: Tensor, is_mask: Tensor, k: int, policy: str, threshold:
     return transfer
 
 
-class _Forward:
-    """Backbone forward over slots [s, e) with a DynamicCache and slices of one precomputed block-causal mask."""
-
-    def __init__(self, model: Any, n: int, total: int, block_size: int):
-        from transformers import DynamicCache
-
-        self.model, self.adapter = model, model.adapter
-        dev = model.device
-        q = torch.arange(total, device=dev)
-        text_cfg = self.adapter.text_config
-
-        def rule(window: int | None) -> Tensor:
-            return masks.block_causal_dense_mask(q, total, torch.zeros(1, dtype=torch.long, device=dev), block_size,
-                                                 window)  # [1, 1, T, T]
-
-        self.mask = attention.build(rule, text_cfg, text_cfg, model.dtype)
-        self.positions = q.view(1, 1, -1).expand(self.adapter.position_dims, n, total)  # [P, N, T]
-        self.cache = DynamicCache()
-        self.forwards = 0
-
-    def __call__(self, ids: Tensor, s: int, store: bool) -> Tensor:
-        e = s + ids.shape[1]
-        mask = ({k: v[:, :, s:e, :e] for k, v in self.mask.items()} if isinstance(self.mask, dict)
-                else self.mask[:, :, s:e, :e])
-        embeds = self.adapter.input_embeddings()(ids)
-        hidden = self.adapter.run_decoder(embeds, mask, self.positions[:, :, s:e], self.cache)
-        if not store:
-            self.cache.crop(-ids.shape[1])  # the reference's store_kv=False: attend to the block, keep nothing
-        self.forwards += 1
-        return hidden
-
-
-def _denoise_block(fwd: _Forward, cur: Tensor, s: int, schedule: list[int], policy: str, threshold: float,
-                   temperature: float) -> Tensor:
-    mask_id = fwd.model.mask_token_id
+def _denoise_block(fwd: PlainForward, block: Window, mask_id: int, schedule: list[int], policy: str,
+                   threshold: float, temperature: float) -> int:
+    """Denoise the canvas block at `block` the reference's way; returns the forwards it took."""
     for step in range(len(schedule) + 1):
-        is_mask = cur == mask_id  # [N, B]
+        cur = fwd.read(block)  # [N, B]
+        is_mask = cur == mask_id
         if not bool(is_mask.any()):
-            fwd(cur, s, store=True)  # the separate commit forward
-            break
-        logits = fwd.adapter.head(fwd(cur, s, store=False)).float()  # [N, B, V]
+            fwd.hidden(block)  # the separate commit forward: its keys stay in the cache
+            return step + 1
+        logits = fwd.adapter.head(fwd.hidden(block)).float()  # [N, B, V]
+        fwd.cache.crop(-block.length)  # the reference's store_kv=False: attend to the block, keep nothing
         logits[..., mask_id] = float("-inf")
         x0, conf = sample(logits, temperature)
         k = schedule[min(step, len(schedule) - 1)]
         transfer = _row_transfer(conf, is_mask, k, policy, threshold)
-        cur = torch.where(transfer, x0, cur)
-    return cur
+        fwd.write(block, torch.where(transfer, x0, cur))
+    return len(schedule) + 1
+
+
+def _reference_forward(model: Any, input_ids: Tensor, gen_length: int, block_size: int) -> PlainForward:
+    """The plain slot forward over [prompt ; masks] (no padding: equal-length prompts) with a transformers
+    `DynamicCache` that grows by concatenation, as the reference's."""
+    from transformers import DynamicCache
+
+    n, plen = input_ids.shape
+    dims = model.adapter.position_dims
+    positions = [(torch.arange(plen).view(1, -1).expand(dims, -1), 0)] * n
+    layout = build_layout(input_ids.tolist(), positions, block_size, gen_length, model.mask_token_id,
+                          model.pad_token_id)
+    return PlainForward(model, layout, None, cache=DynamicCache(), attention_block=block_size)
 
 
 @torch.inference_mode()
@@ -106,24 +93,23 @@ def reference_generate(model: Any, input_ids: Tensor, gen_length: int, block_siz
                        policy: str = "static", threshold: float = 0.9, temperature: float = 0.0,
                        stop_ids: list[int] | None = None) -> ReferenceResult:
     t0 = time.perf_counter()
-    dev = model.device
     n, plen = input_ids.shape
-    num_blocks = -(-(plen + gen_length) // block_size)
-    total = num_blocks * block_size
-    x = torch.full((n, total), model.mask_token_id, dtype=torch.long, device=dev)
-    x[:, :plen] = input_ids.to(dev)
-    fwd = _Forward(model, n, total, block_size)
+    fwd = _reference_forward(model, input_ids, gen_length, block_size)
+    num_blocks, forwards = fwd.tokens.shape[1] // block_size, 0
     prefill_blocks = plen // block_size
     if prefill_blocks > 0:
-        fwd(x[:, :prefill_blocks * block_size], 0, store=True)
+        fwd.prefill(prefill_blocks * block_size)
+        forwards += 1
     schedule = transfer_schedule(block_size, steps)
-    stops = torch.tensor(sorted(stop_ids or []), dtype=torch.long, device=dev)
+    stops = torch.tensor(sorted(stop_ids or []), dtype=torch.long, device=model.device)
     first: float | None = None
+    block = fwd.window(block_size)
     for b in range(prefill_blocks, num_blocks):
         s, e = b * block_size, (b + 1) * block_size
-        x[:, s:e] = _denoise_block(fwd, x[:, s:e].clone(), s, schedule, policy, threshold, temperature)
+        fwd.aim(block, s)
+        forwards += _denoise_block(fwd, block, model.mask_token_id, schedule, policy, threshold, temperature)
         if first is None:
             first = time.perf_counter() - t0
-        if e > plen and bool(torch.isin(x[:, max(plen, s):e], stops).any()):
+        if e > plen and bool(torch.isin(fwd.tokens[:, max(plen, s):e], stops).any()):
             break  # the reference stops the whole batch at the first stop token of any row
-    return ReferenceResult(x[:, plen:plen + gen_length], fwd.forwards, first)
+    return ReferenceResult(fwd.tokens[:, plen:plen + gen_length], forwards, first)

@@ -1,33 +1,40 @@
-"""Static-shape decoding state for the fast path: buffers allocated once per shape and reused across calls.
+"""The static slot forward of the fast path: buffers allocated once per shape and reused across calls.
 
-Contract: a `StaticSession` owns, for one shape (model, batch N, canvas length T, decoder and its settings), every
-tensor a decoding step touches: the token canvas [N, T], positions [P, N, T], each sample's first real slot, a
-`BlockKVCache` of T slots (none for the full-diffusion baseline), image embeddings padded to T when the prompt has
-images, and a `StepExecutor` (backend.py) holding the step shapes' CUDA graphs. `forward(slots, view_len)` runs the
-backbone on the canvas tokens at `slots` (a [Q] device tensor whose storage never changes for a given step shape),
-with attention reading the first `view_len` cache slots. Captured steps read all T slots (fixed shapes): the
-block-causal mask hides every slot after the query's block, so the result equals reading only the live prefix.
-Embeddings, positions and the mask are all computed on the device from these buffers, which is what lets a CUDA
-graph replay a step with new slot values.
+Contract: a `StaticSession` implements protocol.SlotForward for one shape (model, batch N, canvas length T,
+decoder and its settings). It owns every tensor a decoding step touches: the token canvas [N, T], positions
+[P, N, T], each sample's first real slot, a `BlockKVCache` of T slots (none for the full-diffusion baseline), image
+embeddings padded to T when the prompt has images, the decoder's stepper (steps.py: windows, is-mask state, ...),
+created once per session, and a `StepExecutor` (backend.py) holding the step shapes' CUDA graphs. Windows are
+device slot buffers (same storage for the session's life) that `aim` refills in place and `advance` moves inside a
+step; `hidden(window)` runs the backbone on the canvas tokens at the window's slots with attention reading all T
+slots (fixed shapes): the block-causal mask (`attention_block` = B; = T for full diffusion, i.e. bidirectional)
+hides every slot after the query's block, so the result equals reading only the live prefix (plain.py). Embeddings,
+positions and the mask are all computed on the device from these buffers, which is what lets a CUDA graph replay a
+step with new slot values. The prefill runs eagerly, reading only its own slots.
 Sessions are cached per model (`acquire`, LRU of `MAX_SESSIONS`) so graphs captured in one call are replayed by the
 next call of the same shape; `load(layout, vision)` refills the buffers in place. A session in use by one decoding
 generator is never handed to another (a second concurrent call of the same shape gets its own session).
+`open_static` is the decoders' factory for it (plain.py's `open_plain` is the other one).
 """
 
 from __future__ import annotations
 
 import weakref
 from collections import OrderedDict
-from typing import Any, Callable
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator, TypeVar
 
 import torch
 
-from diffusionvl import attention, masks
 from diffusionvl.cache import BlockKVCache
+from diffusionvl.config import DecodeConfig
 from diffusionvl.decoding.backend import StepExecutor
 from diffusionvl.decoding.layout import Layout
+from diffusionvl.decoding.protocol import DecoderModel, Window
+from diffusionvl.decoding.slots import prompt_images, slot_mask, with_images
 
 Tensor = torch.Tensor
+T = TypeVar("T")
 
 MAX_SESSIONS = 4  # per model; each holds a KV cache of N x T slots (and, on GPU, its CUDA graphs)
 SLOT_BUCKET = 128  # cached decoders round T up to a multiple of this, so nearby prompt lengths share a session
@@ -40,25 +47,34 @@ def bucketed(total: int) -> int:
 
 
 class StaticSession:
-    def __init__(self, model: Any, n: int, total: int, mask_block: int, use_cache: bool, has_vision: bool,
-                 mode: str):
+    def __init__(self, model: DecoderModel, n: int, total: int, attention_block: int, use_cache: bool,
+                 has_vision: bool, mode: str):
         dev, adapter = model.device, model.adapter
         self.model, self.adapter, self.device = model, adapter, dev
-        self.n, self.total, self.mask_block, self.dtype = n, total, mask_block, model.dtype
+        self.n, self.total, self.attention_block, self.dtype = n, total, attention_block, model.dtype
         self.tokens = torch.zeros(n, total, dtype=torch.long, device=dev)  # [N, T]
         self.positions = torch.zeros(adapter.position_dims, n, total, dtype=torch.long, device=dev)  # [P, N, T]
         self.start = torch.zeros(n, dtype=torch.long, device=dev)  # [N]
         self.text_config = adapter.text_config  # looked up once: config attribute access is slow in transformers 5
         self.cache = BlockKVCache(self.text_config.num_hidden_layers, total) if use_cache else None
-        self.vision_embeds: Tensor | None = None  # [N, T, D], image rows filled (prompt region only)
-        self.vision_where: Tensor | None = None  # [N, T] bool, True at image-token slots
+        self.image_embeds: Tensor | None = None  # [N, T, D], image rows filled (prompt region only)
+        self.image_where: Tensor | None = None  # [N, T] bool, True at image-token slots
         if has_vision:
             width = adapter.input_embeddings().weight.shape[1]
-            self.vision_embeds = torch.zeros(n, total, width, dtype=model.dtype, device=dev)
-            self.vision_where = torch.zeros(n, total, dtype=torch.bool, device=dev)
+            self.image_embeds = torch.zeros(n, total, width, dtype=model.dtype, device=dev)
+            self.image_where = torch.zeros(n, total, dtype=torch.bool, device=dev)
+        self.arange = torch.arange(total, device=dev)
         self.executor = StepExecutor(mode, dev)
-        self.steps: Any = None  # the decoder's step object (fast.py), created once per session
+        self._stepper: Any = None  # the decoder's stepper (steps.py), made once per session
         self.busy = False
+
+    @property
+    def backend(self) -> str:
+        return f"fast/{self.executor.mode}"
+
+    @property
+    def notes(self) -> list[str]:
+        return self.executor.fallbacks
 
     def load(self, layout: Layout, vision: dict[str, Any] | None) -> None:
         """Refill the buffers for a new call of the same shape (prompt tokens, positions, padding, images)."""
@@ -66,34 +82,74 @@ class StaticSession:
         self.tokens[:, :t] = layout.tokens
         self.positions[:, :, :t] = layout.positions
         self.start.copy_(layout.start)
-        if self.vision_embeds is not None and self.vision_where is not None:
-            region = int((layout.start + layout.prompt_len).max())
-            ids = self.tokens[:, :region]
-            self.vision_embeds[:, :region] = self.adapter.embed(ids, vision)  # [N, R, D], as Runner does
-            self.vision_where.zero_()
-            self.vision_where[:, :region] = ids == self.adapter.image_token_id
+        if self.image_embeds is not None and self.image_where is not None:
+            images = prompt_images(self.adapter, self.tokens, layout, vision)
+            assert images is not None
+            region = images[0].shape[1]
+            self.image_embeds[:, :region] = images[0]  # [N, R, D]
+            self.image_where.zero_()
+            self.image_where[:, :region] = images[1]
 
-    def mask(self, slots: Tensor, view_len: int) -> Any:
-        def rule(window: int | None) -> Tensor:
-            return masks.block_causal_dense_mask(slots, view_len, self.start, self.mask_block, window)
+    # ---- windows on the canvas: device slot buffers ------------------------------------------------------------
+    def window(self, length: int) -> Window:
+        if length > self.arange.shape[0]:
+            self.arange = torch.arange(length, device=self.device)
+        return Window(length, slots=torch.zeros(length, dtype=torch.long, device=self.device))
 
-        return attention.build(rule, self.text_config, self.text_config, self.dtype)
+    def aim(self, window: Window, start: int) -> None:
+        window.start = start
+        assert window.slots is not None
+        window.slots.copy_(self.arange[:window.length] + start)
 
-    def forward(self, slots: Tensor, view_len: int) -> Tensor:
+    def advance(self, window: Window) -> None:
+        assert window.slots is not None
+        window.slots.add_(1)
+
+    def read(self, window: Window) -> Tensor:
+        return self.tokens.index_select(1, window.slots)
+
+    def write(self, window: Window, values: Tensor) -> None:
+        self.tokens.index_copy_(1, window.slots, values)
+
+    def rows(self, hidden: Tensor, of: Window, at: Window) -> Tensor:
+        assert of.slots is not None and at.slots is not None
+        return hidden.index_select(1, at.slots - of.slots[:1])
+
+    # ---- forwards ----------------------------------------------------------------------------------------------
+    def prefill(self, length: int) -> Tensor:
+        return self._forward(self.arange[:length], length)
+
+    def hidden(self, window: Window) -> Tensor:
+        assert window.slots is not None
+        return self._forward(window.slots, self.total)
+
+    def plan(self, start: int, end: int) -> None:
+        pass  # attention always reads the whole canvas
+
+    def run(self, name: str, step: Callable[[], Any]) -> Any:
+        return self.executor.run(name, step)
+
+    def stepper(self, make: Callable[["StaticSession"], T]) -> T:
+        if self._stepper is None:
+            self._stepper = make(self)
+        return self._stepper
+
+    def forget_captures(self) -> None:
+        self.executor.reset()
+
+    def _forward(self, slots: Tensor, view_len: int) -> Tensor:
         """Canvas tokens at `slots` [Q] -> hidden [N, Q, D]; writes their keys/values at those cache slots."""
         ids = self.tokens.index_select(1, slots)  # [N, Q]
         embeds = self.adapter.input_embeddings()(ids)  # [N, Q, D]
-        if self.vision_embeds is not None and self.vision_where is not None:
-            where = self.vision_where.index_select(1, slots).unsqueeze(-1)  # [N, Q, 1]
-            embeds = torch.where(where, self.vision_embeds.index_select(1, slots), embeds)
+        if self.image_embeds is not None and self.image_where is not None:
+            embeds = with_images(embeds, self.image_embeds.index_select(1, slots),
+                                 self.image_where.index_select(1, slots))
         positions = self.positions.index_select(2, slots)  # [P, N, Q]
         if self.cache is not None:
             self.cache.slots = slots  # bind (not copy): a captured graph reads this very buffer
             self.cache.view_len = view_len
-        return self.adapter.run_decoder(embeds, self.mask(slots, view_len), positions, self.cache)
-
-    def run(self, name: str, fn: Callable[[], Any]) -> Any:
-        return self.executor.run(name, fn)
+        mask = slot_mask(self.text_config, self.dtype, slots, view_len, self.start, self.attention_block)
+        return self.adapter.run_decoder(embeds, mask, positions, self.cache)
 
 
 _SESSIONS: "weakref.WeakKeyDictionary[Any, OrderedDict[tuple, StaticSession]]" = weakref.WeakKeyDictionary()
@@ -105,19 +161,19 @@ def _weights_key(model: Any) -> tuple:
     return (len(params), params[0].data_ptr(), params[-1].data_ptr(), str(params[0].device), params[0].dtype)
 
 
-def acquire(model: Any, key: tuple, layout: Layout, vision: dict[str, Any] | None, *, total: int, mask_block: int,
-            use_cache: bool, mode: str) -> StaticSession:
+def acquire(model: DecoderModel, key: tuple, layout: Layout, vision: dict[str, Any] | None, *, total: int,
+            attention_block: int, use_cache: bool, mode: str) -> StaticSession:
     """A free session of `total` >= layout.total slots (cached, or new), loaded with `layout`; `release` it after."""
     has_vision = bool(vision) and vision.get("pixel_values") is not None
     n = layout.tokens.shape[0]
-    full_key = (key, n, total, mask_block, use_cache, has_vision, mode, _weights_key(model))
+    full_key = (key, n, total, attention_block, use_cache, has_vision, mode, _weights_key(model))
     cache = _SESSIONS.setdefault(model, OrderedDict())
     index = 0
     while (full_key, index) in cache and cache[(full_key, index)].busy:
         index += 1
     session = cache.pop((full_key, index), None)
     if session is None:
-        session = StaticSession(model, n, total, mask_block, use_cache, has_vision, mode)
+        session = StaticSession(model, n, total, attention_block, use_cache, has_vision, mode)
     cache[(full_key, index)] = session  # most recently used last
     free = [k for k, s in cache.items() if not s.busy and s is not session]
     while len(cache) > MAX_SESSIONS and free:
@@ -134,3 +190,24 @@ def release(session: StaticSession) -> None:
 def clear_sessions(model: Any) -> None:
     """Drop every cached session of `model` (frees their KV caches and CUDA graphs)."""
     _SESSIONS.pop(model, None)
+
+
+def settings_key(cfg: DecodeConfig, model: DecoderModel) -> tuple:
+    """Everything a captured step bakes in besides shapes (policy, sampling, alignment, special ids)."""
+    return (cfg.decoder, cfg.block_size, cfg.policy, cfg.threshold, cfg.temperature, cfg.top_k, cfg.top_p,
+            model.config.prediction, model.mask_token_id)
+
+
+@contextmanager
+def open_static(model: DecoderModel, layout: Layout, vision: dict[str, Any] | None, cfg: DecodeConfig, *,
+                use_cache: bool, attention_block: int, mode: str) -> Iterator[StaticSession]:
+    """A session for this call, released after it: cached decoders get a canvas rounded up to `SLOT_BUCKET` slots
+    (`bucketed`); full diffusion (no cache, `attention_block` = T) exactly the layout's canvas, all of it visible."""
+    total = bucketed(layout.total) if use_cache else layout.total
+    block = attention_block if use_cache else total
+    session = acquire(model, settings_key(cfg, model), layout, vision, total=total, attention_block=block,
+                      use_cache=use_cache, mode=mode)
+    try:
+        yield session
+    finally:
+        release(session)

@@ -1,0 +1,45 @@
+"""What both slot forwards (plain.py, static.py) compute the same way: prompt image embeddings and the slot mask.
+
+Contract: `prompt_images` runs the vision tower once per call over the prompt region of the canvas and returns the
+embeddings with image features in place ([N, R, D]) and where they are ([N, R] bool, image-token slots);
+`with_images` puts those rows into a forward's token embeddings. `slot_mask` builds the block-causal inference mask
+(masks.py) of query slots over the first `kv_len` slots in the form the backbone's attention expects
+(attention.py); `attention_block` = B gives block-causal attention, = T (the whole canvas) bidirectional.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from diffusionvl import attention, masks
+from diffusionvl.decoding.layout import Layout
+
+Tensor = torch.Tensor
+
+
+def prompt_images(adapter: Any, tokens: Tensor, layout: Layout,
+                  vision: dict[str, Any] | None) -> tuple[Tensor, Tensor] | None:
+    """(embeddings [N, R, D], image-token slots [N, R]) over the prompt region R of `tokens` [N, >=R]; None without
+    images."""
+    if not vision:
+        return None
+    region = int((layout.start + layout.prompt_len).max())
+    ids = tokens[:, :region]
+    return adapter.embed(ids, vision), ids == adapter.image_token_id
+
+
+def with_images(embeds: Tensor, image_embeds: Tensor, where: Tensor) -> Tensor:
+    """embeds [N, Q, D] with the rows at `where` [N, Q] taken from image_embeds [N, Q, D]."""
+    return torch.where(where.unsqueeze(-1), image_embeds, embeds)
+
+
+def slot_mask(text_config: Any, dtype: torch.dtype, q_slots: Tensor, kv_len: int, start: Tensor,
+              attention_block: int) -> Any:
+    """Mask of queries at `q_slots` [Q] over keys [0, kv_len); `start` [N] is each sample's first real slot."""
+
+    def rule(window: int | None) -> Tensor:
+        return masks.block_causal_dense_mask(q_slots, kv_len, start, attention_block, window)
+
+    return attention.build(rule, text_config, text_config, dtype)
