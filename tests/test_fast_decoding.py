@@ -1,5 +1,6 @@
-"""The fast decoding path (static shapes, device-side state, capturable steps) gives the plain path's tokens, and
-its backend choice degrades cleanly: decoding/fast.py, static.py, backend.py. CPU, fp32, tiny random models."""
+"""The two slot forwards the decoding loops run on, plain (decoding/plain.py: dynamic shapes) and static
+(static.py: static shapes, device-side windows, capturable steps), give the same hidden states and, through the same
+loops, the same tokens; the backend choice degrades cleanly (backend.py). CPU, fp32, tiny random models."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import pytest
 import torch
 
 from conftest import has_cuda, red_square, tiny_diffusion
-from diffusionvl.config import DecodeConfig
+from diffusionvl.core.config import DecodeConfig
 from diffusionvl.decoding import backend, static
 
 PROMPTS = ["Hello, how are you?", "What is the capital of France? Answer in one short sentence, please.",
@@ -32,11 +33,50 @@ def _assert_same(plain, quick, backend_name="fast/eager"):
     assert plain.stats["backend"] == "plain" and quick.stats["backend"] == backend_name
 
 
-# ---- fast == plain, token for token ------------------------------------------------------------------------------
+# ---- the two forwards, directly ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("arch", ["qwen2", "gemma3", "qwen2_5_vl"])
+def test_static_forward_equals_plain_forward(arch):
+    """For the same canvas, the static forward (whole bucketed canvas, device windows) computes the plain forward's
+    hidden states (live prefix only) for the prefill and a block's fused and plain step windows; windows read,
+    write, advance and select rows alike."""
+    from diffusionvl.decoding import _layout
+    from diffusionvl.decoding.plain import open_plain
+    from diffusionvl.decoding.static import open_static
+    from diffusionvl.backbone.prompts import to_conversation
+
+    dm = tiny_diffusion(arch, block_size=4)
+    images = [[red_square()], [red_square(color="blue")]] if arch == "qwen2_5_vl" else [None, None]
+    encoded = dm.adapter.encode([to_conversation(p, im) for p, im in zip(PROMPTS[:2], images)])
+    cfg = DecodeConfig(block_size=4, steps=2, max_new_tokens=9).resolved(4)
+    static.clear_sessions(dm)
+    with torch.inference_mode():
+        layout = _layout(dm, encoded, cfg)
+        kw = dict(use_cache=True, attention_block=4)
+        with open_plain(dm, layout, encoded.vision, cfg, **kw) as plain, \
+                open_static(dm, layout, encoded.vision, cfg, mode="eager", **kw) as quick:
+            assert quick.tokens.shape[1] > plain.tokens.shape[1] == layout.total  # bucketed canvas
+            p = layout.prefill
+            torch.testing.assert_close(quick.prefill(p), plain.prefill(p), rtol=1e-5, atol=1e-5)
+            for start, length in [(p, 4), (p - 4, 8)]:  # a plain step, then a fused step one block later
+                wins = [(fwd, fwd.window(length), fwd.window(2)) for fwd in (plain, quick)]
+                for fwd, win, pair in wins:
+                    fwd.aim(win, start)
+                    fwd.aim(pair, start + 1)
+                (hp, wp, pp), (hq, wq, pq) = [(fwd.hidden(w), w, r) for fwd, w, r in wins]
+                torch.testing.assert_close(hq, hp, rtol=1e-5, atol=1e-5)
+                torch.testing.assert_close(quick.rows(hq, wq, pq), plain.rows(hp, wp, pp), rtol=1e-5, atol=1e-5)
+                assert torch.equal(quick.read(wq), plain.read(wp))
+            for fwd, win, pair in wins:
+                fwd.advance(pair)
+                fwd.write(pair, torch.tensor([[7, 8], [9, 10]]))
+            assert torch.equal(quick.tokens[:, :layout.total], plain.tokens)
+
+
+# ---- static forward == plain forward, token for token, through the same loops --------------------------------------
 @pytest.mark.parametrize("arch", ["qwen2", "gemma3"])
 @pytest.mark.parametrize("prediction", ["shift", "same"])
 @pytest.mark.parametrize("decoder,policy,temperature", CASES)
-def test_fast_equals_plain_batched(arch, prediction, decoder, policy, temperature):
+def test_static_forward_equals_plain_forward_batched(arch, prediction, decoder, policy, temperature):
     """Batched, different prompt lengths (left padding, prompt leftovers in the first block), both alignments,
     greedy and sampled (same generator draws in the same order)."""
     dm = tiny_diffusion(arch, block_size=4, prediction=prediction)
@@ -46,7 +86,7 @@ def test_fast_equals_plain_batched(arch, prediction, decoder, policy, temperatur
 
 @pytest.mark.parametrize("decoder,policy", [("block", "static"), ("block", "threshold"), ("ar", "static"),
                                             ("full", "static")])
-def test_fast_equals_plain_vision(decoder, policy):
+def test_static_forward_equals_plain_forward_vision(decoder, policy):
     """Qwen2.5-VL: M-RoPE positions and cached image features read from the static buffers."""
     dm = tiny_diffusion("qwen2_5_vl", block_size=4)
     images = [[red_square()], [red_square(color="blue")], [red_square((60, 60))]]
@@ -56,7 +96,7 @@ def test_fast_equals_plain_vision(decoder, policy):
 
 def _generate_ids(dm, ids, fast, **kw):
     """Decode pre-tokenized prompts (exact lengths) through the public front end."""
-    from diffusionvl.adapters import Encoded
+    from diffusionvl.backbone.adapters import Encoded
     from diffusionvl.decoding import run_encoded
 
     cfg = DecodeConfig(fast=fast, **(dict(block_size=4, steps=2, max_new_tokens=9) | kw))

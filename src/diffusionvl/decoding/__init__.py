@@ -23,7 +23,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from diffusionvl.config import DecodeConfig
+from diffusionvl.core.config import DecodeConfig
 from diffusionvl.decoding import backend
 from diffusionvl.decoding.ar import ar_decode
 from diffusionvl.decoding.block import block_decode, full_decode
@@ -31,7 +31,7 @@ from diffusionvl.decoding.layout import Layout, build_layout
 from diffusionvl.decoding.protocol import DecoderModel
 from diffusionvl.decoding.state import DecodeState
 from diffusionvl.decoding.static import open_static
-from diffusionvl.errors import DiffusionVLError
+from diffusionvl.core.errors import DiffusionVLError
 
 Tensor = torch.Tensor
 

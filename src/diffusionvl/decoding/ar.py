@@ -15,7 +15,7 @@ from typing import Any, Iterator
 
 import torch
 
-from diffusionvl.config import DecodeConfig
+from diffusionvl.core.config import DecodeConfig
 from diffusionvl.decoding.block import OpenForward, finish_block, new_state
 from diffusionvl.decoding.layout import Layout
 from diffusionvl.decoding.plain import open_plain

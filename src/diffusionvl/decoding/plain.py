@@ -19,7 +19,7 @@ from typing import Any, Callable, Iterator, TypeVar
 
 import torch
 
-from diffusionvl.cache import BlockKVCache
+from diffusionvl.core.cache import BlockKVCache
 from diffusionvl.decoding.layout import Layout
 from diffusionvl.decoding.protocol import DecoderModel, Window
 from diffusionvl.decoding.slots import prompt_images, slot_mask, with_images

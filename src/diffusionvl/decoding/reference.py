@@ -28,7 +28,7 @@ import torch
 from diffusionvl.decoding.layout import build_layout
 from diffusionvl.decoding.plain import PlainForward
 from diffusionvl.decoding.protocol import Window
-from diffusionvl.sampling import sample, transfer_schedule
+from diffusionvl.core.sampling import sample, transfer_schedule
 
 Tensor = torch.Tensor
 

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from diffusionvl import attention, masks
+from diffusionvl.core import attention, masks
 from diffusionvl.decoding.layout import Layout
 
 Tensor = torch.Tensor

@@ -22,9 +22,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from diffusionvl.config import DecodeConfig
+from diffusionvl.core.config import DecodeConfig
 from diffusionvl.decoding.layout import Layout
-from diffusionvl.sampling import POLICIES, sample
+from diffusionvl.core.sampling import POLICIES, sample
 
 Tensor = torch.Tensor
 

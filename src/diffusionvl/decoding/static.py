@@ -26,8 +26,8 @@ from typing import Any, Callable, Iterator, TypeVar
 
 import torch
 
-from diffusionvl.cache import BlockKVCache
-from diffusionvl.config import DecodeConfig
+from diffusionvl.core.cache import BlockKVCache
+from diffusionvl.core.config import DecodeConfig
 from diffusionvl.decoding.backend import StepExecutor
 from diffusionvl.decoding.layout import Layout
 from diffusionvl.decoding.protocol import DecoderModel, Window

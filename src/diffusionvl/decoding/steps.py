@@ -23,10 +23,10 @@ from typing import Any, Callable
 
 import torch
 
-from diffusionvl.config import DecodeConfig
+from diffusionvl.core.config import DecodeConfig
 from diffusionvl.decoding.state import DecodeState, denoise, live_masks
 from diffusionvl.decoding.protocol import DecoderModel, SlotForward, Window
-from diffusionvl.sampling import sample
+from diffusionvl.core.sampling import sample
 
 Tensor = torch.Tensor
 
