@@ -17,11 +17,11 @@ import time
 import torch
 from PIL import Image, ImageDraw
 
-from diffusionvl import assets
-from diffusionvl.compose import compose
-from diffusionvl.train.parts import parameter_counts, set_trainable
-from diffusionvl.wrapping import wrap
-from diffusionvl.prompts import to_conversation
+from diffusionvl.backbone import assets
+from diffusionvl.backbone.compose import compose
+from diffusionvl.jobs.train.parts import parameter_counts, set_trainable
+from diffusionvl.model.wrapping import wrap
+from diffusionvl.backbone.prompts import to_conversation
 
 COLOURS = ["red", "blue", "green", "yellow", "purple", "orange", "white", "black"]
 

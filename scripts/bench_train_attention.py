@@ -30,8 +30,8 @@ def build_model(tiny: bool, device: torch.device, block_size: int) -> Any:
     """A random DiffusionVLModel of the benchmark shape (tiny: the test suite's tiny Qwen2)."""
     import transformers as tf
 
-    from diffusionvl.wrapping import wrap
-    from diffusionvl.tiny import make_tiny, tiny_tokenizer
+    from diffusionvl.model.wrapping import wrap
+    from diffusionvl.backbone.tiny import make_tiny, tiny_tokenizer
 
     if tiny:
         hf, tok = make_tiny("qwen2")
@@ -63,7 +63,7 @@ def sync(device: torch.device) -> None:
 
 
 def run_case(model: Any, backend: str, length: int, args: argparse.Namespace, device: torch.device) -> dict:
-    from diffusionvl.train.trainer import set_attention
+    from diffusionvl.jobs.train.trainer import set_attention
 
     set_attention(model, backend)
     batch = make_batch(model, length, args.batch, device)

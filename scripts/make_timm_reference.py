@@ -72,7 +72,7 @@ def main() -> None:
     import timm
     import torch
 
-    from diffusionvl.assets import EFFICIENTNET, source_file
+    from diffusionvl.backbone.assets import EFFICIENTNET, source_file
 
     model = timm.create_model("tf_efficientnet_lite0", pretrained=False).eval()
     layout = [[k, list(v.shape)] for k, v in model.state_dict().items()]

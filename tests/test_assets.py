@@ -22,9 +22,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from diffusionvl import assets, cli
-from diffusionvl.errors import DiffusionVLError
-from diffusionvl.vision import efficientnet as effnet
+from diffusionvl import cli
+from diffusionvl.backbone import assets
+from diffusionvl.core.errors import DiffusionVLError
+from diffusionvl.backbone.vision import efficientnet as effnet
 
 ROOT = Path(__file__).resolve().parents[1]
 REFERENCE = json.loads((ROOT / "tests" / "data" / "timm_tf_efficientnet_lite0.json").read_text())

@@ -1,4 +1,4 @@
-"""diffusionvl.atomic: plain-write permissions, fsync before the rename, no debris and the previous content kept on
+"""diffusionvl.core.atomic: plain-write permissions, fsync before the rename, no debris and the previous content kept on
 any failure (an exception from the writer, KeyboardInterrupt, a failed swap)."""
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ from typing import Callable, Iterator
 
 import pytest
 
-from diffusionvl import atomic
-from diffusionvl.errors import DiffusionVLError
+from diffusionvl.core import atomic
+from diffusionvl.core.errors import DiffusionVLError
 
 
 @pytest.fixture(params=[0o022, 0o077], ids=["umask022", "umask077"])

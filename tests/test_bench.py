@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from conftest import tiny_diffusion
-from diffusionvl.bench import CASES, BenchConfig, markdown_table, run_bench, stop_tokens_disabled
+from diffusionvl.jobs.bench import CASES, BenchConfig, markdown_table, run_bench, stop_tokens_disabled
 from diffusionvl.cli import main
-from diffusionvl.config import DecodeConfig
+from diffusionvl.core.config import DecodeConfig
 
 
 def _tiny_cfg(tmp_path, **kw):
@@ -88,7 +88,7 @@ def test_stop_tokens_disabled_and_restored():
 @pytest.mark.parametrize("arch", ["qwen2", "gemma3"])
 @pytest.mark.parametrize("policy", ["static", "threshold"])
 def test_reference_loop_equals_block_decoder(arch, policy):
-    from diffusionvl.adapters import Encoded
+    from diffusionvl.backbone.adapters import Encoded
     from diffusionvl.decoding import run_encoded
     from diffusionvl.decoding.reference import reference_generate
 

@@ -10,7 +10,7 @@ import pytest
 
 from conftest import tiny_diffusion
 from diffusionvl.cli import main
-from diffusionvl.errors import DiffusionVLError
+from diffusionvl.core.errors import DiffusionVLError
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""DiffusionVL reference checkpoints and `generate` call (diffusionvl.compat), on tiny Qwen2.5-VL weights.
+"""DiffusionVL reference checkpoints and `generate` call (diffusionvl.model.compat), on tiny Qwen2.5-VL weights.
 
 The tiny checkpoints are written the way the reference code writes them (file names, key prefixes, config keys,
 a mask row with no token name); each test proves an equivalence with the same weights loaded natively, or a
@@ -15,12 +15,12 @@ import torch
 from safetensors.torch import save_file
 
 import diffusionvl
-from diffusionvl.compat import generate_compat, load_checkpoint
-from diffusionvl.compat import generate as cgen
-from diffusionvl.compat import hustvl
-from diffusionvl.wrapping import wrap
-from diffusionvl.errors import DiffusionVLError
-from diffusionvl.sampling import POLICIES
+from diffusionvl.model.compat import generate_compat, load_checkpoint
+from diffusionvl.model.compat import generate as cgen
+from diffusionvl.model.compat import hustvl
+from diffusionvl.model.wrapping import wrap
+from diffusionvl.core.errors import DiffusionVLError
+from diffusionvl.core.sampling import POLICIES
 
 from conftest import red_square, tiny_ar
 
@@ -260,7 +260,7 @@ def test_convert_from_reference_layout_round_trips(tmp_path, layout):
 
 
 def test_train_starts_from_the_reference_layout_directly(tmp_path):
-    from diffusionvl.train import TrainConfig, train
+    from diffusionvl.jobs.train import TrainConfig, train
 
     write_reference(tmp_path / "ref", "prepared")
     sample = {"image": "red.png", "conversations": [{"from": "human", "value": "<image>\nWhat colour?"},

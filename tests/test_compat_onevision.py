@@ -19,11 +19,11 @@ from PIL import Image, ImageDraw
 from safetensors.torch import save_file
 
 import diffusionvl
-from diffusionvl.compat import generate_compat
-from diffusionvl.compat import generate as cgen
-from diffusionvl.compat import hustvl
-from diffusionvl.compose import compose
-from diffusionvl.errors import DiffusionVLError
+from diffusionvl.model.compat import generate_compat
+from diffusionvl.model.compat import generate as cgen
+from diffusionvl.model.compat import hustvl
+from diffusionvl.backbone.compose import compose
+from diffusionvl.core.errors import DiffusionVLError
 
 from conftest import tiny_ar
 
@@ -110,7 +110,7 @@ def write_onevision(folder: Path, aspect="anyres_max_4", merge="spatial_unpad", 
 
 
 def by_hand(parts, aspect="anyres_max_4", merge="spatial_unpad"):
-    """The same weights put together with diffusionvl.compose (no compat code)."""
+    """The same weights put together with diffusionvl.backbone.compose (no compat code)."""
     lm, tok, tower, projector, newline = parts
     model, proc = compose(lm, tok, vision=tower, projector="mlp2x_gelu", feature_layer=-1, image_aspect_ratio=aspect,
                           image_grid_pinpoints=PINPOINTS, patch_merge=merge)
@@ -338,7 +338,7 @@ def test_training_loss_reaches_the_newline_and_the_tower(tmp_path):
     loss.backward()
     assert torch.isfinite(loss) and model.hf_model.image_newline.grad.abs().sum() > 0
     assert model.hf_model.vision_tower.encoder.embeddings.patch_embedding.weight.grad is not None
-    from diffusionvl.train.parts import part_of
+    from diffusionvl.jobs.train.parts import part_of
 
     assert part_of("image_newline") == "projector"
 

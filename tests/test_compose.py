@@ -1,4 +1,4 @@
-"""Modality shift (diffusionvl.compose): a tiny AR LM + a vision encoder + a projector is an AR VLM that trains,
+"""Modality shift (diffusionvl.backbone.compose): a tiny AR LM + a vision encoder + a projector is an AR VLM that trains,
 saves/loads, and that the engine converts and decodes like any other VLM. Tiny random parts, CPU, fp32."""
 
 from __future__ import annotations
@@ -16,13 +16,13 @@ from torch import nn
 import diffusionvl
 from conftest import red_square, tiny_ar
 from diffusionvl.cli import main as cli_main
-from diffusionvl.compose import ComposedProcessor, ComposedVLM, compose
-from diffusionvl.train.parts import PARTS, parameters_by_part, set_trainable
-from diffusionvl.wrapping import wrap
-from diffusionvl.errors import DiffusionVLError
-from diffusionvl.prompts import to_conversation
-from diffusionvl.vision import efficientnet
-from diffusionvl.vision.encoders import ImageTransform, preprocess_images
+from diffusionvl.backbone.compose import ComposedProcessor, ComposedVLM, compose
+from diffusionvl.jobs.train.parts import PARTS, parameters_by_part, set_trainable
+from diffusionvl.model.wrapping import wrap
+from diffusionvl.core.errors import DiffusionVLError
+from diffusionvl.backbone.prompts import to_conversation
+from diffusionvl.backbone.vision import efficientnet
+from diffusionvl.backbone.vision.encoders import ImageTransform, preprocess_images
 
 VISIONS = ("efficientnet", "siglip", "clip")
 QUESTION = "What is in the picture? Answer in one short sentence."
@@ -360,7 +360,7 @@ def test_timm_missing_is_one_clear_error(monkeypatch):
     lm, tok = tiny_ar("llama")
     with pytest.raises(DiffusionVLError, match=r"pip install timm"):
         compose(lm, tok, "timm:resnet18")
-    from diffusionvl.vision.encoders import build_tower
+    from diffusionvl.backbone.vision.encoders import build_tower
 
     with pytest.raises(DiffusionVLError, match=r"pip install timm"):
         build_tower({"kind": "timm", "name": "resnet18"})
@@ -425,7 +425,7 @@ def test_cli_compose_missing_lm_is_one_line(tmp_path, capsys):
 
 # ---- the real default parts (skipped unless the offline assets are cached) -----------------------------------------
 def _assets_ready() -> bool:
-    from diffusionvl import assets
+    from diffusionvl.backbone import assets
 
     return all(row["cached"] for row in assets.asset_status())
 
@@ -434,7 +434,7 @@ def _assets_ready() -> bool:
 @pytest.mark.skipif(not _assets_ready(), reason="SmolLM2 / EfficientNet-Lite0 assets not cached "
                     "(diffusionvl assets --prepare)")
 def test_real_smollm2_with_pretrained_efficientnet_generates_with_an_image():
-    from diffusionvl import assets
+    from diffusionvl.backbone import assets
 
     lm, tok = assets.load_smollm2(progress=False)
     model, proc = compose(lm, tok, "efficientnet_lite0", pool=4)
@@ -449,7 +449,7 @@ def test_real_smollm2_with_pretrained_efficientnet_generates_with_an_image():
 def test_efficientnet_extra_stages_append_pooled_mid_level_channels(tmp_path):
     """extra_stages=[2]: tokens = [final 1280 | stage 2's 40 channels pooled to the same grid, rescaled to the final
     features' norm per position]; saved in the spec."""
-    from diffusionvl.vision.encoders import build_tower
+    from diffusionvl.backbone.vision.encoders import build_tower
 
     lm, tok = tiny_ar("llama")
     torch.manual_seed(0)

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from conftest import tiny_ar
-from diffusionvl.default import compact_adapter, default_folder, merge_compact, read_manifest
-from diffusionvl.errors import DiffusionVLError
+from diffusionvl.recipes.default import compact_adapter, default_folder, merge_compact, read_manifest
+from diffusionvl.core.errors import DiffusionVLError
 
 
 def _trained_adapter(tmp_path):
@@ -74,7 +74,7 @@ def test_shipped_default_answers_generated_questions():
     from PIL import Image
 
     from diffusionvl.data import generate_dataset
-    from diffusionvl.default import load_default
+    from diffusionvl.recipes.default import load_default
 
     t0 = time.perf_counter()
     recipe = read_manifest()["recipe"]

@@ -11,17 +11,17 @@ from types import SimpleNamespace
 
 import pytest
 
-from diffusionvl.config import DecodeConfig
+from diffusionvl.core.config import DecodeConfig
 from diffusionvl.data.describe import (REGION_TOLERANCE, REGIONS, describe, description_f1, mean_f1,
                                        parse_description, region)
 from diffusionvl.data.questions import DEFAULT_TYPES, QUESTION_TYPES
 from diffusionvl.data.scene import Scene, SceneObject, sample_scene
 from diffusionvl.data.synth import eval_record, generate_dataset, make_plan, make_sample
 from diffusionvl.decoding import GenerationOutput
-from diffusionvl.errors import DiffusionVLError
-from diffusionvl.evaluation import scoring
-from diffusionvl.evaluation.report import markdown
-from diffusionvl.evaluation.runner import (EvalConfig, evaluate, load_samples, sample_forwards,
+from diffusionvl.core.errors import DiffusionVLError
+from diffusionvl.jobs.evaluation import scoring
+from diffusionvl.jobs.evaluation.report import markdown
+from diffusionvl.jobs.evaluation.runner import (EvalConfig, evaluate, load_samples, sample_forwards,
                                           tokens_per_forward)
 
 

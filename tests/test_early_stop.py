@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from conftest import tiny_diffusion
-from diffusionvl.adapters import Encoded
-from diffusionvl.config import DecodeConfig
+from diffusionvl.backbone.adapters import Encoded
+from diffusionvl.core.config import DecodeConfig
 from diffusionvl.decoding import run_encoded, state, static
 from diffusionvl.decoding.state import DecodeState
 

@@ -12,13 +12,13 @@ import torch.nn.functional as F
 
 from conftest import tiny_diffusion
 from diffusionvl.cli import main
-from diffusionvl.config import DecodeConfig
-from diffusionvl.errors import DiffusionVLError
-from diffusionvl.evaluation import scoring
-from diffusionvl.evaluation.elbo import encode_scored, nelbo, noise_levels
-from diffusionvl.evaluation.report import markdown, write_results
-from diffusionvl.evaluation.runner import EvalConfig, evaluate, load_samples, run_generate
-from diffusionvl.evaluation.tasks import Sample, get_task, merge_shards, shard
+from diffusionvl.core.config import DecodeConfig
+from diffusionvl.core.errors import DiffusionVLError
+from diffusionvl.jobs.evaluation import scoring
+from diffusionvl.jobs.evaluation.elbo import encode_scored, nelbo, noise_levels
+from diffusionvl.jobs.evaluation.report import markdown, write_results
+from diffusionvl.jobs.evaluation.runner import EvalConfig, evaluate, load_samples, run_generate
+from diffusionvl.jobs.evaluation.tasks import Sample, get_task, merge_shards, shard
 
 
 # ---- scoring ------------------------------------------------------------------------------------------------------

@@ -9,9 +9,9 @@ from types import SimpleNamespace
 import pytest
 
 from conftest import red_square, tiny_diffusion
-from diffusionvl.config import DecodeConfig
-from diffusionvl.errors import DiffusionVLError
-from diffusionvl.integrations import lmms_eval as adapter
+from diffusionvl.core.config import DecodeConfig
+from diffusionvl.core.errors import DiffusionVLError
+from diffusionvl.jobs.integrations import lmms_eval as adapter
 
 
 def _request(context, gen_kwargs, doc_id, task="t", split="test", visual=True):
@@ -67,8 +67,8 @@ def test_generate_until_equals_generate_in_request_order():
 
 
 def test_loglikelihood_is_minus_nelbo():
-    from diffusionvl.evaluation.elbo import encode_scored, nelbo, noise_levels
-    from diffusionvl.evaluation.tasks import Sample
+    from diffusionvl.jobs.evaluation.elbo import encode_scored, nelbo, noise_levels
+    from diffusionvl.jobs.evaluation.tasks import Sample
 
     model = tiny_diffusion("llama", block_size=4)
     runner = adapter.GenerationRunner(model, elbo_levels=2)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from conftest import has_cuda
-from diffusionvl import attention, masks
+from diffusionvl.core import attention, masks
 
 
 def _reference_bd3(length: int, b: int) -> torch.Tensor:

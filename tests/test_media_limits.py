@@ -9,8 +9,8 @@ import time
 import pytest
 from PIL import Image
 
-from diffusionvl.errors import DiffusionVLError
-from diffusionvl.media import MAX_DECODE_SIDE, load_image
+from diffusionvl.core.errors import DiffusionVLError
+from diffusionvl.core.media import MAX_DECODE_SIDE, load_image
 
 
 def _png(w, h, mode="1"):

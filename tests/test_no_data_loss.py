@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 
 from diffusionvl.cli import main
-from diffusionvl.conversion import convert
-from diffusionvl.errors import DiffusionVLError
+from diffusionvl.model.conversion import convert
+from diffusionvl.core.errors import DiffusionVLError
 
 
 def _convert(dst, *extra):
@@ -97,7 +97,7 @@ def test_ctrl_c_during_training_is_one_line_and_keeps_the_last_checkpoint(tmp_pa
 
     import diffusionvl
     from conftest import tiny_diffusion
-    from diffusionvl.modeling import save_atomic
+    from diffusionvl.model.modeling import save_atomic
 
     save_atomic(tiny_diffusion("llama", block_size=4), tmp_path / "model")
     data = tmp_path / "train.jsonl"

@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from diffusionvl import objective, sampling
+from diffusionvl.core import objective, sampling
 
 
 def test_pad_to_block_appends_eos_as_input_and_label():

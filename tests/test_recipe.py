@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from diffusionvl.errors import DiffusionVLError
+from diffusionvl.core.errors import DiffusionVLError
 from diffusionvl.recipes.tiny_model import TinyVLMConfig
 from diffusionvl.recipes.tiny_vlm import decoder_grid, results_markdown, write_results
 

@@ -23,9 +23,9 @@ pytest.importorskip("fastapi")
 httpx = pytest.importorskip("httpx")
 from fastapi.testclient import TestClient  # noqa: E402
 
-from diffusionvl.errors import DiffusionVLError  # noqa: E402
-from diffusionvl.serve import ServeConfig, create_app  # noqa: E402
-from diffusionvl.serve.engine import TextAssembler  # noqa: E402
+from diffusionvl.core.errors import DiffusionVLError  # noqa: E402
+from diffusionvl.jobs.serve import ServeConfig, create_app  # noqa: E402
+from diffusionvl.jobs.serve.engine import TextAssembler  # noqa: E402
 
 NAME = "tiny"
 PROMPTS = ["Hello, how are you?", "What is the capital of France?", "Name a colour.", "Count to five.",
@@ -111,7 +111,7 @@ def test_completion_equals_generate_and_counts_usage(client, text_model):
 
 
 def text_model_conversation(text):
-    from diffusionvl.prompts import to_conversation
+    from diffusionvl.backbone.prompts import to_conversation
 
     return [to_conversation([{"role": "user", "content": text}])]
 
@@ -149,8 +149,8 @@ def test_request_decode_fields_override_server_defaults(client, text_model):
 def test_seeded_sampling_reproduces_generate_and_runs_alone(client, text_model):
     import dataclasses
 
-    from diffusionvl.config import DecodeConfig
-    from diffusionvl.serve.engine import batch_key
+    from diffusionvl.core.config import DecodeConfig
+    from diffusionvl.jobs.serve.engine import batch_key
 
     body = _body("Hello", max_tokens=10, temperature=0.9, top_p=0.9, seed=7)
     out = client.post("/v1/chat/completions", json=body).json()
@@ -291,7 +291,7 @@ def test_server_ceilings_are_configurable(text_model):
 
 
 def test_local_images_refused_without_allowed_folder(client, tmp_path):
-    from diffusionvl.serve.images import ImagePolicy
+    from diffusionvl.jobs.serve.images import ImagePolicy
 
     red_square().save(tmp_path / "red.png")
     with pytest.raises(DiffusionVLError, match="--allow-local-images"):

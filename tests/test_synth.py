@@ -21,7 +21,7 @@ from diffusionvl.data.questions import DEFAULT_TYPES, POSITION_MARGIN, RELATION_
 from diffusionvl.data.scene import (COLOURS, PLURALS, SHAPES, Scene, SceneObject, gap_px, render_scene,
                                     sample_scene)
 from diffusionvl.data.synth import ALL_TYPES, generate_dataset, make_plan, make_sample
-from diffusionvl.errors import DiffusionVLError
+from diffusionvl.core.errors import DiffusionVLError
 
 SMALL = dict(n_train=16, n_val=6, n_test=10, image_size=96, real_fraction=0.2, text_only_fraction=0.1,
              multi_turn_fraction=0.5, progress=False)

@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from conftest import red_square, tiny_diffusion
-from diffusionvl.errors import DiffusionVLError
-from diffusionvl.train.collator import Collator
-from diffusionvl.train.data import SFTDataset, read_records, split_records
-from diffusionvl.train.encode import SampleEncoder
+from diffusionvl.core.errors import DiffusionVLError
+from diffusionvl.jobs.train.collator import Collator
+from diffusionvl.jobs.train.data import SFTDataset, read_records, split_records
+from diffusionvl.jobs.train.encode import SampleEncoder
 
 MULTI_TURN = [{"from": "system", "value": "Be brief."}, {"from": "human", "value": "Say hello."},
               {"from": "gpt", "value": "Hello, how can I help you today?"},
@@ -74,7 +74,7 @@ def test_labels_are_exactly_the_assistant_turns_multi_turn(llama, tmp_path):
 
 
 def _conv(record):
-    from diffusionvl.prompts import to_conversation
+    from diffusionvl.backbone.prompts import to_conversation
 
     return to_conversation(record.messages, record.images or None)
 
@@ -227,7 +227,7 @@ def test_truncation_never_cuts_an_image(qwen_vl, tmp_path):
     item = {"image": "big.png", "conversations": [{"from": "human", "value": "Hello there, what is in this? <image>"},
                                                   {"from": "gpt", "value": "A red square on white."}]}
     records, _ = read_records(_write_jsonl(tmp_path / "d.jsonl", [item]))
-    from diffusionvl.train.data import SampleError
+    from diffusionvl.jobs.train.data import SampleError
 
     with pytest.raises(SampleError, match="would cut an image"):
         SampleEncoder(qwen_vl, max_length=16)(records[0])

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import torch
 
-from diffusionvl.train import noise
-from diffusionvl.train.sampler import EvalSampler, GlobalBatchSampler
+from diffusionvl.jobs.train import noise
+from diffusionvl.jobs.train.sampler import EvalSampler, GlobalBatchSampler
 
 
 def test_hash_uniforms_are_deterministic_uniform_and_key_sensitive():

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from conftest import red_square, tiny_diffusion
-from diffusionvl import objective
-from diffusionvl.prompts import to_conversation
+from diffusionvl.core import objective
+from diffusionvl.backbone.prompts import to_conversation
 
 
 def _batch(dm, with_image: bool):

@@ -5,10 +5,10 @@ import copy
 import pytest
 import torch
 
-from diffusionvl.errors import DiffusionVLError
+from diffusionvl.core.errors import DiffusionVLError
 from diffusionvl.recipes.vision_gate import TARGETS, gate_markdown, probe_accuracy, probe_scenes
-from diffusionvl.vision.cache import TokenCache, tower_fingerprint
-from diffusionvl.vision.encoders import build_tower
+from diffusionvl.backbone.vision.cache import TokenCache, tower_fingerprint
+from diffusionvl.backbone.vision.encoders import build_tower
 
 
 def _tower(**spec):
@@ -112,7 +112,7 @@ def test_probe_scenes_label_what_they_ask_and_probes_learn_a_separable_signal():
 
 
 def test_standardized_tokens_have_zero_mean_and_unit_variance_on_their_statistics_images():
-    from diffusionvl.vision.encoders import ImageTransform, token_statistics
+    from diffusionvl.backbone.vision.encoders import ImageTransform, token_statistics
 
     raw = _tower(extra_stages=[-1, 0], pooling="maxmin", final=False)
     images = probe_scenes(16, seed=3, image_size=64).images
@@ -120,7 +120,7 @@ def test_standardized_tokens_have_zero_mean_and_unit_variance_on_their_statistic
     stats = token_statistics(raw, transform, images)
     assert len(stats["mean"]) == len(stats["std"]) == 2 * (3 + 16)
     tower = _tower(extra_stages=[-1, 0], pooling="maxmin", final=False, standardize=stats)
-    from diffusionvl.vision.encoders import preprocess_images
+    from diffusionvl.backbone.vision.encoders import preprocess_images
 
     with torch.no_grad():
         toks = tower(preprocess_images(images, transform)).flatten(0, 1)
@@ -133,12 +133,12 @@ def test_standardized_tokens_have_zero_mean_and_unit_variance_on_their_statistic
 def test_a_standardized_tower_survives_save_and_load(tmp_path):
     """Statistics in the spec (not buffers): a composed model loaded from disk gives the same finite tokens."""
     from conftest import tiny_ar
-    from diffusionvl.compose import compose
-    from diffusionvl.conversion import load
-    from diffusionvl.modeling import save_atomic
-    from diffusionvl.wrapping import wrap
-    from diffusionvl.vision import efficientnet
-    from diffusionvl.vision.encoders import ImageTransform, preprocess_images
+    from diffusionvl.backbone.compose import compose
+    from diffusionvl.model.conversion import load
+    from diffusionvl.model.modeling import save_atomic
+    from diffusionvl.model.wrapping import wrap
+    from diffusionvl.backbone.vision import efficientnet
+    from diffusionvl.backbone.vision.encoders import ImageTransform, preprocess_images
 
     lm, tok = tiny_ar("llama")
     stats = {"mean": [0.1] * 38, "std": [2.0] * 38}

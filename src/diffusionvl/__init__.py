@@ -13,18 +13,18 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from diffusionvl.version import __version__
+from diffusionvl.core.version import __version__
 
 _LAZY = {
-    "convert": "diffusionvl.conversion",
-    "load": "diffusionvl.conversion",
-    "wrap": "diffusionvl.wrapping",
-    "make_tiny": "diffusionvl.tiny",
-    "DiffusionVLModel": "diffusionvl.modeling",
-    "DiffusionConfig": "diffusionvl.config",
-    "DecodeConfig": "diffusionvl.config",
+    "convert": "diffusionvl.model.conversion",
+    "load": "diffusionvl.model.conversion",
+    "wrap": "diffusionvl.model.wrapping",
+    "make_tiny": "diffusionvl.backbone.tiny",
+    "DiffusionVLModel": "diffusionvl.model.modeling",
+    "DiffusionConfig": "diffusionvl.core.config",
+    "DecodeConfig": "diffusionvl.core.config",
     "GenerationOutput": "diffusionvl.decoding",
-    "DiffusionVLError": "diffusionvl.errors",
+    "DiffusionVLError": "diffusionvl.core.errors",
 }
 
 __all__ = sorted(_LAZY) + ["__version__"]

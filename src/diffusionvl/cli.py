@@ -11,7 +11,7 @@ import argparse
 import importlib
 import sys
 
-from diffusionvl.errors import DiffusionVLError
+from diffusionvl.core.errors import DiffusionVLError
 
 # subcommand -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -32,7 +32,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from diffusionvl.version import __version__
+    from diffusionvl.core.version import __version__
 
     parser = argparse.ArgumentParser(prog="diffusionvl", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"diffusionvl {__version__}")

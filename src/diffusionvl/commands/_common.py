@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from diffusionvl.errors import DiffusionVLError
+from diffusionvl.core.errors import DiffusionVLError
 
 DEFAULT_NAMES = ("default", "default:ar")  # --model names of the embedded model and of its AR parent
 
@@ -25,11 +25,11 @@ def load_model(args: argparse.Namespace) -> Any:
     hf_logging.disable_progress_bar()  # a CLI answer should not start with weight-loading bars
     if args.model is None or args.model in DEFAULT_NAMES:
         try:
-            from diffusionvl.default import load_default
+            from diffusionvl.recipes.default import load_default
         except ImportError:
             raise DiffusionVLError("no --model given and this installation has no embedded default model") from None
         return load_default(device=args.device, dtype=args.dtype, parent=args.model == "default:ar")
-    from diffusionvl.conversion import load
+    from diffusionvl.model.conversion import load
 
     return load(args.model, device=args.device, dtype=args.dtype)
 

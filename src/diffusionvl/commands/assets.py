@@ -2,7 +2,7 @@
 
 Contract: `diffusionvl assets [NAME ...] [--cache-dir DIR] [--prepare] [--force] [--verify] [--json]` prints one row
 per asset (package installed?, cache valid?, path, size, how to install) as a rich table, or as a JSON list with
-`--json` (the dicts of `diffusionvl.assets.asset_status`). `--prepare` first builds the missing or stale caches of
+`--json` (the dicts of `diffusionvl.backbone.assets.asset_status`). `--prepare` first builds the missing or stale caches of
 the installed packages, with progress; it exits 2 with one `pip install` line when a requested package is missing.
 """
 
@@ -13,8 +13,8 @@ import json
 import sys
 from typing import Any
 
-from diffusionvl import assets
-from diffusionvl.errors import DiffusionVLError
+from diffusionvl.backbone import assets
+from diffusionvl.core.errors import DiffusionVLError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

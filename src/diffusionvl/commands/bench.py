@@ -1,4 +1,4 @@
-"""`diffusionvl bench`: measure decoding speed of every decoder in one run (see diffusionvl/bench.py).
+"""`diffusionvl bench`: measure decoding speed of every decoder in one run (see diffusionvl/jobs/bench.py).
 
 Contract: flags come from `BenchConfig`; prints a table to stdout and writes `--output` (JSON, atomic) and a plot
 next to it. Example (the issue's GPU target cell):
@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import argparse
 
-from diffusionvl.config import add_dataclass_arguments, dataclass_from_args
+from diffusionvl.core.config import add_dataclass_arguments, dataclass_from_args
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from diffusionvl.bench import BenchConfig
+    from diffusionvl.jobs.bench import BenchConfig
 
     add_dataclass_arguments(parser, BenchConfig)
     parser.add_argument("--markdown", action="store_true", help="also print the table as Markdown")
@@ -23,7 +23,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from diffusionvl.bench import BenchConfig, markdown_table, render_table, run_bench
+    from diffusionvl.jobs.bench import BenchConfig, markdown_table, render_table, run_bench
 
     cfg = dataclass_from_args(BenchConfig, args).validate()
     result = run_bench(cfg, progress=not args.quiet)

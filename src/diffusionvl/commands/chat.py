@@ -12,8 +12,8 @@ import sys
 from typing import Any
 
 from diffusionvl.commands._common import add_model_arguments, load_model, stats_line
-from diffusionvl.config import DecodeConfig, add_dataclass_arguments, dataclass_from_args
-from diffusionvl.errors import DiffusionVLError
+from diffusionvl.core.config import DecodeConfig, add_dataclass_arguments, dataclass_from_args
+from diffusionvl.core.errors import DiffusionVLError
 
 HELP = "commands: /image PATH (attach to next turn), /reset, /stats, /exit"
 
@@ -25,7 +25,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _answer(model: Any, history: list[dict[str, Any]], images: list[Any], cfg: DecodeConfig) -> tuple[str, dict]:
-    from diffusionvl.prompts import to_conversation
+    from diffusionvl.backbone.prompts import to_conversation
 
     conv = to_conversation(history, images or None)
     text, stats = "", {}
@@ -62,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
             show_stats = not show_stats
             continue
         if line.startswith("/image"):
-            from diffusionvl.media import load_image
+            from diffusionvl.core.media import load_image
 
             try:
                 pending.append(load_image(line[len("/image"):].strip()))

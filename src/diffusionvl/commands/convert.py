@@ -10,11 +10,11 @@ from __future__ import annotations
 import argparse
 import json
 
-from diffusionvl.errors import DiffusionVLError
+from diffusionvl.core.errors import DiffusionVLError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from diffusionvl.tiny import TINY_ARCHS
+    from diffusionvl.backbone.tiny import TINY_ARCHS
 
     parser.add_argument("src", nargs="?", help="AR model: checkpoint folder or hub id (omit with --tiny)")
     parser.add_argument("dst", help="output folder of the diffusion model")
@@ -33,15 +33,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from diffusionvl.atomic import check_target
-    from diffusionvl.conversion import convert
-    from diffusionvl.modeling import MODEL_MARKER, save_atomic
-    from diffusionvl.wrapping import wrap
+    from diffusionvl.core.atomic import check_target
+    from diffusionvl.model.conversion import convert
+    from diffusionvl.model.modeling import MODEL_MARKER, save_atomic
+    from diffusionvl.model.wrapping import wrap
 
     if args.tiny:
         if args.src is not None:
             raise DiffusionVLError("give either SRC or --tiny ARCH, not both")
-        from diffusionvl.tiny import make_tiny
+        from diffusionvl.backbone.tiny import make_tiny
 
         check_target(args.dst, MODEL_MARKER, args.overwrite)
         hf_model, processor = make_tiny(args.tiny, seed=args.seed)

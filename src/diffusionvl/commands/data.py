@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from diffusionvl.errors import DiffusionVLError
+from diffusionvl.core.errors import DiffusionVLError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -14,7 +14,7 @@ import dataclasses
 import os
 
 from diffusionvl.commands._common import add_model_arguments, load_model
-from diffusionvl.config import DecodeConfig, add_dataclass_arguments, dataclass_from_args
+from diffusionvl.core.config import DecodeConfig, add_dataclass_arguments, dataclass_from_args
 
 # short answers need few tokens: the default budget per task when --max-new-tokens is not given (synth-vqa
 # describe samples need about 48: pass --max-new-tokens; the report counts descriptions cut at the budget)
@@ -22,7 +22,7 @@ DEFAULT_MAX_NEW_TOKENS = {"synth-vqa": 16, "jsonl": 32}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from diffusionvl.evaluation.runner import EvalConfig
+    from diffusionvl.jobs.evaluation.runner import EvalConfig
 
     add_model_arguments(parser)
     add_dataclass_arguments(parser, EvalConfig)
@@ -45,8 +45,8 @@ def _distributed(device: str | None) -> tuple[int, int, bool, str | None, object
 
 
 def run(args: argparse.Namespace) -> int:
-    from diffusionvl.evaluation.report import markdown, write_results
-    from diffusionvl.evaluation.runner import EvalConfig, evaluate, load_samples
+    from diffusionvl.jobs.evaluation.report import markdown, write_results
+    from diffusionvl.jobs.evaluation.runner import EvalConfig, evaluate, load_samples
 
     cfg = dataclass_from_args(EvalConfig, args).validate()
     decode = dataclass_from_args(DecodeConfig, args).validate()

@@ -11,8 +11,8 @@ import json
 import sys
 
 from diffusionvl.commands._common import add_model_arguments, load_model, stats_line
-from diffusionvl.config import DecodeConfig, add_dataclass_arguments, dataclass_from_args
-from diffusionvl.errors import DiffusionVLError
+from diffusionvl.core.config import DecodeConfig, add_dataclass_arguments, dataclass_from_args
+from diffusionvl.core.errors import DiffusionVLError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -36,7 +36,7 @@ def build_messages(prompt: str, system: str | None) -> list[dict[str, str]]:
 def run(args: argparse.Namespace) -> int:
     cfg = dataclass_from_args(DecodeConfig, args).validate()
     messages = build_messages(args.prompt, args.system)
-    from diffusionvl.prompts import to_conversation
+    from diffusionvl.backbone.prompts import to_conversation
 
     conversation = to_conversation(messages, args.image or None)  # validates the images before loading the model
     model = load_model(args)

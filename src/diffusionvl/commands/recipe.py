@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import argparse
 
-from diffusionvl.config import add_dataclass_arguments, dataclass_from_args
+from diffusionvl.core.config import add_dataclass_arguments, dataclass_from_args
 
 RECIPES = ("tiny-vlm",)
 

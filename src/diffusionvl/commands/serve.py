@@ -1,7 +1,7 @@
 """`diffusionvl serve`: an OpenAI-compatible HTTP server (FastAPI + uvicorn) for a diffusion model.
 
 Contract: loads the model (`--model PATH`, else the embedded default), builds the app with
-`diffusionvl.serve.create_app` and runs uvicorn on `--host`/`--port` (127.0.0.1:8000 by default) until
+`diffusionvl.jobs.serve.create_app` and runs uvicorn on `--host`/`--port` (127.0.0.1:8000 by default) until
 interrupted. Server flags come from `ServeConfig`, the default decode settings of requests from `DecodeConfig`.
 Binding a non-loopback address prints a warning: the API has no authentication. See docs/serving.md.
 """
@@ -13,11 +13,11 @@ import os
 import sys
 
 from diffusionvl.commands._common import add_model_arguments, load_model
-from diffusionvl.config import DecodeConfig, add_dataclass_arguments, dataclass_from_args
+from diffusionvl.core.config import DecodeConfig, add_dataclass_arguments, dataclass_from_args
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from diffusionvl.serve.config import ServeConfig
+    from diffusionvl.jobs.serve.config import ServeConfig
 
     add_model_arguments(parser)
     add_dataclass_arguments(parser, ServeConfig)
@@ -29,7 +29,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from diffusionvl.serve.config import ServeConfig, is_loopback
+    from diffusionvl.jobs.serve.config import ServeConfig, is_loopback
 
     config = dataclass_from_args(ServeConfig, args).validate()
     decode = dataclass_from_args(DecodeConfig, args).validate()
@@ -39,16 +39,16 @@ def run(args: argparse.Namespace) -> int:
     try:
         import uvicorn
 
-        from diffusionvl.serve.app import create_app
+        from diffusionvl.jobs.serve.app import create_app
     except ImportError as exc:
-        from diffusionvl.errors import DiffusionVLError
+        from diffusionvl.core.errors import DiffusionVLError
 
         raise DiffusionVLError(f"serving needs the serve extra ({exc.name} is missing): "
                                "pip install 'diffusionvl[serve]'") from None
     model = load_model(args)
     name = config.model_name or (os.path.basename(os.path.normpath(args.model)) if args.model else None)
     app = create_app(model, config, decode, model_name=name)
-    from diffusionvl.serve.config import limits_line
+    from diffusionvl.jobs.serve.config import limits_line
 
     print(limits_line(config), file=sys.stderr, flush=True)
     uvicorn.run(app, host=config.host, port=config.port, log_level=args.log_level, timeout_graceful_shutdown=10)

@@ -13,11 +13,11 @@ import argparse
 import json
 from typing import Any
 
-from diffusionvl.config import add_dataclass_arguments, dataclass_from_args
+from diffusionvl.core.config import add_dataclass_arguments, dataclass_from_args
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from diffusionvl.train.config import TrainConfig
+    from diffusionvl.jobs.train.config import TrainConfig
 
     parser.add_argument("--config", default=None, help="YAML or JSON file with TrainConfig fields (flags override)")
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")
@@ -44,22 +44,22 @@ def _table(summary: dict[str, Any]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from diffusionvl.errors import check
-    from diffusionvl.train import accelerate_config
-    from diffusionvl.train.config import TrainConfig
+    from diffusionvl.core.errors import check
+    from diffusionvl.jobs.train import accelerate_config
+    from diffusionvl.jobs.train.config import TrainConfig
 
     if args.accelerate_config:
         print(accelerate_config(args.accelerate_config))
         return 0
     if args.merge_lora:
-        from diffusionvl.train.checkpoint import merge_lora
+        from diffusionvl.jobs.train.checkpoint import merge_lora
 
         check(bool(args.output), "--merge-lora needs --output DIR for the merged model")
         print(f"wrote {merge_lora(args.merge_lora, args.output, base=args.model)}")
         return 0
     base = TrainConfig.from_file(args.config) if args.config else None
     cfg = dataclass_from_args(TrainConfig, args, base).validate()
-    from diffusionvl.train.trainer import Trainer
+    from diffusionvl.jobs.train.trainer import Trainer
 
     trainer = Trainer(cfg)
     summary = trainer.fit()

@@ -26,7 +26,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from diffusionvl.data.assets import package_data_path
-from diffusionvl.errors import check
+from diffusionvl.core.errors import check
 
 # Saturated colours a small vision encoder separates easily (name -> RGB). Lower-case names are the answers.
 COLOURS: dict[str, tuple[int, int, int]] = {

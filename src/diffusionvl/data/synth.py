@@ -15,7 +15,7 @@ Contract:
   (seed, split, index), never from global state, so sample i of a split does not depend on the split's size.
 - Splits never share an image: every image file belongs to one sample, and each real photograph (see
   `diffusionvl.data.real`) is assigned to exactly one split, in proportion to the split sizes.
-- Every file is written atomically (`diffusionvl.atomic`: a temporary name, then a rename); images named like ours
+- Every file is written atomically (`diffusionvl.core.atomic`: a temporary name, then a rename); images named like ours
   (`<split>-<6 digits>.png`) that the new dataset does not list are removed, so a smaller rerun leaves no strays.
 - Bad arguments raise a one-line `DiffusionVLError` before anything is written.
 """
@@ -36,12 +36,12 @@ from typing import Any, Mapping, Sequence
 
 from PIL import Image
 
-from diffusionvl.atomic import write_bytes, write_json
+from diffusionvl.core.atomic import write_bytes, write_json
 from diffusionvl.data.questions import DEFAULT_TYPES, QA, QUESTION_TYPES, SCENE_HINTS, ask
 from diffusionvl.data.real import BY_NAME, available_real_images, load_real_image, real_qa, real_view
 from diffusionvl.data.scene import check_image_size, font_name, render_scene, sample_scene
 from diffusionvl.data.textonly import TEXT_TYPES, text_qa
-from diffusionvl.errors import DiffusionVLError, check
+from diffusionvl.core.errors import DiffusionVLError, check
 
 SPLITS = ("train", "val", "test")
 ALL_TYPES = (*QUESTION_TYPES, "caption", "real", *TEXT_TYPES)

@@ -50,8 +50,8 @@ class StaticSession:
     def __init__(self, model: DecoderModel, n: int, total: int, attention_block: int, use_cache: bool,
                  has_vision: bool, mode: str):
         dev, adapter = model.device, model.adapter
-        self.model, self.adapter, self.device = model, adapter, dev
-        self.n, self.total, self.attention_block, self.dtype = n, total, attention_block, model.dtype
+        self.adapter, self.device = adapter, dev
+        self.total, self.attention_block, self.dtype = total, attention_block, model.dtype
         self.tokens = torch.zeros(n, total, dtype=torch.long, device=dev)  # [N, T]
         self.positions = torch.zeros(adapter.position_dims, n, total, dtype=torch.long, device=dev)  # [P, N, T]
         self.start = torch.zeros(n, dtype=torch.long, device=dev)  # [N]

@@ -13,13 +13,13 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from diffusionvl import assets
-from diffusionvl.compose import compose
-from diffusionvl.config import option
-from diffusionvl.errors import check
+from diffusionvl.backbone import assets
+from diffusionvl.backbone.compose import compose
+from diffusionvl.core.config import option
+from diffusionvl.core.errors import check
 from diffusionvl.recipes.vision_gate import candidate_tower, probe_scenes
-from diffusionvl.vision.encoders import token_statistics
-from diffusionvl.wrapping import wrap
+from diffusionvl.backbone.vision.encoders import token_statistics
+from diffusionvl.model.wrapping import wrap
 
 
 @dataclass

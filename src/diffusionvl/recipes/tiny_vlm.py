@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from diffusionvl.atomic import write_file, write_json, write_text
+from diffusionvl.core.atomic import write_file, write_json, write_text
 from diffusionvl.recipes.tiny_model import TinyVLMConfig, build_init, tower_candidate
 
 
@@ -52,7 +52,7 @@ def stage_data(cfg: TinyVLMConfig, out: Path) -> Path:
 # has none (20 tokens per sample the model would pay for nothing).
 def stage_gate(cfg: TinyVLMConfig, out: Path) -> dict[str, Any]:
     """Linear probes on the frozen tower's tokens before any LM training (recipes/vision_gate.py)."""
-    from diffusionvl.errors import DiffusionVLError
+    from diffusionvl.core.errors import DiffusionVLError
     from diffusionvl.recipes.vision_gate import gate_markdown, run_gate
 
     folder = out / "gate"
@@ -71,7 +71,7 @@ def stage_gate(cfg: TinyVLMConfig, out: Path) -> dict[str, Any]:
 
 
 def stage_init(cfg: TinyVLMConfig, out: Path) -> Path:
-    from diffusionvl.modeling import save_atomic
+    from diffusionvl.model.modeling import save_atomic
 
     path = out / "init"
     if not (path / "diffusionvl.json").is_file():
@@ -81,7 +81,7 @@ def stage_init(cfg: TinyVLMConfig, out: Path) -> Path:
 
 
 def _train(cfg: TinyVLMConfig, name: str, out: Path, model: Path, data: Path, val: Path, **kw: Any) -> Path:
-    from diffusionvl.train import TrainConfig, train
+    from diffusionvl.jobs.train import TrainConfig, train
 
     final = out / name / "final"
     if (final / "diffusionvl.json").is_file():
@@ -158,8 +158,8 @@ def description_grid(cfg: TinyVLMConfig) -> list[tuple[str, dict[str, Any], int]
 
 def _evaluate(model: Any, samples: list[Any], task: Any, decode: dict[str, Any], batch: int, max_new: int,
               progress: bool) -> dict[str, Any]:
-    from diffusionvl.config import DecodeConfig
-    from diffusionvl.evaluation.runner import EvalConfig, evaluate
+    from diffusionvl.core.config import DecodeConfig
+    from diffusionvl.jobs.evaluation.runner import EvalConfig, evaluate
 
     ecfg = EvalConfig(task="synth-vqa", batch_size=batch).validate()
     summary, _ = evaluate(model, samples, task, ecfg, DecodeConfig(max_new_tokens=max_new, **decode), progress=progress)
@@ -184,7 +184,7 @@ def evaluate_description(model: Any, samples: list[Any], task: Any, decode: dict
 
 def test_samples(cfg: TinyVLMConfig, data: Path) -> tuple[Any, list[Any], list[Any]]:
     """(task, short-answer samples, describe samples) of the held-out test split (`eval_limit` caps each list)."""
-    from diffusionvl.evaluation.runner import EvalConfig, load_samples
+    from diffusionvl.jobs.evaluation.runner import EvalConfig, load_samples
 
     task, samples = load_samples(EvalConfig(task="synth-vqa", data=str(data)).validate())
     short = [s for s in samples if s.type != "describe"][: cfg.eval_limit]
@@ -193,7 +193,7 @@ def test_samples(cfg: TinyVLMConfig, data: Path) -> tuple[Any, list[Any], list[A
 
 
 def run_eval(cfg: TinyVLMConfig, paths: dict[str, Path]) -> dict[str, list[dict[str, Any]]]:
-    from diffusionvl.conversion import load
+    from diffusionvl.model.conversion import load
 
     task, short, describe = test_samples(cfg, paths["data"])
     rows, desc_rows = [], []
@@ -414,7 +414,7 @@ def run_recipe(cfg: TinyVLMConfig, stages: Callable[[TinyVLMConfig], dict[str, P
     written = write_results(cfg, results["rows"], Path(cfg.out), results["description"])
     _say(Path(written["markdown"]).read_text())
     if cfg.export_to:
-        from diffusionvl.default import export_default
+        from diffusionvl.recipes.default import export_default
 
         export_default(paths, Path(cfg.export_to), cfg, json.loads(Path(written["json"]).read_text()))
     return {"paths": {k: str(v) for k, v in paths.items()}, "results": {k: str(v) for k, v in written.items()}}

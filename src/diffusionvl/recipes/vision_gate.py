@@ -68,7 +68,7 @@ def _targets(scene: Scene, single: bool, colours: list[str]) -> dict[str, int]:
 
 @torch.inference_mode()
 def tower_tokens(tower: torch.nn.Module, transform: Any, images: Sequence[Any], batch: int = 32) -> torch.Tensor:
-    from diffusionvl.vision.encoders import preprocess_images
+    from diffusionvl.backbone.vision.encoders import preprocess_images
 
     tower.eval()
     out = [tower(preprocess_images(list(images[i:i + batch]), transform)).float() for i in range(0, len(images), batch)]
@@ -120,7 +120,7 @@ def candidate_tower(cand: dict[str, Any]) -> tuple[Any, Any]:
     """(frozen pretrained EfficientNet-Lite0 tower, its preprocessing) of a gate candidate."""
     from dataclasses import replace
 
-    from diffusionvl.vision.encoders import build_tower, resolve_vision
+    from diffusionvl.backbone.vision.encoders import build_tower, resolve_vision
 
     source = resolve_vision("efficientnet_lite0")
     tower = build_tower({**source.spec, **cand.get("vision_options", {})}, cand.get("pool"))

@@ -1,0 +1,313 @@
+"""Per-architecture adapters: everything that differs between backbones, behind one small interface.
+
+Contract: the engine (modeling.py, decoding/) never looks inside a Hugging Face model. It asks the adapter for
+- `decoder`: the transformer stack, called with (inputs_embeds, attention_mask, position_ids, cache) where the cache
+  goes under the keyword the installed transformers expects (`cache` from 5.x releases that deprecate
+  `past_key_values`, else `past_key_values`; `cache_keyword`, detected once per decoder class);
+- `head(hidden)`: hidden states -> logits (lm_head, plus final soft-capping where the architecture has it);
+- `embed(ids, vision)`: token embeddings with image features scattered in at the image placeholder tokens;
+- `prompt_positions(ids, vision, i)`: the positions of one unpadded prompt, [P, n] (P = 1, or 3 for M-RoPE),
+  and `delta`: the position of the token at index s >= n is s + delta (in every one of the P dimensions);
+- `encode(conversations)`: chat template + tokenizer/processor -> unpadded ids per sample and vision tensors.
+Adapters are found by `config.model_type` in `ADAPTERS`; an unknown type raises a one-line error listing the
+supported ones.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from diffusionvl.core.errors import DiffusionVLError
+from diffusionvl.backbone.prompts import Conversation
+
+Tensor = torch.Tensor
+
+
+
+@functools.lru_cache(maxsize=None)
+def cache_keyword(decoder_class: type) -> str:
+    """The keyword a decoder stack's forward takes its KV cache under: `cache` where it has that parameter (newer
+    transformers, which deprecate `past_key_values`), else `past_key_values`. Read from the signature, not a version."""
+    try:
+        params = inspect.signature(decoder_class.forward).parameters
+    except (TypeError, ValueError):
+        return "past_key_values"
+    return "cache" if "cache" in params else "past_key_values"
+
+
+@dataclass
+class Encoded:
+    """A tokenized batch: unpadded ids per sample and the model-specific vision tensors (images in sample order)."""
+
+    input_ids: list[list[int]]
+    vision: dict[str, Tensor] = field(default_factory=dict)
+    images_per_sample: list[int] = field(default_factory=list)
+
+
+class Adapter:
+    """Text-only causal LMs whose CausalLM has `.model` (decoder stack with `.embed_tokens`) and `.lm_head`."""
+
+    model_types: ClassVar[tuple[str, ...]] = ()
+    auto_class: ClassVar[str] = "AutoModelForCausalLM"
+    has_vision: ClassVar[bool] = False
+    position_dims: ClassVar[int] = 1
+
+    def __init__(self, model: nn.Module, processor: Any):
+        self.model = model
+        self.processor = processor
+        self.cache_key = cache_keyword(type(self.decoder))  # once: traced forwards read a plain attribute
+
+    # ---- model parts ------------------------------------------------------------------------------------------
+    @property
+    def tokenizer(self) -> Any:
+        return getattr(self.processor, "tokenizer", self.processor)
+
+    @property
+    def text_config(self) -> Any:
+        cfg = self.model.config
+        return cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+
+    @property
+    def causal_lm(self) -> nn.Module:
+        """The module holding `.model` (decoder stack) and `.lm_head`."""
+        return self.model
+
+    @property
+    def decoder(self) -> nn.Module:
+        return self.causal_lm.model
+
+    def input_embeddings(self) -> nn.Embedding:
+        return self.model.get_input_embeddings()
+
+    def head(self, hidden: Tensor) -> Tensor:
+        logits = self.causal_lm.lm_head(hidden)
+        cap = getattr(self.text_config, "final_logit_softcapping", None)
+        if cap:
+            logits = torch.tanh(logits / cap) * cap
+        return logits
+
+    def run_decoder(self, embeds: Tensor, mask: Any, positions: Tensor, cache: Any = None) -> Tensor:
+        """embeds [N, Q, D], positions [P, N, Q] -> hidden [N, Q, D]."""
+        pos = positions[0] if self.position_dims == 1 else positions
+        out = self.decoder(inputs_embeds=embeds, attention_mask=mask, position_ids=pos,
+                           **{self.cache_key: cache}, use_cache=cache is not None)
+        return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+
+    # ---- inputs -----------------------------------------------------------------------------------------------
+    image_token_id: int | None = None
+
+    def embed(self, input_ids: Tensor, vision: dict[str, Tensor] | None = None,
+              features: Tensor | None = None) -> Tensor:
+        """ids [N, L] -> embeddings [N, L, D]; `features` = precomputed `image_features(vision)` if any."""
+        if vision or features is not None:
+            raise DiffusionVLError(f"{self.model.config.model_type} models have no vision encoder: remove the images")
+        return self.input_embeddings()(input_ids)
+
+    def image_features(self, vision: dict[str, Tensor]) -> Tensor:
+        raise DiffusionVLError(f"{self.model.config.model_type} models have no vision encoder: remove the images")
+
+    def prompt_positions(self, ids: list[int], vision: dict[str, Tensor] | None, index: int) -> tuple[Tensor, int]:
+        return torch.arange(len(ids)).view(1, -1), 0
+
+    def render(self, conv: Conversation, add_generation_prompt: bool = True) -> str:
+        """Conversation -> prompt text through the tokenizer's chat template (plain text if it has none)."""
+        if conv.images:
+            raise DiffusionVLError(
+                f"this {self.model.config.model_type} model has no vision encoder; drop the images or compose a VLM "
+                "first (diffusionvl.backbone.compose)")
+        tok = self.tokenizer
+        msgs = conv.text_messages()
+        if getattr(tok, "chat_template", None):
+            return tok.apply_chat_template(msgs, add_generation_prompt=add_generation_prompt, tokenize=False)
+        return "\n".join(m["content"] for m in msgs)
+
+    def encode(self, conversations: list[Conversation]) -> Encoded:
+        tok = self.tokenizer
+        has_template = bool(getattr(tok, "chat_template", None))
+        ids = [tok(self.render(c), add_special_tokens=not has_template)["input_ids"] for c in conversations]
+        return Encoded(input_ids=[list(map(int, x)) for x in ids], images_per_sample=[0] * len(ids))
+
+
+class VisionAdapter(Adapter):
+    """Base of VLM adapters: image features replace the embeddings of the image tokens, in order."""
+
+    has_vision = True
+
+    def embed(self, input_ids: Tensor, vision: dict[str, Tensor] | None = None,
+              features: Tensor | None = None) -> Tensor:
+        embeds = self.input_embeddings()(input_ids)
+        if features is None and (not vision or vision.get("pixel_values") is None):
+            return embeds
+        feats = features if features is not None else self.image_features(vision)
+        return scatter_image_features(embeds, input_ids, self.image_token_id, feats)
+
+
+class QwenVLAdapter(VisionAdapter):
+    """Qwen2-VL and Qwen2.5-VL: vision tower + merger inside the model, image pad tokens, 3-D M-RoPE positions."""
+
+    model_types = ("qwen2_vl", "qwen2_5_vl")
+    auto_class = "AutoModelForImageTextToText"
+    position_dims = 3
+
+    @property
+    def decoder(self) -> nn.Module:
+        return self.model.model.language_model
+
+    @property
+    def image_token_id(self) -> int:
+        return int(self.model.config.image_token_id)
+
+    def image_features(self, vision: dict[str, Tensor]) -> Tensor:
+        """[sum of image tokens, D] in sample/image order."""
+        inner = self.model.model
+        weight = next(inner.visual.parameters())  # the processor's tensors are on the CPU
+        pixels = vision["pixel_values"].to(device=weight.device, dtype=weight.dtype)
+        out = inner.get_image_features(pixels, vision["image_grid_thw"].to(weight.device))
+        out = getattr(out, "pooler_output", out)
+        return torch.cat(list(out), dim=0) if isinstance(out, (list, tuple)) else out
+
+    def prompt_positions(self, ids: list[int], vision: dict[str, Tensor] | None, index: int) -> tuple[Tensor, int]:
+        if (getattr(self.model.config, "diffusionvl", None) or {}).get("positions") == "sequential":
+            return torch.arange(len(ids)).expand(3, -1).clone(), 0  # DiffusionConfig.positions: one 1-D ramp
+        grids = vision["image_grid_thw_per_sample"][index] if vision and "image_grid_thw_per_sample" in vision else None
+        merge = int(self.model.config.vision_config.spatial_merge_size)
+        return mrope_positions(ids, self.image_token_id, grids, merge)
+
+    def render(self, conv: Conversation, add_generation_prompt: bool = True) -> str:
+        return self.processor.apply_chat_template(conv.messages, add_generation_prompt=add_generation_prompt,
+                                                  tokenize=False)
+
+    def encode(self, conversations: list[Conversation]) -> Encoded:
+        texts = [self.render(c) for c in conversations]
+        return self.tokenize(texts, [c.images for c in conversations])
+
+    def tokenize(self, texts: list[str], images: list[list[Any]]) -> Encoded:
+        flat = [im for ims in images for im in ims]
+        out = self.processor(text=texts, images=flat or None, return_tensors="pt", padding=True)
+        ids = [row[m.bool()].tolist() for row, m in zip(out["input_ids"], out["attention_mask"])]
+        counts = [len(ims) for ims in images]
+        vision: dict[str, Any] = {}
+        if flat:
+            grid = out["image_grid_thw"]
+            vision = {"pixel_values": out["pixel_values"], "image_grid_thw": grid,
+                      "image_grid_thw_per_sample": list(torch.split(grid, counts))}
+        return Encoded(input_ids=ids, vision=vision, images_per_sample=counts)
+
+
+class ComposedAdapter(VisionAdapter):
+    """LLaVA-style VLMs composed by `diffusionvl.backbone.compose`: vision tower + projector + a causal LM, 1-D positions,
+    `num_image_tokens` copies of the image token per image (expanded by the ComposedProcessor)."""
+
+    model_types = ("diffusionvl_llava",)
+    auto_class = "AutoModelForImageTextToText"
+    position_dims = 1
+
+    def __init__(self, model: nn.Module, processor: Any):
+        super().__init__(model, processor)
+        cfg = model.config
+        tok = self.tokenizer
+        found = tok.convert_tokens_to_ids(cfg.image_token)
+        if found is None or tok.convert_ids_to_tokens(found) != cfg.image_token:
+            raise DiffusionVLError(f"the tokenizer lacks the image token {cfg.image_token!r} of this composed model")
+        if cfg.image_token_id is not None and int(found) != int(cfg.image_token_id):
+            raise DiffusionVLError(f"image token {cfg.image_token!r} is id {found} in the tokenizer but "
+                                   f"{cfg.image_token_id} in the model config: tokenizer and model do not match")
+        self._image_token_id = int(found)
+
+    @property
+    def causal_lm(self) -> nn.Module:
+        return self.model.language_model
+
+    @property
+    def image_token_id(self) -> int:
+        return self._image_token_id
+
+    def image_features(self, vision: dict[str, Tensor]) -> Tensor:
+        """[sum of visual tokens per image, D] in sample/image order (T per image, or anyres counts)."""
+        return self.model.merged_image_features(vision["pixel_values"], vision.get("image_sizes"),
+                                                vision.get("image_tiles"))
+
+    def render(self, conv: Conversation, add_generation_prompt: bool = True) -> str:
+        return self.processor.apply_chat_template(conv.messages, add_generation_prompt=add_generation_prompt,
+                                                  tokenize=False)
+
+    def encode(self, conversations: list[Conversation]) -> Encoded:
+        return self.tokenize([self.render(c) for c in conversations], [c.images for c in conversations])
+
+    def tokenize(self, texts: list[str], images: list[list[Any]]) -> Encoded:
+        flat = [im for ims in images for im in ims]
+        out = self.processor(text=texts, images=flat or None, return_tensors="pt", padding=True)
+        ids = [row[m.bool()].tolist() for row, m in zip(out["input_ids"], out["attention_mask"])]
+        keys = ("pixel_values", "image_sizes", "image_tiles")  # the last two: variable-resolution layouts
+        vision = {k: out[k] for k in keys if k in out} if flat else {}
+        return Encoded(input_ids=ids, vision=vision, images_per_sample=[len(ims) for ims in images])
+
+
+def scatter_image_features(embeds: Tensor, input_ids: Tensor, image_token_id: int, features: Tensor) -> Tensor:
+    """embeds [N, L, D] with `features` [M, D] written, in order, at the M image-token positions of input_ids."""
+    where = (input_ids == image_token_id).unsqueeze(-1)  # [N, L, 1]
+    n_tokens = int(where.sum())
+    if n_tokens != features.shape[0]:
+        raise DiffusionVLError(f"prompt has {n_tokens} image tokens but the images give {features.shape[0]} features")
+    return embeds.masked_scatter(where, features.to(embeds.dtype))
+
+
+def mrope_positions(ids: list[int], image_token_id: int, grids: Tensor | None, merge: int) -> tuple[Tensor, int]:
+    """Qwen-VL 3-D positions of one unpadded prompt: [3, n] and the text delta for positions after it.
+
+    Text tokens advance all three dimensions together; a run of image tokens with grid (t, h, w) (in patches)
+    gets (t, h / merge, w / merge) grid coordinates offset by the running position, after which text resumes at
+    offset + max(h, w) / merge (t = 1 for still images).
+    """
+    n = len(ids)
+    pos = torch.zeros(3, n, dtype=torch.long)
+    cur, i, k = 0, 0, 0
+    while i < n:
+        if ids[i] != image_token_id:
+            pos[:, i] = cur
+            cur, i = cur + 1, i + 1
+            continue
+        if grids is None or k >= len(grids):
+            raise DiffusionVLError("prompt has more image placeholders than images")
+        t, h, w = (int(v) for v in grids[k])
+        h, w = h // merge, w // merge
+        count = t * h * w
+        tt = torch.arange(t).view(-1, 1, 1).expand(t, h, w).reshape(-1)
+        hh = torch.arange(h).view(1, -1, 1).expand(t, h, w).reshape(-1)
+        ww = torch.arange(w).view(1, 1, -1).expand(t, h, w).reshape(-1)
+        pos[:, i:i + count] = torch.stack([tt, hh, ww]) + cur
+        cur += max(t, h, w)
+        i, k = i + count, k + 1
+    delta = int(pos.max()) + 1 - n if n else 0
+    return pos, delta
+
+
+ADAPTERS: dict[str, type[Adapter]] = {}
+
+
+def register_adapter(cls: type[Adapter], model_types: tuple[str, ...] | None = None) -> type[Adapter]:
+    for mt in model_types or cls.model_types:
+        ADAPTERS[mt] = cls
+    return cls
+
+
+TEXT_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral", "gemma", "gemma2", "gemma3_text", "phi3", "smollm3",
+                    "granite", "olmo2")
+register_adapter(Adapter, TEXT_MODEL_TYPES)
+register_adapter(QwenVLAdapter)
+register_adapter(ComposedAdapter)
+
+
+def adapter_class(model_type: str) -> type[Adapter]:
+    cls = ADAPTERS.get(model_type)
+    if cls is None:
+        raise DiffusionVLError(f"unsupported architecture {model_type!r}; supported model types: "
+                               f"{', '.join(sorted(ADAPTERS))}")
+    return cls

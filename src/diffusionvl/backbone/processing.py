@@ -1,0 +1,101 @@
+"""A torchvision-free processor for Qwen-VL style models (image pad tokens expanded per image grid).
+
+Contract: transformers' Qwen2-VL/Qwen2.5-VL processors require a video processor, which needs torchvision; on
+machines without it (CPU CI, minimal installs) `ImagePadProcessor` provides the part of the processor API the
+engine uses, with the same token layout: `__call__(text=[...], images=[...], return_tensors="pt", padding=True)`
+returns input_ids/attention_mask/pixel_values/image_grid_thw, each `<|image_pad|>` in the text expanded to
+grid_t * grid_h * grid_w / merge^2 copies; `apply_chat_template`, `tokenizer`, `image_processor`,
+`save_pretrained`/`from_pretrained` (standard tokenizer + preprocessor_config.json files, so the real processor
+loads the same folder). `load_processor` prefers the transformers processor and falls back to this one; a folder
+saved by `diffusionvl.backbone.compose.ComposedProcessor` (its `processor_config.json` names the class) loads as that.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from diffusionvl.core.errors import DiffusionVLError
+
+
+class ImagePadProcessor:
+    def __init__(self, image_processor: Any, tokenizer: Any, chat_template: str | None = None,
+                 image_token: str = "<|image_pad|>"):
+        self.image_processor = image_processor
+        self.tokenizer = tokenizer
+        self.chat_template = chat_template or getattr(tokenizer, "chat_template", None)
+        self.image_token = image_token
+        self.image_token_id = tokenizer.convert_tokens_to_ids(image_token)
+
+    def apply_chat_template(self, messages: list[dict[str, Any]], **kwargs: Any) -> Any:
+        kwargs.setdefault("chat_template", self.chat_template)
+        return self.tokenizer.apply_chat_template(messages, **kwargs)
+
+    def __call__(self, text: list[str] | str, images: list[Any] | None = None, return_tensors: str = "pt",
+                 padding: bool = True, **kwargs: Any) -> Any:
+        from transformers import BatchFeature
+
+        texts = [text] if isinstance(text, str) else list(text)
+        image_inputs: dict[str, Any] = {}
+        if images:
+            image_inputs = dict(self.image_processor(images=images, return_tensors="pt"))
+            counts = (image_inputs["image_grid_thw"].prod(-1) // self.image_processor.merge_size ** 2).tolist()
+            texts = self._expand(texts, counts)
+        enc = dict(self.tokenizer(texts, padding=padding, return_tensors=return_tensors, **kwargs))
+        enc["mm_token_type_ids"] = (enc["input_ids"] == self.image_token_id).int()  # 1 = image token, as HF
+        return BatchFeature({**enc, **image_inputs})
+
+    def _expand(self, texts: list[str], counts: list[int]) -> list[str]:
+        out, k, placeholder = [], 0, "\x00IMG\x00"
+        for t in texts:
+            pieces = t.split(self.image_token)
+            if k + len(pieces) - 1 > len(counts):
+                raise DiffusionVLError("more image placeholders in the prompt than images")
+            expanded = pieces[0]
+            for piece in pieces[1:]:
+                expanded += placeholder * counts[k] + piece
+                k += 1
+            out.append(expanded.replace(placeholder, self.image_token))
+        if k != len(counts):
+            raise DiffusionVLError(f"{len(counts)} images given but the prompts have {k} image placeholders")
+        return out
+
+    def save_pretrained(self, path: str | os.PathLike[str], **kwargs: Any) -> None:
+        if self.chat_template:
+            self.tokenizer.chat_template = self.chat_template
+        self.tokenizer.save_pretrained(path)
+        self.image_processor.save_pretrained(path)
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike[str], **kwargs: Any) -> "ImagePadProcessor":
+        from transformers import AutoTokenizer
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+        tok = AutoTokenizer.from_pretrained(path, **kwargs)
+        images = Qwen2VLImageProcessorPil.from_pretrained(path)
+        return cls(images, tok)
+
+
+def load_processor(path: str | os.PathLike[str], vision: bool, **kwargs: Any) -> Any:
+    """The tokenizer (text models) or processor (VLMs) saved at `path`."""
+    from transformers import AutoProcessor, AutoTokenizer
+
+    if not vision:
+        return AutoTokenizer.from_pretrained(path, **kwargs)
+    from diffusionvl.backbone.compose import ComposedProcessor, read_processor_config
+
+    if read_processor_config(path) is not None:  # a composed VLM (diffusionvl.backbone.compose)
+        return ComposedProcessor.from_pretrained(path, **kwargs)
+    try:
+        return AutoProcessor.from_pretrained(path, **kwargs)
+    except (AttributeError, TypeError, ValueError, ImportError, OSError):
+        return ImagePadProcessor.from_pretrained(path, **kwargs)
+
+
+def make_qwen_vl_processor(cls: Any, image_processor: Any, tokenizer: Any, chat_template: str | None) -> Any:
+    """transformers' processor class `cls` when it can be built here, else the torchvision-free equivalent."""
+    try:
+        return cls(image_processor=image_processor, tokenizer=tokenizer, video_processor=None,
+                   chat_template=chat_template)
+    except (AttributeError, TypeError, ValueError, ImportError):
+        return ImagePadProcessor(image_processor, tokenizer, chat_template)

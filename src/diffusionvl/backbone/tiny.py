@@ -1,0 +1,124 @@
+"""Tiny random AR models built from configs, offline: for tests, examples and `diffusionvl convert --tiny`.
+
+Contract: `make_tiny(arch, seed)` returns an untrained (random, seeded) transformers model and its tokenizer or
+processor, with no download: a byte-level BPE tokenizer trained on a built-in paragraph (deterministic), a ChatML
+chat template that also renders image parts, and for the Qwen-VL archs a PIL image processor sized so that a
+small image becomes a handful of visual tokens. Architectures: see `TINY_ARCHS`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from diffusionvl.core.errors import DiffusionVLError
+
+CORPUS = """
+The quick brown fox jumps over the lazy dog. A block diffusion model fills several tokens at once, block after
+block, and keeps the finished blocks in a key value cache. What is the capital of France? The capital of France
+is Paris. What shape is in the image? It is a red circle. How many squares are there? There are two squares.
+Describe the picture: a cat sits on a table next to a cup of coffee. Count the stars, name the colour, read the
+text. Yes. No. One two three four five six seven eight nine ten. Hello, how can I help you today?
+""".split("\n")
+
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
+                  "<|image_pad|>", "<|video_pad|>"]
+
+CHATML_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' }}"
+    "{%- if message['content'] is string -%}{{ message['content'] }}"
+    "{%- else -%}{%- for part in message['content'] -%}"
+    "{%- if part['type'] == 'image' -%}{{ '<|vision_start|><|image_pad|><|vision_end|>' }}"
+    "{%- elif part['type'] == 'text' -%}{{ part['text'] }}{%- endif -%}"
+    "{%- endfor -%}{%- endif -%}"
+    "{{ '<|im_end|>\\n' }}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\\n' }}{%- endif -%}"
+)
+
+TINY_ARCHS = ("llama", "qwen2", "gemma3", "qwen2_vl", "qwen2_5_vl")
+
+
+def tiny_tokenizer(vocab_size: int = 384) -> Any:
+    """Deterministic byte-level BPE tokenizer with ChatML special tokens and chat template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    bpe.train_from_iterator([line for line in CORPUS if line.strip()], trainer)
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                  additional_special_tokens=SPECIAL_TOKENS[1:])
+    tok.chat_template = CHATML_TEMPLATE
+    return tok
+
+
+def _text_kwargs(vocab: int, tok: Any) -> dict[str, Any]:
+    return dict(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                bos_token_id=tok.convert_tokens_to_ids("<|endoftext|>"), eos_token_id=tok.eos_token_id,
+                pad_token_id=tok.pad_token_id)
+
+
+def _config(arch: str, tok: Any) -> Any:
+    import transformers as tf
+
+    exact, roomy = len(tok), -(-(len(tok) + 1) // 64) * 64  # llama: no headroom (mask token forces a resize)
+    ids = {k: tok.convert_tokens_to_ids(v) for k, v in
+           [("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"),
+            ("vision_start_token_id", "<|vision_start|>"), ("vision_end_token_id", "<|vision_end|>")]}
+    if arch == "llama":
+        return tf.LlamaConfig(**_text_kwargs(exact, tok), tie_word_embeddings=False)
+    if arch == "qwen2":
+        return tf.Qwen2Config(**_text_kwargs(roomy, tok), tie_word_embeddings=True)
+    if arch == "gemma3":
+        return tf.Gemma3TextConfig(**_text_kwargs(roomy, tok), head_dim=16, sliding_window=12,
+                                   layer_types=["sliding_attention", "full_attention"])
+    text = dict(_text_kwargs(roomy, tok), rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3],
+                                                          "rope_theta": 10000.0})
+    if arch == "qwen2_5_vl":
+        vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64, patch_size=14,
+                      spatial_merge_size=2, temporal_patch_size=2, window_size=56, fullatt_block_indexes=[1])
+        return tf.Qwen2_5_VLConfig(text_config=text, vision_config=vision, **ids)
+    if arch == "qwen2_vl":
+        vision = dict(depth=2, embed_dim=32, hidden_size=64, num_heads=2, mlp_ratio=2, patch_size=14,
+                      spatial_merge_size=2, temporal_patch_size=2)
+        return tf.Qwen2VLConfig(text_config=text, vision_config=vision, **ids)
+    raise DiffusionVLError(f"unknown tiny architecture {arch!r}; choose one of {', '.join(TINY_ARCHS)}")
+
+
+def _processor(arch: str, tok: Any) -> Any:
+    if arch not in ("qwen2_vl", "qwen2_5_vl"):
+        return tok
+    from transformers import Qwen2_5_VLProcessor, Qwen2VLProcessor
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    # 56x56 .. 112x112 pixels -> 4 .. 16 patches of 14 px -> 1 .. 4 visual tokens after the 2x2 merge
+    images = Qwen2VLImageProcessorPil(size={"shortest_edge": 56 * 56, "longest_edge": 112 * 112},
+                                      patch_size=14, merge_size=2, temporal_patch_size=2)
+    from diffusionvl.backbone.processing import make_qwen_vl_processor
+
+    cls = Qwen2_5_VLProcessor if arch == "qwen2_5_vl" else Qwen2VLProcessor
+    return make_qwen_vl_processor(cls, images, tok, CHATML_TEMPLATE)
+
+
+def make_tiny(arch: str = "llama", seed: int = 0, dtype: torch.dtype = torch.float32) -> tuple[Any, Any]:
+    """A tiny random AR model of `arch` and its tokenizer (text) or processor (VLM)."""
+    import transformers as tf
+
+    tok = tiny_tokenizer()
+    config = _config(arch, tok)
+    torch.manual_seed(seed)
+    if arch in ("qwen2_vl", "qwen2_5_vl"):
+        model = tf.AutoModelForImageTextToText.from_config(config, dtype=dtype)
+    else:
+        model = tf.AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model.generation_config.eos_token_id = tok.eos_token_id
+    model.generation_config.pad_token_id = tok.pad_token_id
+    model.config.use_cache = True
+    return model.eval(), _processor(arch, tok)

@@ -1,0 +1,212 @@
+"""Typed configuration: the diffusion settings saved with a model, and the decoding settings of one call.
+
+Contract: every user-tunable knob is a dataclass field with a `help` string in its metadata; the CLI builds its
+flags from these fields (`add_dataclass_arguments`), so `--help` and the docstrings never drift apart. `validate()`
+turns a bad value into a one-line `DiffusionVLError`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from diffusionvl.core.errors import DiffusionVLError, check
+
+DEFAULT_MASK_TOKEN = "<|mask|>"
+# Names under which pretrained vocabularies already carry a mask token (looked up in this order).
+KNOWN_MASK_TOKENS = ("<|mask|>", "<|MASK|>", "<|mdm_mask|>", "[MASK]", "<mask>")
+
+
+def option(default: Any, help: str, **kwargs: Any) -> Any:
+    """A dataclass field with a help text (used for `--help` and the docs)."""
+    if isinstance(default, (list, dict, set)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help, **kwargs})
+    return field(default=default, metadata={"help": help, **kwargs})
+
+
+@dataclass
+class DiffusionConfig:
+    """How a backbone is used as a block-diffusion model. Saved in the model's config under `diffusionvl`."""
+
+    block_size: int = option(8, "Tokens per block B: the model fills B tokens in parallel, block after block.")
+    mask_token: str = option(DEFAULT_MASK_TOKEN, "Name of the mask token [M] in the tokenizer (looked up by name).")
+    prediction: Literal["shift", "same"] = option(
+        "shift",
+        "Which position's logits predict token i: 'shift' = position i-1, as in the AR model (Fast-dLLM v2); "
+        "'same' = position i itself (BD3-LM, LLaDA, the DiffusionVL checkpoints).",
+    )
+    eos_token: str | None = option(
+        None, "Name of the end-of-answer token: block padding in training and the stop token in decoding "
+        "(default: the chat template's end-of-turn token, else the tokenizer's EOS).")
+    positions: Literal["model", "sequential"] = option(
+        "model",
+        "Prompt position ids: 'model' = the backbone's own scheme (3-D M-RoPE grid positions for Qwen-VL image "
+        "tokens); 'sequential' = 0, 1, 2, ... on every channel, image tokens included (how the DiffusionVL "
+        "reference trains and decodes its Qwen2.5-VL checkpoints).",
+    )
+    noise_eps: float = option(1e-3, "Smallest masking rate t drawn in training (t ~ U[eps, 1]).")
+    antithetic: bool = option(True, "Stratify the per-block masking rates over the batch (lower-variance loss).")
+
+    def validate(self) -> "DiffusionConfig":
+        check(isinstance(self.block_size, int) and self.block_size >= 1,
+              f"block_size must be an integer >= 1, got {self.block_size!r}")
+        check(self.prediction in ("shift", "same"), f"prediction must be 'shift' or 'same', got {self.prediction!r}")
+        check(self.positions in ("model", "sequential"),
+              f"positions must be 'model' or 'sequential', got {self.positions!r}")
+        check(0.0 < self.noise_eps < 1.0, f"noise_eps must be in (0, 1), got {self.noise_eps!r}")
+        check(bool(self.mask_token), "mask_token must be a non-empty token name")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "DiffusionConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known}).validate()
+
+
+@dataclass
+class DecodeConfig:
+    """Settings of one generation call. `None` means: take the model's own value (block size) or a derived one."""
+
+    decoder: Literal["block", "ar", "full"] = option(
+        "block", "'block' = block diffusion with KV cache; 'ar' = autoregressive baseline; 'full' = LLaDA-style "
+        "full-sequence diffusion (no cache)."
+    )
+    max_new_tokens: int = option(128, "Most tokens to generate per sample (each sample stops at its own EOS).")
+    block_size: int | None = option(None, "Block size B for decoding (default: the model's training block size).")
+    steps: int | None = option(None, "Denoising steps per block S, 1 <= S <= B (default: B, one token per step).")
+    policy: Literal["static", "threshold"] = option(
+        "static", "Which masked positions to fill per step: 'static' = the k most confident (k = B/S); "
+        "'threshold' = all with confidence >= threshold, at least k."
+    )
+    threshold: float = option(0.9, "Confidence threshold of the 'threshold' policy, in (0, 1].")
+    temperature: float = option(0.0, "Sampling temperature; 0 = greedy.")
+    top_k: int = option(0, "Keep only the k most likely tokens before sampling (0 = off).")
+    top_p: float = option(1.0, "Nucleus sampling: keep the smallest set with this much probability (1 = off).")
+    seed: int | None = option(None, "Random seed for sampling (None = nondeterministic).")
+    use_cache: bool = option(True, "Keep finished blocks in the KV cache (False recomputes the prefix every step).")
+    stop_early: bool = option(
+        True, "Block decoder: end a sample's block as soon as every position up to and including its first stop token "
+        "is filled, instead of denoising the positions after it. Same greedy answers, fewer forwards; adds a host sync "
+        "per step to static blocks."
+    )
+    fast: Literal["auto", "on", "off", "compile"] = option(
+        "auto", "Fast path (static shapes, CUDA graphs on GPU): 'auto' uses it where it helps (GPU), 'on' always "
+        "(eager static shapes without CUDA), 'compile' also torch.compiles the step (slow first call), 'off' = plain "
+        "eager. Same tokens either way; falls back with a logged reason when unavailable."
+    )
+
+    def resolved(self, model_block_size: int) -> "DecodeConfig":
+        """A copy with `block_size`/`steps` filled in and every field validated."""
+        cfg = dataclasses.replace(self)
+        if cfg.block_size is None:
+            cfg.block_size = 1 if cfg.decoder == "ar" else model_block_size
+        if cfg.steps is None:
+            cfg.steps = cfg.block_size
+        return cfg.validate()
+
+    def validate(self) -> "DecodeConfig":
+        check(self.decoder in ("block", "ar", "full"), f"decoder must be block, ar or full, got {self.decoder!r}")
+        check(isinstance(self.max_new_tokens, int) and self.max_new_tokens >= 1,
+              f"max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r}")
+        if self.block_size is not None:
+            check(isinstance(self.block_size, int) and self.block_size >= 1,
+                  f"block size must be an integer >= 1, got {self.block_size!r}")
+        if self.steps is not None:
+            check(isinstance(self.steps, int) and self.steps >= 1, f"steps must be an integer >= 1, got {self.steps!r}")
+            if self.block_size is not None:
+                check(self.steps <= self.block_size,
+                      f"steps ({self.steps}) cannot exceed the block size ({self.block_size}): "
+                      "each step fills at least one token")
+        check(self.policy in ("static", "threshold"), f"policy must be static or threshold, got {self.policy!r}")
+        check(isinstance(self.threshold, (int, float)) and 0.0 < self.threshold <= 1.0,
+              f"threshold must be in (0, 1], got {self.threshold!r}")
+        check(isinstance(self.temperature, (int, float)) and self.temperature >= 0.0,
+              f"temperature must be >= 0, got {self.temperature!r}")
+        check(isinstance(self.top_k, int) and self.top_k >= 0, f"top_k must be an integer >= 0, got {self.top_k!r}")
+        check(isinstance(self.top_p, (int, float)) and 0.0 < self.top_p <= 1.0,
+              f"top_p must be in (0, 1], got {self.top_p!r}")
+        check(self.fast in ("auto", "on", "off", "compile"),
+              f"fast must be auto, on, off or compile, got {self.fast!r}")
+        return self
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# dataclass <-> argparse / YAML / JSON
+
+
+def _arg_type(tp: Any) -> tuple[Any, dict[str, Any]]:
+    """argparse `type` and extra kwargs for a dataclass field type."""
+    origin = typing.get_origin(tp)
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    if origin is typing.Union or (origin is not None and type(None) in typing.get_args(tp)):
+        return _arg_type(args[0]) if len(args) == 1 else (str, {})
+    if origin is Literal:
+        return type(args[0]), {"choices": list(args)}
+    if origin in (list, tuple):
+        inner = args[0] if args else str
+        return inner, {"nargs": "*"}
+    if tp is bool:
+        return _parse_bool, {"metavar": "BOOL"}
+    if tp in (int, float, str):
+        return tp, {}
+    return str, {}
+
+
+def _parse_bool(text: str) -> bool:
+    value = text.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type, *, skip: tuple[str, ...] = ()) -> None:
+    """Add one `--field-name` flag per field of dataclass `cls` (default None = keep the dataclass default)."""
+    hints = typing.get_type_hints(cls)
+    group = parser.add_argument_group(cls.__name__, (cls.__doc__ or "").strip().splitlines()[0])
+    for f in dataclasses.fields(cls):
+        if f.name in skip or f.metadata.get("cli") is False:
+            continue
+        kind, extra = _arg_type(hints[f.name])
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        help_text = f"{f.metadata.get('help', '')} (default: {default})".replace("%", "%%")
+        group.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, type=kind, default=None,
+                           help=help_text, **extra)
+
+
+def dataclass_from_args(cls: type, args: argparse.Namespace, base: Any = None) -> Any:
+    """Build `cls` from parsed flags; flags left unset keep `base`'s (or the default) value."""
+    obj = base if base is not None else cls()
+    updates = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls)
+               if getattr(args, f.name, None) is not None}
+    return dataclasses.replace(obj, **updates)
+
+
+def load_config_file(path: str | os.PathLike[str], cls: type) -> Any:
+    """Read a YAML or JSON file into dataclass `cls`; unknown keys are an error that names them."""
+    check(os.path.isfile(path), f"config file not found: {path}")
+    with open(path, encoding="utf-8") as fh:
+        text = fh.read()
+    try:
+        if str(path).endswith((".yaml", ".yml")):
+            import yaml
+
+            data = yaml.safe_load(text) or {}
+        else:
+            data = json.loads(text)
+    except Exception as exc:  # noqa: BLE001 - any parse error becomes one line
+        raise DiffusionVLError(f"cannot parse config file {path}: {str(exc).splitlines()[0]}") from None
+    check(isinstance(data, dict), f"config file {path} must hold a mapping of field names to values")
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - known)
+    check(not unknown, f"unknown field(s) in {path}: {', '.join(unknown)} (known: {', '.join(sorted(known))})")
+    return cls(**data)

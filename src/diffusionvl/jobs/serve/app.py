@@ -1,0 +1,332 @@
+"""The OpenAI-compatible HTTP API over a `DiffusionVLModel` (FastAPI app factory).
+
+Contract: `create_app(model, config=ServeConfig(), decode=DecodeConfig(), model_name=None)` returns a FastAPI app
+with `POST /v1/chat/completions` (JSON or, with `stream: true`, server-sent events: one `chat.completion.chunk`
+per finished block, then `data: [DONE]`), `GET /v1/models`, `GET /v1/models/{id}` and `GET /health`. It needs no
+socket: tests drive it with `fastapi.testclient` or an httpx ASGI transport; `diffusionvl serve` runs it with
+uvicorn. Every error is OpenAI-shaped JSON (`{"error": {"message", "type", "param", "code"}}`): 400 for malformed
+JSON, invalid parameters, bad image data, refused image sources and too-long prompts; 404 for an unknown model
+or route; 413 for an oversized body; 429 when the decode queue is full; 503 while shutting down; 500 for bugs.
+Decoding happens on one thread owned by `DecodeEngine` (engine.py); request handlers only validate, load images
+(in a worker thread) and relay messages.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import os
+import time
+import uuid
+from contextlib import asynccontextmanager
+from typing import Any, AsyncIterator
+
+from diffusionvl.core.config import DecodeConfig
+from diffusionvl.core.errors import DiffusionVLError, check
+from diffusionvl.backbone.prompts import Conversation, to_conversation
+from diffusionvl.jobs.serve import schema
+from diffusionvl.jobs.serve.config import ServeConfig
+from diffusionvl.jobs.serve.engine import Accepted, DecodeEngine, Delta, Failed, Finished, PendingRequest, QueueFull, \
+    ShuttingDown
+from diffusionvl.jobs.serve.images import ImagePolicy
+from diffusionvl.core.version import __version__
+
+log = logging.getLogger("diffusionvl.jobs.serve")
+
+
+class ApiError(Exception):
+    """An error answered as OpenAI-shaped JSON with an HTTP status."""
+
+    def __init__(self, status: int, message: str, kind: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status, self.message, self.kind, self.param, self.code = status, message, kind, param, code
+        self.headers = headers
+
+
+def default_model_name(model: Any) -> str:
+    path = str(getattr(model.hf_model.config, "_name_or_path", "") or "").rstrip("/\\")
+    return os.path.basename(path) or "diffusionvl"
+
+
+def build_conversation(messages: list[schema.Message], policy: ImagePolicy, max_images: int,
+                       has_vision: bool) -> Conversation:
+    """Validated OpenAI messages -> Conversation with its images loaded (refusals raise DiffusionVLError)."""
+    n_images = sum(1 for m in messages if not isinstance(m.content, str)
+                   for p in m.content if p.type == "image_url")
+    check(n_images == 0 or has_vision, "this model takes no images: remove the image_url parts (text-only model)")
+    check(n_images <= max_images, f"too many images: {n_images} (this server allows {max_images} per request)")
+    out = []
+    for m in messages:
+        if isinstance(m.content, str):
+            content: Any = m.content
+        else:
+            content = [{"type": "text", "text": p.text} if p.type == "text"
+                       else {"type": "image", "image": policy.load(p.image_url.url)} for p in m.content]
+        out.append({"role": "system" if m.role == "developer" else m.role, "content": content})
+    return to_conversation(out)
+
+
+def resolve_decode(base: DecodeConfig, body: schema.ChatRequest, model_block_size: int,
+                   config: ServeConfig) -> DecodeConfig:
+    """Server defaults updated with the request's decode fields, validated and bounded by what they may cost
+    (DiffusionVLError -> 400): max_tokens, block size (also by max_tokens rounded up to the model's block size: a
+    larger block only denoises positions past the budget) and steps."""
+    asked = schema.decode_overrides(body)
+    budget = -(-(asked.get("max_new_tokens") or base.max_new_tokens) // model_block_size) * model_block_size
+    if asked.get("block_size") is not None:
+        check(asked["block_size"] <= min(config.max_block_size, max(budget, model_block_size)),
+              f"block_size {asked['block_size']} is larger than this request can use (at most "
+              f"{min(config.max_block_size, max(budget, model_block_size))}: max_tokens rounded up to the model's block "
+              f"size {model_block_size}, and the server's limit {config.max_block_size})")
+    if asked.get("steps") is not None:
+        check(asked["steps"] <= config.max_steps,
+              f"steps {asked['steps']} exceeds this server's limit of {config.max_steps}")
+    cfg = dataclasses.replace(base, **asked).resolved(model_block_size)
+    check(cfg.max_new_tokens <= config.max_tokens_limit,
+          f"max_tokens {cfg.max_new_tokens} exceeds this server's limit of {config.max_tokens_limit}")
+    return cfg
+
+
+class _BodyLimit:
+    """ASGI middleware: refuse request bodies larger than `limit` bytes with HTTP 413 (declared or streamed).
+
+    The body is read here, up to the limit, and replayed to the app (which reads it whole anyway)."""
+
+    def __init__(self, app: Any, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.limit:
+            return await self._refuse(scope, receive, send)
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":  # the client went away before sending everything
+                return
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.limit:
+                return await self._refuse(scope, receive, send)
+            if not message.get("more_body", False):
+                break
+        replayed = False
+
+        async def replay() -> dict[str, Any]:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+    async def _refuse(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        from starlette.responses import JSONResponse
+
+        mib = self.limit / (1 << 20)
+        body = schema.error_body(f"request body larger than {mib:g} MiB", code="request_too_large")
+        await JSONResponse(body, status_code=413)(scope, receive, send)
+
+
+def create_app(model: Any, config: ServeConfig | None = None, decode: DecodeConfig | None = None,
+               model_name: str | None = None) -> Any:
+    """The FastAPI app (module docstring). `decode` holds the server's default decode settings."""
+    from fastapi import FastAPI
+
+    cfg = (config or ServeConfig()).validate()
+    decode = decode or DecodeConfig()
+    decode.resolved(model.config.block_size)  # fail now on bad defaults; keep None = "derive per request"
+    state = _State(model, cfg, decode, model_name or cfg.model_name or default_model_name(model))
+
+    @asynccontextmanager
+    async def lifespan(app: Any) -> AsyncIterator[None]:
+        state.engine.start()
+        yield
+        await asyncio.get_running_loop().run_in_executor(None, state.engine.shutdown)
+
+    app = FastAPI(title="diffusionvl", version=_version(), lifespan=lifespan)
+    app.state.diffusionvl = state
+    _install_error_handlers(app)
+    _install_routes(app, state)
+    app.add_middleware(_BodyLimit, limit=int(cfg.max_request_mb * (1 << 20)))
+    return app
+
+
+def _version() -> str:
+    return __version__
+
+
+class _State:
+    def __init__(self, model: Any, config: ServeConfig, decode: DecodeConfig, name: str):
+        self.model, self.config, self.decode, self.name = model, config, decode, name
+        self.engine = DecodeEngine(model, max_batch=config.max_batch, max_queue=config.max_queue,
+                                   batch_wait_s=config.batch_wait_ms / 1000.0,
+                                   max_prompt_tokens=config.max_prompt_tokens)
+        self.images = ImagePolicy.create(config.allow_local_images, config.allow_remote_images,
+                                         config.max_image_pixels)
+        self.has_vision = bool(getattr(model.adapter, "has_vision", False))
+        self.created = int(time.time())
+
+
+def _json_error(status: int, message: str, kind: str = "invalid_request_error", param: str | None = None,
+                code: str | None = None, headers: dict[str, str] | None = None) -> Any:
+    from fastapi.responses import JSONResponse
+
+    return JSONResponse(schema.error_body(message, kind, param, code), status_code=status, headers=headers)
+
+
+def _validation_message(errors: list[dict[str, Any]]) -> tuple[str, str | None]:
+    """First pydantic error -> (one-line message, dotted parameter path)."""
+    if not errors:
+        return "invalid request body", None
+    err = errors[0]
+    loc = [str(x) for x in err.get("loc", ()) if x != "body"]
+    param = ".".join(loc) or None
+    if err.get("type") == "json_invalid":
+        return f"malformed JSON body: {err.get('ctx', {}).get('error', err.get('msg', ''))}", None
+    if err.get("type") == "extra_forbidden":
+        return f"unrecognized request argument supplied: {param}", param
+    if err.get("type") == "missing":
+        if param is None:
+            return "empty request body: send a JSON object with model and messages", None
+        return f"missing required parameter: {param}", param
+    message = str(err.get("msg", "invalid value")).removeprefix("Value error, ")
+    return (f"{param}: {message}" if param else f"request body: {message}"), param
+
+
+def _install_error_handlers(app: Any) -> None:
+    from fastapi.exceptions import RequestValidationError
+    from starlette.exceptions import HTTPException
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Any, exc: RequestValidationError) -> Any:
+        message, param = _validation_message(list(exc.errors()))
+        return _json_error(400, message, param=param)
+
+    @app.exception_handler(ApiError)
+    async def _api(request: Any, exc: ApiError) -> Any:
+        return _json_error(exc.status, exc.message, exc.kind, exc.param, exc.code, exc.headers)
+
+    @app.exception_handler(DiffusionVLError)
+    async def _user(request: Any, exc: DiffusionVLError) -> Any:
+        return _json_error(400, str(exc))
+
+    @app.exception_handler(HTTPException)
+    async def _http(request: Any, exc: HTTPException) -> Any:
+        kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+        return _json_error(exc.status_code, str(exc.detail), kind, headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def _bug(request: Any, exc: Exception) -> Any:
+        log.exception("unhandled error")
+        return _json_error(500, "internal server error", "server_error")
+
+
+def _install_routes(app: Any, state: _State) -> None:
+    @app.get("/health")
+    async def health() -> Any:
+        engine = state.engine
+        body = {"status": "ok" if engine.alive else "unavailable", "model": state.name, "queued": engine.queued,
+                "max_queue": engine.max_queue, "running": engine.running, "completed": engine.completed,
+                "device": str(state.model.device)}
+        if not engine.alive:
+            from fastapi.responses import JSONResponse
+
+            return JSONResponse(body, status_code=503)
+        return body
+
+    @app.get("/v1/models")
+    async def models() -> Any:
+        return {"object": "list", "data": [_model_card(state)]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str) -> Any:
+        if model_id != state.name:
+            raise ApiError(404, f"model {model_id!r} not found; this server serves {state.name!r}",
+                           param="model", code="model_not_found")
+        return _model_card(state)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: schema.ChatRequest) -> Any:
+        return await _chat(state, body)
+
+
+def _model_card(state: _State) -> dict[str, Any]:
+    return {"id": state.name, "object": "model", "created": state.created, "owned_by": "diffusionvl",
+            "diffusionvl": {"block_size": state.model.config.block_size, "vision": state.has_vision,
+                            "max_positions": state.model.max_positions}}
+
+
+async def _chat(state: _State, body: schema.ChatRequest) -> Any:
+    from starlette.concurrency import run_in_threadpool
+
+    if body.model != state.name:
+        raise ApiError(404, f"model {body.model!r} not found; this server serves {state.name!r}", param="model",
+                       code="model_not_found")
+    cfg = resolve_decode(state.decode, body, state.model.config.block_size, state.config)
+    conversation = await run_in_threadpool(build_conversation, body.messages, state.images,
+                                           state.config.max_images, state.has_vision)
+    request = PendingRequest(conversation, cfg, list(body.stop or []), asyncio.get_running_loop())
+    try:
+        state.engine.submit(request)
+    except QueueFull as exc:
+        raise ApiError(429, str(exc), "rate_limit_error", code="queue_full", headers={"Retry-After": "1"}) from None
+    except ShuttingDown as exc:
+        raise ApiError(503, str(exc), "service_unavailable") from None
+    try:
+        first = await request.outbox.get()
+        if isinstance(first, Failed):
+            raise ApiError(first.status, first.message, first.kind)
+        assert isinstance(first, Accepted)
+        rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        if body.stream:
+            from starlette.responses import StreamingResponse
+
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            stream = _stream(state, request, rid, created, include_usage)
+            return StreamingResponse(stream, media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return await _collect(state, request, rid, created)
+    except BaseException:
+        state.engine.cancel(request)
+        raise
+
+
+async def _collect(state: _State, request: PendingRequest, rid: str, created: int) -> dict[str, Any]:
+    while True:
+        message = await request.outbox.get()
+        if isinstance(message, Failed):
+            raise ApiError(message.status, message.message, message.kind)
+        if isinstance(message, Finished):
+            usage = schema.usage_body(message.prompt_tokens, message.completion_tokens)
+            return schema.completion_body(rid, created, state.name, message.text, message.finish_reason, usage,
+                                          message.stats)
+
+
+async def _stream(state: _State, request: PendingRequest, rid: str, created: int,
+                  include_usage: bool) -> AsyncIterator[bytes]:
+    name = state.name
+    try:
+        yield schema.sse(schema.chunk_body(rid, created, name, {"role": "assistant", "content": ""}))
+        while True:
+            message = await request.outbox.get()
+            if isinstance(message, Delta):
+                yield schema.sse(schema.chunk_body(rid, created, name, {"content": message.text}))
+            elif isinstance(message, Finished):
+                yield schema.sse(schema.chunk_body(rid, created, name, {}, message.finish_reason,
+                                                   diffusionvl=message.stats))
+                if include_usage:
+                    usage = schema.usage_body(message.prompt_tokens, message.completion_tokens)
+                    yield schema.sse(schema.chunk_body(rid, created, name, None, usage=usage))
+                break
+            elif isinstance(message, Failed):
+                yield schema.sse(schema.error_body(message.message, message.kind))
+                break
+        yield schema.sse("[DONE]")
+    finally:
+        state.engine.cancel(request)

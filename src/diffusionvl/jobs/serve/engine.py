@@ -1,0 +1,370 @@
+"""Dynamic batching for the server: one decode thread owns the model; requests wait in a bounded queue.
+
+Contract:
+- `DecodeEngine.submit(request)` never blocks: it queues the request or raises `QueueFull` (HTTP 429; the queue
+  holds at most `max_queue` waiting requests, so memory stays bounded) or `ShuttingDown` (HTTP 503).
+- One worker thread takes the oldest waiting request and up to `max_batch - 1` more whose decode settings are
+  compatible (`batch_key`: same decoder / block size / steps / policy / threshold / temperature / top-k / top-p;
+  a sampled request (temperature > 0) with a `seed` always runs alone, so it gives the same text as a single
+  `generate(..., seed=...)` call; greedy requests ignore the seed). It waits up to `batch_wait_s` for more
+  compatible requests when the batch is not full. The batch decodes with the largest `max_new_tokens` of its
+  requests; each request is cut at its own budget (block and AR decoding fill whole blocks, so a sample's first m
+  tokens do not depend on the budget; the full-diffusion baseline's canvas does, so there the budget is part of
+  the key). By DESIGN invariant 5 a batch gives every request the same greedy tokens as decoding it alone.
+- Each request gets, on its own asyncio queue (posted thread-safely to its event loop): `Accepted` (or `Failed`
+  when the prompt is too long / bad), then `Delta`s of text as blocks finish, then `Finished` or `Failed`.
+  `TextAssembler` turns a request's token ids into text deltas: its own token budget, stop strings (the text is
+  cut at the first one and the request finishes, even though its batch row may continue), no half characters,
+  and nothing streamed that a stop string could still remove.
+- The batch is tokenized once on the decode thread (tokenizers are not shared across threads) and decoded with
+  `decoding.run_encoded`. Requests whose longest prompt + largest budget would not fit the model's context
+  together are split: the ones that do not fit go back to the front of the queue for the next batch.
+- A batch stops decoding as soon as every request in it has finished or was cancelled (client gone).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+from diffusionvl.core.config import DecodeConfig
+from diffusionvl.core.errors import DiffusionVLError
+
+log = logging.getLogger("diffusionvl.jobs.serve")
+
+
+class QueueFull(Exception):
+    """The waiting queue is at capacity."""
+
+
+class ShuttingDown(Exception):
+    """The engine no longer accepts requests."""
+
+
+@dataclass
+class Accepted:
+    prompt_tokens: int
+    batch_size: int
+    queue_seconds: float
+
+
+@dataclass
+class Delta:
+    text: str
+
+
+@dataclass
+class Finished:
+    text: str
+    finish_reason: str  # "stop" (stop token or stop string) or "length"
+    prompt_tokens: int
+    completion_tokens: int
+    stats: dict[str, Any]
+
+
+@dataclass
+class Failed:
+    status: int
+    message: str
+    kind: str = "invalid_request_error"
+
+
+def batch_key(cfg: DecodeConfig, uid: int) -> tuple[Any, ...]:
+    """Requests with equal keys may share a batch (see module docstring). `cfg` must be resolved."""
+    sampled = cfg.temperature > 0
+    key: tuple[Any, ...] = (cfg.decoder, cfg.block_size, cfg.steps, cfg.policy,
+                            cfg.threshold if cfg.policy == "threshold" else None, cfg.temperature,
+                            cfg.top_k if sampled else 0, cfg.top_p if sampled else 1.0, cfg.use_cache, cfg.fast)
+    if sampled and cfg.seed is not None:
+        key += (("alone", uid),)
+    if cfg.decoder == "full":
+        key += (cfg.max_new_tokens,)
+    return key
+
+
+@dataclass(eq=False)
+class PendingRequest:
+    conversation: Any  # prompts.Conversation with its images loaded
+    config: DecodeConfig  # resolved; max_new_tokens = this request's budget
+    stops: list[str]
+    loop: asyncio.AbstractEventLoop
+    outbox: asyncio.Queue = field(default_factory=asyncio.Queue)
+    key: tuple[Any, ...] = ()
+    enqueued: float = field(default_factory=time.monotonic)
+    cancelled: bool = False
+    finished: bool = False
+
+    def __post_init__(self) -> None:
+        if not self.key:
+            self.key = batch_key(self.config, id(self))
+
+    def post(self, message: Any) -> None:
+        """Deliver a message to the request's event loop (callable from any thread)."""
+        if isinstance(message, (Finished, Failed)):
+            self.finished = True
+        try:
+            self.loop.call_soon_threadsafe(self.outbox.put_nowait, message)
+        except RuntimeError:  # the loop is closed: nobody is listening any more
+            self.cancelled = True
+
+
+class TextAssembler:
+    """One request's token ids -> text deltas, with its own budget and stop strings (module docstring)."""
+
+    def __init__(self, tokenizer: Any, max_tokens: int, stops: list[str]):
+        self.tokenizer = tokenizer
+        self.max_tokens = max_tokens
+        self.stops = stops
+        self.ids: list[int] = []
+        self.emitted = ""
+        self.text = ""
+        self.finish_reason: str | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    def feed(self, new_ids: list[int], row_done: bool) -> str:
+        """Add the tokens that became final; return the text that can be streamed now."""
+        if self.finished:
+            return ""
+        self.ids.extend(new_ids)
+        if len(self.ids) >= self.max_tokens:
+            del self.ids[self.max_tokens:]
+            self.finish_reason = "length"
+        elif row_done:
+            self.finish_reason = "stop"  # the decoder saw a stop token
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        at = min((i for i in (text.find(s) for s in self.stops) if i >= 0), default=-1)
+        if at >= 0:
+            text, self.finish_reason = text[:at], "stop"
+        if self.finished:
+            self.text = text
+        else:
+            text = text.rstrip("\ufffd")  # an incomplete character may still change
+            text = text[: len(text) - self._held(text)]
+        if not text.startswith(self.emitted):
+            return ""  # the detokenizer rewrote earlier text (rare); the final text stays authoritative
+        delta, self.emitted = text[len(self.emitted):], text
+        return delta
+
+    def _held(self, text: str) -> int:
+        """Length of the longest suffix of `text` that starts a stop string (it may still become one)."""
+        best = 0
+        for stop in self.stops:
+            for n in range(min(len(stop) - 1, len(text)), best, -1):
+                if text.endswith(stop[:n]):
+                    best = n
+                    break
+        return best
+
+
+class DecodeEngine:
+    """Bounded queue + one decode thread (module docstring)."""
+
+    def __init__(self, model: Any, *, max_batch: int = 8, max_queue: int = 64, batch_wait_s: float = 0.005,
+                 max_prompt_tokens: int | None = None):
+        self.model = model.eval()  # the server never trains; decoding.run_encoded does not switch modes itself
+        self.max_prompt_tokens = max_prompt_tokens
+        self.max_batch = max_batch
+        self.max_queue = max_queue
+        self.batch_wait_s = batch_wait_s
+        self._pending: deque[PendingRequest] = deque()
+        self._cond = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._closing = False
+        self.running = 0  # size of the batch being decoded now
+        self.completed = 0
+
+    # ---- event-loop side ------------------------------------------------------------------------------------------
+    def submit(self, request: PendingRequest) -> None:
+        with self._cond:
+            if self._closing:
+                raise ShuttingDown("the server is shutting down")
+            if len(self._pending) >= self.max_queue:
+                raise QueueFull(f"server busy: {len(self._pending)} requests are waiting; retry later")
+            self._start_locked()
+            self._pending.append(request)
+            self._cond.notify_all()
+
+    def cancel(self, request: PendingRequest) -> None:
+        """The client went away: drop the request if it still waits; a running batch skips it."""
+        request.cancelled = True
+        with self._cond:
+            if request in self._pending:
+                self._pending.remove(request)
+
+    @property
+    def queued(self) -> int:
+        return len(self._pending)
+
+    @property
+    def alive(self) -> bool:
+        return not self._closing and (self._thread is None or self._thread.is_alive())
+
+    def start(self) -> None:
+        with self._cond:
+            self._start_locked()
+
+    def _start_locked(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="diffusionvl-decode", daemon=True)
+            self._thread.start()
+
+    def shutdown(self, timeout: float = 30.0) -> None:
+        """Refuse new requests, fail the waiting ones (503) and stop after the current block."""
+        with self._cond:
+            self._closing = True
+            waiting = list(self._pending)
+            self._pending.clear()
+            self._cond.notify_all()
+        for request in waiting:
+            request.post(Failed(503, "the server is shutting down", "service_unavailable"))
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout)
+
+    # ---- decode thread ------------------------------------------------------------------------------------------
+    def _loop(self) -> None:
+        while True:
+            batch = self._next_batch()
+            if batch is None:
+                return
+            self.running = len(batch)
+            try:
+                self._run_batch(batch)
+            except Exception:  # noqa: BLE001 - never let one batch kill the server
+                log.exception("decode batch failed")
+                with self._cond:
+                    requeued = set(map(id, self._pending))
+                for request in batch:
+                    if not request.finished and id(request) not in requeued:
+                        request.post(Failed(500, "internal error while decoding", "server_error"))
+            finally:
+                self.running = 0
+
+    def _next_batch(self) -> list[PendingRequest] | None:
+        with self._cond:
+            deadline = None
+            while True:
+                for request in [r for r in self._pending if r.cancelled]:
+                    self._pending.remove(request)
+                if self._closing:
+                    return None
+                if not self._pending:
+                    deadline = None
+                    self._cond.wait()
+                    continue
+                head = self._pending[0]
+                batch = [r for r in self._pending if r.key == head.key][: self.max_batch]
+                deadline = deadline if deadline is not None else time.monotonic() + self.batch_wait_s
+                remaining = deadline - time.monotonic()
+                if len(batch) >= self.max_batch or remaining <= 0:
+                    for request in batch:
+                        self._pending.remove(request)
+                    return batch
+                self._cond.wait(remaining)
+
+    def _admit(self, batch: list[PendingRequest]) -> tuple[list[tuple[PendingRequest, int]], Any]:
+        """Tokenize the batch once; refuse (HTTP 400) prompts that are bad or too long for their own budget.
+
+        Returns the admitted (request, prompt tokens) and the batch encoding when it covers exactly them."""
+        adapter = self.model.adapter
+        try:
+            encoded = adapter.encode([r.conversation for r in batch])
+        except DiffusionVLError:  # find the offending request(s) one by one
+            encoded = None
+        admitted = []
+        for i, request in enumerate(batch):
+            try:
+                alone = encoded is None
+                ids = (adapter.encode([request.conversation]) if alone else encoded).input_ids[0 if alone else i]
+                if self.max_prompt_tokens is not None and len(ids) > self.max_prompt_tokens:
+                    raise DiffusionVLError(f"the prompt is {len(ids)} tokens (text, images and chat template); this "
+                                           f"server allows at most {self.max_prompt_tokens} per request")
+                self.model.check_prompt_lengths([ids], request.config.max_new_tokens)
+                admitted.append((request, len(ids)))
+            except DiffusionVLError as exc:
+                request.post(Failed(400, str(exc)))
+        return admitted, encoded if len(admitted) == len(batch) else None
+
+    def _fit(self, admitted: list[tuple[PendingRequest, int]]) -> tuple[list[tuple[PendingRequest, int]], list[Any]]:
+        """Keep the requests whose longest prompt + largest budget fit the context together; the rest wait."""
+        limit = self.model.max_positions
+        chosen: list[tuple[PendingRequest, int]] = []
+        rest = []
+        for request, n_prompt in admitted:
+            longest = max([n for _, n in chosen] + [n_prompt])
+            budget = max([r.config.max_new_tokens for r, _ in chosen] + [request.config.max_new_tokens])
+            if not chosen or not limit or longest + budget <= limit:
+                chosen.append((request, n_prompt))
+            else:
+                rest.append(request)
+        return chosen, rest
+
+    def _events(self, encoded: Any, cfg: DecodeConfig) -> Any:
+        """The decoder's per-block events for an encoded batch (a seam for tests)."""
+        from diffusionvl.decoding import run_encoded
+
+        return run_encoded(self.model, encoded, cfg)
+
+    def _run_batch(self, batch: list[PendingRequest]) -> None:
+        started = time.monotonic()
+        admitted, encoded = self._admit([r for r in batch if not r.cancelled])
+        admitted, rest = self._fit(admitted)
+        if rest:  # served by the next batch, ahead of everything else
+            with self._cond:
+                self._pending.extendleft(reversed(rest))
+            encoded = None
+        if not admitted:
+            return
+        requests = [r for r, _ in admitted]
+        if encoded is None:
+            encoded = self.model.adapter.encode([r.conversation for r in requests])
+        cfg = dataclasses.replace(requests[0].config, max_new_tokens=max(r.config.max_new_tokens for r in requests))
+        for request, n_prompt in admitted:
+            request.post(Accepted(n_prompt, len(requests), started - request.enqueued))
+        texts = [TextAssembler(self.model.tokenizer, r.config.max_new_tokens, r.stops) for r in requests]
+        events = self._events(encoded, cfg)
+        try:
+            for event in events:
+                if event.final:
+                    break
+                for i, (request, n_prompt) in enumerate(admitted):
+                    self._advance(request, texts[i], event, i, n_prompt, started, len(requests))
+                if self._closing or all(t.finished or r.cancelled for r, t in zip(requests, texts)):
+                    break
+        except DiffusionVLError as exc:
+            for request in requests:
+                if not request.finished:
+                    request.post(Failed(400, str(exc)))
+        finally:
+            events.close()
+        for request in requests:
+            if not request.finished and not request.cancelled:
+                request.post(Failed(503, "the server is shutting down", "service_unavailable") if self._closing
+                             else Failed(500, "the decoder stopped before the answer finished", "server_error"))
+        self.completed += len(requests)
+
+    def _advance(self, request: PendingRequest, text: TextAssembler, event: Any, i: int, n_prompt: int,
+                 started: float, batch_size: int) -> None:
+        if text.finished or request.cancelled:
+            return
+        delta = text.feed(event.new_token_ids[i], event.done[i])
+        if delta:
+            request.post(Delta(delta))
+        if text.finished:
+            seconds = time.monotonic() - started
+            n = len(text.ids)
+            cfg = request.config
+            stats = {"decoder": cfg.decoder, "block_size": cfg.block_size, "steps": cfg.steps, "policy": cfg.policy,
+                     "batch_size": batch_size, "forwards": event.forwards,
+                     "tokens_per_forward": n / max(event.forwards, 1), "decode_seconds": seconds,
+                     "tokens_per_second": n / seconds if seconds > 0 else 0.0,
+                     "queue_seconds": started - request.enqueued}
+            request.post(Finished(text.text, text.finish_reason or "length", n_prompt, n, stats))

@@ -1,0 +1,155 @@
+"""One record -> training ids, labels on exactly the assistant tokens, and the sample's vision tensors.
+
+Contract (`SampleEncoder(model, max_length, overlong)(record) -> EncodedSample`):
+- The text is the model's own chat template (`model.adapter.render`) of the conversation up to its last assistant
+  turn; VLMs are tokenized by their processor (which inserts the image tokens), exactly as at inference.
+- Assistant spans are found by rendering prefixes: assistant turn j starts where the render of the turns before
+  it with the generation prompt ends, and ends after the last end-of-turn token (`model.eos_token_id`) inside the
+  render of the turns up to it. Tokens overlapping a span (fast-tokenizer offsets) are loss tokens; everything
+  else is -100: system/user text, image tokens, the template's role headers. Text after the final end-of-turn
+  token (e.g. "\\n") is dropped. A template whose prefixes are not prefixes of the full render is a SampleError.
+- A sample whose answer does not end with the end-of-answer token gets one appended; then block-aligned EOS
+  (`objective.pad_to_block`: EOS as input and label up to a multiple of the block size B).
+- Length: the limit is `max_length` rounded down to a multiple of B. Longer samples are either cut at the limit
+  (`overlong="truncate"`; no EOS is added to a cut answer; a cut through an image, or no answer token left, is a
+  SampleError) or are a SampleError (`overlong="skip"`).
+Problems with one sample raise `SampleError` (counted and skipped by the dataset), never a crash.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from diffusionvl.core import objective
+from diffusionvl.core.errors import DiffusionVLError
+from diffusionvl.backbone.prompts import Conversation, to_conversation
+from diffusionvl.jobs.train.data import Record, SampleError
+
+Tensor = torch.Tensor
+IGNORE = objective.IGNORE_INDEX
+TEXT_KEYS = ("input_ids", "attention_mask", "mm_token_type_ids", "token_type_ids")
+
+
+@dataclass
+class EncodedSample:
+    input_ids: Tensor  # [L] long, L a multiple of B
+    labels: Tensor  # [L] long, -100 off the loss tokens
+    vision: dict[str, Tensor] = field(default_factory=dict)  # e.g. pixel_values [P, C], image_grid_thw [k, 3]
+    truncated: bool = False
+
+
+def assistant_spans(render: Any, conv: Conversation, eos_text: str) -> tuple[str, list[tuple[int, int]]]:
+    """(text up to the final end-of-turn token, [start, end) character spans of the assistant turns)."""
+    messages = conv.messages
+    turns = [j for j, m in enumerate(messages) if m["role"] == "assistant"]
+    last = turns[-1]
+
+    def rendered(k: int, generation_prompt: bool) -> str:
+        n_images = sum(1 for m in messages[:k] for p in m["content"] if p["type"] == "image")
+        try:
+            return render(Conversation(messages[:k], conv.images[:n_images]), generation_prompt)
+        except DiffusionVLError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a template that rejects this conversation
+            raise SampleError("chat template failed", str(exc).splitlines()[0][:120]) from None
+
+    full = rendered(last + 1, False)
+    spans = []
+    for j in turns:
+        prefix, upto = rendered(j, True), rendered(j + 1, False)
+        if not (full.startswith(prefix) and full.startswith(upto) and len(prefix) <= len(upto)):
+            raise SampleError("chat template not prefix-consistent", f"turn {j} renders differently in context")
+        at = upto.rfind(eos_text, len(prefix)) if eos_text else -1
+        end = at + len(eos_text) if at >= 0 else len(upto.rstrip())
+        spans.append((len(prefix), max(end, len(prefix))))
+    return full[: spans[-1][1]], spans
+
+
+def span_mask(offsets: Tensor, spans: list[tuple[int, int]]) -> Tensor:
+    """Tokens whose character range [start, end) overlaps any span: [T] bool. offsets: [T, 2]."""
+    sp = torch.tensor(spans, dtype=torch.long).view(-1, 2)  # [S, 2]
+    start, end = offsets[:, :1], offsets[:, 1:]  # [T, 1]
+    overlap = (end > sp[None, :, 0]) & (start < sp[None, :, 1]) & (end > start)  # [T, S]
+    return overlap.any(dim=1)
+
+
+def expansion_counts(ids: Tensor, expanded: Tensor, image_token_id: int) -> Tensor:
+    """How many tokens of `expanded` (the processor's ids) each token of `ids` (plain tokenizer) became: [T].
+
+    Each image placeholder token becomes one run of image tokens; everything else must match one to one."""
+    counts = torch.ones_like(ids)
+    is_img = expanded == image_token_id
+    starts = is_img & ~torch.cat([is_img.new_zeros(1), is_img[:-1]])  # first token of each run
+    run_id = torch.cumsum(starts.long(), 0)[is_img]  # [image tokens] run index (1-based)
+    lengths = torch.bincount(run_id)[1:]  # [runs]
+    where = (ids == image_token_id).nonzero().flatten()
+    if where.numel() != lengths.numel():
+        raise SampleError("image tokens mismatch", f"{where.numel()} placeholders, {lengths.numel()} image runs")
+    counts[where] = lengths
+    if int(counts.sum()) != expanded.numel() or not torch.equal(ids.repeat_interleave(counts), expanded):
+        raise SampleError("image tokens mismatch", "the processor's ids differ from the tokenizer's beyond images")
+    return counts
+
+
+class SampleEncoder:
+    """Record -> EncodedSample for one model (module docstring). Holds the model's template and tokenizer."""
+
+    def __init__(self, model: Any, max_length: int, overlong: str = "truncate"):
+        tok = model.tokenizer
+        if not getattr(tok, "is_fast", False):
+            raise DiffusionVLError("training needs a fast (Rust) tokenizer for exact assistant-token labels; "
+                                   "save the model with a tokenizer.json")
+        self.render = model.adapter.render
+        self.tokenizer = tok
+        self.processor = model.processor if model.adapter.has_vision else None
+        self.image_token_id = model.adapter.image_token_id if model.adapter.has_vision else None
+        self.eos_id = model.eos_token_id
+        self.eos_text = tok.decode([self.eos_id])
+        self.block = model.config.block_size
+        self.limit = max(self.block, max_length // self.block * self.block)
+        self.overlong = overlong
+        self.add_special = not bool(getattr(tok, "chat_template", None))
+
+    def __call__(self, record: Record) -> EncodedSample:
+        try:
+            conv = to_conversation(record.messages, record.images or None)
+        except DiffusionVLError as exc:  # a corrupt / unreadable image
+            raise SampleError("bad image", str(exc)) from None
+        text, spans = assistant_spans(self.render, conv, self.eos_text)
+        enc = self.tokenizer(text, add_special_tokens=self.add_special, return_offsets_mapping=True)
+        ids = torch.tensor(enc["input_ids"], dtype=torch.long)  # [T]
+        labels = torch.where(span_mask(torch.tensor(enc["offset_mapping"]).view(-1, 2), spans), ids, IGNORE)
+        vision: dict[str, Tensor] = {}
+        if self.processor is not None:
+            try:
+                out = self.processor(text=[text], images=conv.images or None, return_tensors="pt")
+            except DiffusionVLError as exc:
+                raise SampleError("processor rejected the sample", str(exc)) from None
+            except Exception as exc:  # noqa: BLE001 - e.g. an image with an extreme aspect ratio
+                raise SampleError("processor rejected the sample", str(exc).splitlines()[0][:160]) from None
+            expanded = out["input_ids"][0][out["attention_mask"][0].bool()]
+            counts = expansion_counts(ids, expanded, self.image_token_id)
+            ids, labels = expanded, labels.repeat_interleave(counts)
+            if conv.images:  # every image tensor the processor gives (Qwen-VL: pixel_values, image_grid_thw)
+                vision = {k: v for k, v in out.items() if k not in TEXT_KEYS and isinstance(v, torch.Tensor)}
+        return self._finish(ids, labels, vision)
+
+    def _finish(self, ids: Tensor, labels: Tensor, vision: dict[str, Tensor]) -> EncodedSample:
+        if labels[-1] != self.eos_id:  # a template without an end-of-turn token: end the answer explicitly
+            eos = ids.new_tensor([self.eos_id])
+            ids, labels = torch.cat([ids, eos]), torch.cat([labels, eos])
+        id_list, label_list = objective.pad_to_block(ids.tolist(), labels.tolist(), self.block, self.eos_id)
+        ids, labels = torch.tensor(id_list), torch.tensor(label_list)
+        if ids.numel() <= self.limit:
+            return EncodedSample(ids, labels, vision)
+        if self.overlong == "skip":
+            raise SampleError("too long", f"{ids.numel()} tokens > max_length {self.limit}")
+        if self.image_token_id is not None and bool((ids[self.limit:] == self.image_token_id).any()):
+            raise SampleError("too long", f"cutting at max_length {self.limit} would cut an image")
+        ids, labels = ids[: self.limit], labels[: self.limit]
+        if not bool((labels != IGNORE).any()):
+            raise SampleError("too long", f"no answer token within max_length {self.limit}")
+        return EncodedSample(ids, labels, vision, truncated=True)

@@ -1,0 +1,73 @@
+"""In-memory conversion: a loaded AR transformers model + its tokenizer/processor -> DiffusionVLModel.
+
+Contract: `wrap(model, tokenizer_or_processor, block_size=8, ...)` checks the architecture is supported, finds the
+mask token by name (or adds `<|mask|>` as a special token, growing the embeddings when the vocabulary has no spare
+row, and initializing its input/output rows to the mean embedding), records the DiffusionConfig in
+`model.config.diffusionvl`, and returns a DiffusionVLModel. Weights are otherwise untouched. Arguments left None
+keep the model's recorded diffusion settings, else the defaults.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from diffusionvl.backbone.adapters import adapter_class
+from diffusionvl.core.config import DEFAULT_MASK_TOKEN, KNOWN_MASK_TOKENS, DiffusionConfig
+from diffusionvl.model.modeling import DiffusionVLModel, end_of_turn_token, find_token_id
+
+
+def _tokenizer(processor: Any) -> Any:
+    return getattr(processor, "tokenizer", processor)
+
+
+def ensure_mask_token(model: Any, processor: Any, name: str | None = None) -> tuple[str, int]:
+    """Find the mask token by name, or add `name` (default `<|mask|>`) and give it a sensible embedding."""
+    tok = _tokenizer(processor)
+    candidates = [name] if name else list(KNOWN_MASK_TOKENS)
+    for cand in candidates:
+        found = find_token_id(tok, cand)
+        if found is not None:
+            return cand, found
+    name = name or DEFAULT_MASK_TOKEN
+    n_before = len(tok)
+    tok.add_tokens([name], special_tokens=True)
+    mask_id = find_token_id(tok, name)
+    assert mask_id is not None
+    emb = model.get_input_embeddings()
+    if mask_id >= emb.weight.shape[0]:
+        model.resize_token_embeddings(mask_id + 1, mean_resizing=False)
+    _init_rows(model, mask_id, n_before)
+    return name, mask_id
+
+
+@torch.no_grad()
+def _init_rows(model: Any, row: int, n_used: int) -> None:
+    """Set the new token's input (and untied output) embedding to the mean over the used vocabulary."""
+    emb = model.get_input_embeddings().weight
+    emb[row] = emb[: min(n_used, emb.shape[0])].float().mean(0).to(emb.dtype)
+    out = model.get_output_embeddings()
+    if out is not None and out.weight.data_ptr() != emb.data_ptr() and row < out.weight.shape[0]:
+        out.weight[row] = out.weight[: min(n_used, out.weight.shape[0])].float().mean(0).to(out.weight.dtype)
+        if getattr(out, "bias", None) is not None:
+            out.bias[row] = out.bias[: min(n_used, out.bias.shape[0])].mean()
+
+
+def wrap(model: Any, processor: Any, block_size: int | None = None, mask_token: str | None = None,
+         prediction: str | None = None, eos_token: str | None = None) -> DiffusionVLModel:
+    """In-memory conversion of a loaded AR model (see module docstring). Arguments left None keep the model's
+    recorded diffusion settings, else the defaults."""
+    adapter_class(model.config.model_type)  # fail early with the supported list
+    recorded = getattr(model.config, "diffusionvl", None) or {}
+    cfg = DiffusionConfig.from_dict(recorded) if recorded else DiffusionConfig()
+    overrides = {k: v for k, v in dict(block_size=block_size, prediction=prediction, eos_token=eos_token).items()
+                 if v is not None}
+    cfg = DiffusionConfig(**{**cfg.to_dict(), **overrides}).validate()
+    name, _ = ensure_mask_token(model, processor, mask_token or (cfg.mask_token if recorded else None))
+    cfg.mask_token = name
+    tok = _tokenizer(processor)
+    if cfg.eos_token is None:
+        cfg.eos_token = end_of_turn_token(tok) or tok.eos_token
+    model.config.diffusionvl = cfg.to_dict()
+    return DiffusionVLModel(model, processor, cfg)
