@@ -1,4 +1,4 @@
-"""DESIGN.md section 3: the equivalences that prove the engine correct, on tiny random models in fp32 on CPU."""
+"""docs/design.md section 3: the equivalences that prove the engine correct, on tiny random models in fp32 on CPU."""
 
 from __future__ import annotations
 

@@ -113,3 +113,12 @@ def test_no_import_cycles():
 def test_the_checker_sees_imports_inside_functions(tmp_path):
     assert "diffusionvl.model.conversion" in GRAPH["diffusionvl.jobs.train.trainer"]  # imported inside a function
     assert "diffusionvl.commands.train" not in GRAPH["diffusionvl.cli"]  # the CLI names commands by string only
+
+
+def test_docs_and_code_cite_nothing_outside_the_repository():
+    """Every contract the code relies on is stated in the repository (docs/design.md, module docstrings)."""
+    root = PACKAGE.parents[1]
+    outside = ["DESIGN" + ".md", "STYLE" + ".md", "../" + "shared", "DESIGN" + " invariant", "STYLE" + " rule"]
+    files = [*root.glob("docs/*.md"), root / "README.md", *PACKAGE.rglob("*.py"), *root.glob("tests/*.py")]
+    cited = sorted(f"{p.relative_to(root)}: {s}" for p in files for s in outside if s in p.read_text())
+    assert not cited, cited

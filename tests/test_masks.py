@@ -10,7 +10,7 @@ from diffusionvl.core import attention, masks
 
 
 def _reference_bd3(length: int, b: int) -> torch.Tensor:
-    """Straight transcription of DESIGN.md section 1 step 4, one pair at a time."""
+    """Straight transcription of docs/design.md section 1, training step 4, one pair at a time."""
     out = torch.zeros(2 * length, 2 * length, dtype=torch.bool)
     for q in range(2 * length):
         for k in range(2 * length):

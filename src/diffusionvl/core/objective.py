@@ -1,6 +1,6 @@
 """The BD3 training objective as pure tensor functions: noise on token ids, block-aligned EOS, loss.
 
-Contract (DESIGN.md section 1): only loss tokens (labels != -100) are ever noised; a position is masked iff its id
+Contract (docs/design.md section 1): only loss tokens (labels != -100) are ever noised; a position is masked iff its id
 is the mask id; every (sample, block) draws one masking rate t ~ U[eps, 1], stratified over the batch when
 `antithetic`; the loss is sum over masked positions of CE / t, divided by each sample's number of loss tokens,
 averaged over the batch. Nothing here knows about models, tokenizers or files.

@@ -13,7 +13,7 @@ Contract:
   its CUDA graph replays exactly what an eager call would do. A failure to compile or capture is logged once and
   the executor degrades one level (compile -> graph -> eager); since a failed compile or capture executes nothing,
   the step is then simply run eagerly and decoding continues with identical results.
-Model code never calls torch.compile; this call site does (STYLE rule 3).
+Model code never calls torch.compile; only this call site does, so model code stays plain eager PyTorch.
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ Contract:
   compatible requests when the batch is not full. The batch decodes with the largest `max_new_tokens` of its
   requests; each request is cut at its own budget (block and AR decoding fill whole blocks, so a sample's first m
   tokens do not depend on the budget; the full-diffusion baseline's canvas does, so there the budget is part of
-  the key). By DESIGN invariant 5 a batch gives every request the same greedy tokens as decoding it alone.
+  the key). By invariant 5 (docs/design.md) a batch gives every request the same greedy tokens as decoding it alone.
 - Each request gets, on its own asyncio queue (posted thread-safely to its event loop): `Accepted` (or `Failed`
   when the prompt is too long / bad), then `Delta`s of text as blocks finish, then `Finished` or `Failed`.
   `TextAssembler` turns a request's token ids into text deltas: its own token budget, stop strings (the text is
