@@ -26,6 +26,7 @@ from torch import nn
 
 from diffusionvl.core.errors import DiffusionVLError
 from diffusionvl.backbone.prompts import Conversation
+from diffusionvl.backbone.tokens import find_token_id
 
 Tensor = torch.Tensor
 
@@ -213,8 +214,8 @@ class ComposedAdapter(VisionAdapter):
         super().__init__(model, processor)
         cfg = model.config
         tok = self.tokenizer
-        found = tok.convert_tokens_to_ids(cfg.image_token)
-        if found is None or tok.convert_ids_to_tokens(found) != cfg.image_token:
+        found = find_token_id(tok, cfg.image_token)
+        if found is None:
             raise DiffusionVLError(f"the tokenizer lacks the image token {cfg.image_token!r} of this composed model")
         if cfg.image_token_id is not None and int(found) != int(cfg.image_token_id):
             raise DiffusionVLError(f"image token {cfg.image_token!r} is id {found} in the tokenizer but "

@@ -36,6 +36,7 @@ from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForImageTex
                           PretrainedConfig, PreTrainedModel)
 
 from diffusionvl.backbone.adapters import scatter_image_features
+from diffusionvl.backbone.tokens import find_token_id
 from diffusionvl.core.errors import DiffusionVLError, check
 from diffusionvl.backbone.vision.anyres import ImageLayout, assemble, image_tiles, parse_pinpoints
 from diffusionvl.backbone.vision.encoders import ImageTransform, build_tower, preprocess_images, resolve_vision
@@ -288,7 +289,7 @@ class ComposedProcessor:
         self.num_image_tokens = int(num_image_tokens)
         self.transform = transform or ImageTransform()
         self.layout = (layout or ImageLayout()).validate()  # default: one tile of num_image_tokens per image
-        self.image_token_id = token_id(tokenizer, image_token)
+        self.image_token_id = find_token_id(tokenizer, image_token)
         if self.image_token_id is None:
             raise DiffusionVLError(f"the tokenizer has no image token {image_token!r}; compose the model first")
 
@@ -414,14 +415,6 @@ def read_processor_config(path: str | os.PathLike[str]) -> dict[str, Any] | None
     return data if isinstance(data, dict) and data.get("processor_class") == ComposedProcessor.__name__ else None
 
 
-def token_id(tokenizer: Any, name: str) -> int | None:
-    """Id of the token spelled exactly `name`, or None."""
-    found = tokenizer.convert_tokens_to_ids(name)
-    if found is None or tokenizer.convert_ids_to_tokens(found) != name:
-        return None
-    return int(found)
-
-
 # -------------------------------------------------------------------------------------------------- compose
 
 
@@ -437,7 +430,7 @@ def _no_init() -> contextlib.AbstractContextManager[Any]:
 def _prepare_tokenizer(tokenizer: Any, image_token: str, chat_template: str | None) -> Any:
     """A copy of the LM tokenizer with the image token (special) and an image-aware chat template."""
     tok = copy.deepcopy(tokenizer)
-    if token_id(tok, image_token) is None:
+    if find_token_id(tok, image_token) is None:
         tok.add_tokens([image_token], special_tokens=True)
     template = chat_template or getattr(tok, "chat_template", None)
     if not template:
@@ -478,7 +471,7 @@ def compose(lm: Any, tokenizer: Any, vision: Any = "efficientnet_lite0", project
     t = source.transform
     config = ComposedVLMConfig(
         text_config=copy.deepcopy(lm.config), vision=source.spec, vision_hidden_size=width, projector=projector,
-        image_token=image_token, image_token_id=token_id(tok, image_token), num_image_tokens=n_tokens, pool=pool,
+        image_token=image_token, image_token_id=find_token_id(tok, image_token), num_image_tokens=n_tokens, pool=pool,
         feature_layer=feature_layer, image_size=t.size, image_mean=t.mean, image_std=t.std, image_crop_pct=t.crop_pct,
         image_aspect_ratio=image_aspect_ratio, image_grid_pinpoints=image_grid_pinpoints, patch_merge=patch_merge)
     layout = checked_layout(config)

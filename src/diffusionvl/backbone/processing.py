@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from diffusionvl.backbone.tokens import find_token_id
 from diffusionvl.core.errors import DiffusionVLError
 
 
@@ -25,7 +26,7 @@ class ImagePadProcessor:
         self.tokenizer = tokenizer
         self.chat_template = chat_template or getattr(tokenizer, "chat_template", None)
         self.image_token = image_token
-        self.image_token_id = tokenizer.convert_tokens_to_ids(image_token)
+        self.image_token_id = find_token_id(tokenizer, image_token)
 
     def apply_chat_template(self, messages: list[dict[str, Any]], **kwargs: Any) -> Any:
         kwargs.setdefault("chat_template", self.chat_template)

@@ -23,6 +23,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 
+from diffusionvl.backbone.tokens import Detokenizer
 from diffusionvl.core.config import DecodeConfig
 from diffusionvl.decoding import backend
 from diffusionvl.decoding.ar import ar_decode
@@ -72,22 +73,17 @@ def _cut(ids: list[int], stop: set[int]) -> tuple[list[int], bool]:
 
 
 class _TextTracker:
-    """Incremental detokenization: emits only text that can no longer change (no dangling partial characters)."""
+    """Per-sample incremental detokenization (backbone.tokens.Detokenizer): only text that can no longer change."""
 
     def __init__(self, tokenizer: Any, n: int):
-        self.tokenizer = tokenizer
         self.ids: list[list[int]] = [[] for _ in range(n)]
-        self.texts = [""] * n
+        self.texts = [Detokenizer(tokenizer) for _ in range(n)]
 
     def update(self, i: int, ids: list[int], final: bool) -> tuple[list[int], str]:
         new_ids = ids[len(self.ids[i]):]
         self.ids[i] = ids
-        text = self.tokenizer.decode(ids, skip_special_tokens=True)
-        if not final and text.endswith("\ufffd"):
-            return new_ids, ""
-        delta = text[len(self.texts[i]):] if text.startswith(self.texts[i]) else text
-        self.texts[i] = text
-        return new_ids, delta
+        text = self.texts[i]
+        return new_ids, text.delta(text.text(ids), final)
 
 
 def _layout(model: DecoderModel, encoded: Any, cfg: DecodeConfig) -> Layout:

@@ -27,6 +27,7 @@ from torch import nn
 
 from diffusionvl.core import attention, masks, objective
 from diffusionvl.backbone.adapters import Adapter, adapter_class
+from diffusionvl.backbone.tokens import end_of_turn_token, find_token_id
 from diffusionvl.core.atomic import check_target, write_folder
 from diffusionvl.core.config import DecodeConfig, DiffusionConfig
 from diffusionvl.decoding import GenerationOutput, run
@@ -42,33 +43,6 @@ class LossOutput:
     loss: Tensor
     metrics: dict[str, float]
     per_sample: Tensor | None = None  # [N] each sample's loss (loss = per_sample.mean())
-
-
-def find_token_id(tokenizer: Any, name: str) -> int | None:
-    """Id of the token spelled exactly `name`, or None (never the unknown-token id)."""
-    vocab = tokenizer.get_vocab()
-    return int(vocab[name]) if name in vocab else None
-
-
-def end_of_turn_token(tokenizer: Any) -> str | None:
-    """The special token that closes an assistant turn in the chat template (e.g. <|im_end|>), if any."""
-    if not getattr(tokenizer, "chat_template", None):
-        return None
-    marker = "Zq7xW"
-    try:
-        text = tokenizer.apply_chat_template(
-            [{"role": "user", "content": "hi"}, {"role": "assistant", "content": marker}], tokenize=False)
-    except Exception:  # noqa: BLE001 - templates that need other roles / content formats
-        return None
-    tail = text[text.find(marker) + len(marker):]
-    specials = sorted(set(tokenizer.all_special_tokens) | set(getattr(tokenizer, "added_tokens_encoder", {})),
-                      key=len, reverse=True)
-    best = None
-    for tok in specials:
-        at = tail.find(tok)
-        if tok and at >= 0 and (best is None or at < best[0]):
-            best = (at, tok)
-    return best[1] if best else None
 
 
 class DiffusionVLModel(nn.Module):

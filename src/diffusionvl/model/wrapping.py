@@ -15,7 +15,8 @@ import torch
 
 from diffusionvl.backbone.adapters import adapter_class
 from diffusionvl.core.config import DEFAULT_MASK_TOKEN, KNOWN_MASK_TOKENS, DiffusionConfig
-from diffusionvl.model.modeling import DiffusionVLModel, end_of_turn_token, find_token_id
+from diffusionvl.backbone.tokens import end_of_turn_token, find_token_id
+from diffusionvl.model.modeling import DiffusionVLModel
 
 
 def _tokenizer(processor: Any) -> Any:

@@ -145,12 +145,6 @@ class ImageLayout:
     def aspect_for(self, images_in_prompt: int) -> str:
         return self.aspect if images_in_prompt <= 1 else self.multi_image
 
-    def num_tiles(self, size: tuple[int, int], aspect: str) -> int:
-        if not is_anyres(aspect):
-            return 1
-        cols, rows = grid_shape(size, self.pinpoints, self.tile)
-        return 1 + cols * rows
-
     def merged_shape(self, size: tuple[int, int]) -> tuple[int, int]:
         """(height, width) in tokens of the stitched, unpadded (and maybe shrunk) tile grid of one image."""
         cols, rows = grid_shape(size, self.pinpoints, self.tile)

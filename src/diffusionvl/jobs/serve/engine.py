@@ -33,6 +33,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
+from diffusionvl.backbone.tokens import Detokenizer
 from diffusionvl.core.config import DecodeConfig
 from diffusionvl.core.errors import DiffusionVLError
 
@@ -118,11 +119,10 @@ class TextAssembler:
     """One request's token ids -> text deltas, with its own budget and stop strings (module docstring)."""
 
     def __init__(self, tokenizer: Any, max_tokens: int, stops: list[str]):
-        self.tokenizer = tokenizer
+        self.detokenizer = Detokenizer(tokenizer)
         self.max_tokens = max_tokens
         self.stops = stops
         self.ids: list[int] = []
-        self.emitted = ""
         self.text = ""
         self.finish_reason: str | None = None
 
@@ -140,19 +140,13 @@ class TextAssembler:
             self.finish_reason = "length"
         elif row_done:
             self.finish_reason = "stop"  # the decoder saw a stop token
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        text = self.detokenizer.text(self.ids)
         at = min((i for i in (text.find(s) for s in self.stops) if i >= 0), default=-1)
         if at >= 0:
             text, self.finish_reason = text[:at], "stop"
         if self.finished:
             self.text = text
-        else:
-            text = text.rstrip("\ufffd")  # an incomplete character may still change
-            text = text[: len(text) - self._held(text)]
-        if not text.startswith(self.emitted):
-            return ""  # the detokenizer rewrote earlier text (rare); the final text stays authoritative
-        delta, self.emitted = text[len(self.emitted):], text
-        return delta
+        return self.detokenizer.delta(text, self.finished, hold=self._held(text.rstrip("\ufffd")))
 
     def _held(self, text: str) -> int:
         """Length of the longest suffix of `text` that starts a stop string (it may still become one)."""

@@ -39,10 +39,6 @@ class GlobalBatchSampler:
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
         return torch.randperm(self.size, generator=g).tolist()
 
-    def global_batch_indices(self, epoch: int, step: int) -> list[int]:
-        order = self.order(epoch)
-        return order[step * self.global_batch:(step + 1) * self.global_batch]
-
     def __len__(self) -> int:
         return (self.steps_per_epoch - self.start_step) * self.accum
 

@@ -38,7 +38,8 @@ import torch
 
 from diffusionvl.core.config import DEFAULT_MASK_TOKEN, DiffusionConfig
 from diffusionvl.core.errors import DiffusionVLError, check
-from diffusionvl.model.modeling import DiffusionVLModel, find_token_id
+from diffusionvl.backbone.tokens import find_token_id
+from diffusionvl.model.modeling import DiffusionVLModel
 from diffusionvl.model.wrapping import wrap
 
 # The reference code writes its mask token as the literal embedding row 151671 (bd3lm code of both model files);

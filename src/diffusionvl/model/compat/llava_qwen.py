@@ -36,7 +36,8 @@ import torch
 from diffusionvl.model.compat import hustvl
 from diffusionvl.core.config import DiffusionConfig
 from diffusionvl.core.errors import DiffusionVLError, check
-from diffusionvl.model.modeling import DiffusionVLModel, find_token_id
+from diffusionvl.backbone.tokens import find_token_id
+from diffusionvl.model.modeling import DiffusionVLModel
 from diffusionvl.model.wrapping import wrap
 
 TEXT, VISION, PROJECTOR, NEWLINE = "language model", "vision tower", "projector", "image newline"
