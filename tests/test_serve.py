@@ -364,6 +364,43 @@ def test_full_queue_answers_429_and_shutdown_503(text_model):
         assert r.status_code == 503 and c.get("/health").status_code == 503
 
 
+@pytest.mark.parametrize("max_active", [2, 1])
+def test_a_long_answer_does_not_hold_the_decoder_while_a_short_request_waits(text_model, max_active):
+    """Open batches advance in turn, one block each: a short request sent while a long answer decodes finishes
+    first (with --max-active-batches 1 it waits for the whole long answer, which shows the test can tell)."""
+    from diffusionvl.decoding import StreamEvent
+
+    app = create_app(text_model, ServeConfig(max_batch=1, batch_wait_ms=0, max_active_batches=max_active),
+                     model_name=NAME)
+    engine = app.state.diffusionvl.engine
+    token = text_model.tokenizer("a", add_special_tokens=False)["input_ids"][0]
+
+    def paced(encoded, cfg):  # one token per block, 10 ms a block, as many blocks as the budget
+        for _ in range(cfg.max_new_tokens):
+            time.sleep(0.01)
+            yield StreamEvent([[token]] * len(encoded.input_ids), [""], [False] * len(encoded.input_ids))
+
+    engine._events = paced
+    finished = {}
+
+    async def scenario():
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test", timeout=60) as ac:
+            async def send(name, max_tokens):
+                r = await ac.post("/v1/chat/completions", json=_body(name, max_tokens=max_tokens))
+                finished[name] = time.monotonic()
+                return r
+            long = asyncio.create_task(send("long", 150))  # about 1.5 s of blocks
+            await _until(lambda: engine.running == 1)
+            short = await send("short", 2)
+            return await long, short
+
+    long, short = asyncio.run(scenario())
+    assert long.status_code == 200 and short.status_code == 200
+    assert long.json()["usage"]["completion_tokens"] == 150 and short.json()["usage"]["completion_tokens"] == 2
+    assert (finished["short"] < finished["long"]) == (max_active > 1)
+
+
 def test_requests_that_do_not_fit_the_context_together_are_split(text_model):
     """A long prompt with a small budget and a short prompt with a large budget each fit the context, but not in
     one batch (longest prompt + largest budget): both still succeed, in two batches."""

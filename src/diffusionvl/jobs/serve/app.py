@@ -166,7 +166,8 @@ class _State:
         self.model, self.config, self.decode, self.name = model, config, decode, name
         self.engine = DecodeEngine(model, max_batch=config.max_batch, max_queue=config.max_queue,
                                    batch_wait_s=config.batch_wait_ms / 1000.0,
-                                   max_prompt_tokens=config.max_prompt_tokens)
+                                   max_prompt_tokens=config.max_prompt_tokens,
+                                   max_active=config.max_active_batches)
         self.images = ImagePolicy.create(config.allow_local_images, config.allow_remote_images,
                                          config.max_image_pixels)
         self.has_vision = bool(getattr(model.adapter, "has_vision", False))

@@ -24,6 +24,8 @@ class ServeConfig:
     port: int = option(8000, "TCP port to listen on.")
     model_name: str | None = option(None, "Model id served under /v1/models (default: the model folder's name).")
     max_batch: int = option(8, "Most requests decoded together in one batch (dynamic batching).")
+    max_active_batches: int = option(2, "Batches decoded at once, interleaved block by block, so a long answer cannot "
+                                     "hold the decoder while new requests wait (1 = one batch at a time).")
     max_queue: int = option(64, "Most requests waiting for the decoder; more are refused with HTTP 429.")
     batch_wait_ms: float = option(
         5.0, "How long the decoder waits for more compatible requests before starting a batch that is not full.")
@@ -45,6 +47,7 @@ class ServeConfig:
     def validate(self) -> "ServeConfig":
         check(isinstance(self.port, int) and 0 <= self.port < 65536, f"port must be in 0..65535, got {self.port!r}")
         check(self.max_batch >= 1, f"max_batch must be >= 1, got {self.max_batch}")
+        check(self.max_active_batches >= 1, f"max_active_batches must be >= 1, got {self.max_active_batches}")
         check(self.max_queue >= 1, f"max_queue must be >= 1, got {self.max_queue}")
         check(self.batch_wait_ms >= 0, f"batch_wait_ms must be >= 0, got {self.batch_wait_ms}")
         check(self.max_tokens_limit >= 1, f"max_tokens_limit must be >= 1, got {self.max_tokens_limit}")

@@ -20,6 +20,10 @@ Contract:
   `decoding.run_encoded`. Requests whose longest prompt + largest budget would not fit the model's context
   together are split: the ones that do not fit go back to the front of the queue for the next batch.
 - A batch stops decoding as soon as every request in it has finished or was cancelled (client gone).
+- Fair share: up to `max_active` batches are open at once and the thread advances them in turn, one block (event)
+  each, so a request arriving while a long answer decodes starts at the next block instead of waiting for the
+  whole answer. A batch opened while another is open runs with fast="off" (the plain forward; the same tokens by
+  the fast-vs-plain equivalence), so the model's static sessions are never shared by two open batches.
 """
 
 from __future__ import annotations
@@ -159,13 +163,28 @@ class TextAssembler:
         return best
 
 
+@dataclass
+class _Run:
+    """One open batch: its admitted (request, prompt tokens), their text assemblers and the decoder's events."""
+
+    admitted: list[tuple[PendingRequest, int]]
+    texts: list[TextAssembler]
+    events: Any
+    started: float
+
+    @property
+    def requests(self) -> list[PendingRequest]:
+        return [r for r, _ in self.admitted]
+
+
 class DecodeEngine:
     """Bounded queue + one decode thread (module docstring)."""
 
     def __init__(self, model: Any, *, max_batch: int = 8, max_queue: int = 64, batch_wait_s: float = 0.005,
-                 max_prompt_tokens: int | None = None):
+                 max_prompt_tokens: int | None = None, max_active: int = 2):
         self.model = model.eval()  # the server never trains; decoding.run_encoded does not switch modes itself
         self.max_prompt_tokens = max_prompt_tokens
+        self.max_active = max_active
         self.max_batch = max_batch
         self.max_queue = max_queue
         self.batch_wait_s = batch_wait_s
@@ -173,7 +192,7 @@ class DecodeEngine:
         self._cond = threading.Condition()
         self._thread: threading.Thread | None = None
         self._closing = False
-        self.running = 0  # size of the batch being decoded now
+        self.running = 0  # requests in the open batches
         self.completed = 0
 
     # ---- event-loop side ------------------------------------------------------------------------------------------
@@ -225,24 +244,41 @@ class DecodeEngine:
 
     # ---- decode thread ------------------------------------------------------------------------------------------
     def _loop(self) -> None:
+        """Round robin over at most `max_active` open batches, one block (event) each in turn: a long answer never
+        holds the decoder while a new batch waits. A batch opened while another is open decodes on the plain
+        forward (fast="off": same tokens), so at most one open batch uses the model's static sessions."""
+        active: deque[_Run] = deque()
         while True:
-            batch = self._next_batch()
-            if batch is None:
-                return
-            self.running = len(batch)
-            try:
-                self._run_batch(batch)
-            except Exception:  # noqa: BLE001 - never let one batch kill the server
-                log.exception("decode batch failed")
-                with self._cond:
-                    requeued = set(map(id, self._pending))
-                for request in batch:
-                    if not request.finished and id(request) not in requeued:
-                        request.post(Failed(500, "internal error while decoding", "server_error"))
-            finally:
-                self.running = 0
+            if len(active) < self.max_active:
+                batch = self._next_batch(wait=not active)
+                if batch is None and not active:
+                    return
+                if batch:
+                    run = self._guarded(batch, lambda: self._open(batch, plain=bool(active)))
+                    if run is not None:
+                        active.append(run)
+            self.running = sum(len(r.requests) for r in active)
+            if active:
+                run = active.popleft()
+                if self._guarded(run.requests, lambda: self._step(run)):
+                    active.append(run)
+            self.running = sum(len(r.requests) for r in active)
 
-    def _next_batch(self) -> list[PendingRequest] | None:
+    def _guarded(self, batch: list[PendingRequest], work: Any) -> Any:
+        """`work()`, or None after an unexpected error: logged, and its unfinished requests answered 500."""
+        try:
+            return work()
+        except Exception:  # noqa: BLE001 - never let one batch kill the server
+            log.exception("decode batch failed")
+            with self._cond:
+                requeued = set(map(id, self._pending))
+            for request in batch:
+                if not request.finished and id(request) not in requeued:
+                    request.post(Failed(500, "internal error while decoding", "server_error"))
+            return None
+
+    def _next_batch(self, wait: bool = True) -> list[PendingRequest] | None:
+        """The next batch to open; None when closing; [] when `wait` is False and nothing is ready yet."""
         with self._cond:
             deadline = None
             while True:
@@ -250,6 +286,8 @@ class DecodeEngine:
                     self._pending.remove(request)
                 if self._closing:
                     return None
+                if not self._pending and not wait:
+                    return []
                 if not self._pending:
                     deadline = None
                     self._cond.wait()
@@ -258,7 +296,7 @@ class DecodeEngine:
                 batch = [r for r in self._pending if r.key == head.key][: self.max_batch]
                 deadline = deadline if deadline is not None else time.monotonic() + self.batch_wait_s
                 remaining = deadline - time.monotonic()
-                if len(batch) >= self.max_batch or remaining <= 0:
+                if len(batch) >= self.max_batch or remaining <= 0 or not wait:
                     for request in batch:
                         self._pending.remove(request)
                     return batch
@@ -307,7 +345,8 @@ class DecodeEngine:
 
         return run_encoded(self.model, encoded, cfg)
 
-    def _run_batch(self, batch: list[PendingRequest]) -> None:
+    def _open(self, batch: list[PendingRequest], plain: bool) -> _Run | None:
+        """Admit, fit and encode a batch and start its decoder (requests that do not fit wait for the next)."""
         started = time.monotonic()
         admitted, encoded = self._admit([r for r in batch if not r.cancelled])
         admitted, rest = self._fit(admitted)
@@ -316,34 +355,43 @@ class DecodeEngine:
                 self._pending.extendleft(reversed(rest))
             encoded = None
         if not admitted:
-            return
+            return None
         requests = [r for r, _ in admitted]
         if encoded is None:
             encoded = self.model.adapter.encode([r.conversation for r in requests])
-        cfg = dataclasses.replace(requests[0].config, max_new_tokens=max(r.config.max_new_tokens for r in requests))
+        cfg = dataclasses.replace(requests[0].config, max_new_tokens=max(r.config.max_new_tokens for r in requests),
+                                  **({"fast": "off"} if plain else {}))
         for request, n_prompt in admitted:
             request.post(Accepted(n_prompt, len(requests), started - request.enqueued))
         texts = [TextAssembler(self.model.tokenizer, r.config.max_new_tokens, r.stops) for r in requests]
-        events = self._events(encoded, cfg)
+        return _Run(admitted, texts, self._events(encoded, cfg), started)
+
+    def _step(self, run: _Run) -> bool:
+        """Advance one open batch by one event; False once it is done (then every request has its answer)."""
+        done = True
         try:
-            for event in events:
-                if event.final:
-                    break
-                for i, (request, n_prompt) in enumerate(admitted):
-                    self._advance(request, texts[i], event, i, n_prompt, started, len(requests))
-                if self._closing or all(t.finished or r.cancelled for r, t in zip(requests, texts)):
-                    break
+            event = next(run.events, None)
+            if event is not None and not event.final:
+                for i, (request, n_prompt) in enumerate(run.admitted):
+                    self._advance(request, run.texts[i], event, i, n_prompt, run.started, len(run.requests))
+                done = self._closing or all(t.finished or r.cancelled for r, t in zip(run.requests, run.texts))
         except DiffusionVLError as exc:
-            for request in requests:
+            for request in run.requests:
                 if not request.finished:
                     request.post(Failed(400, str(exc)))
         finally:
-            events.close()
-        for request in requests:
+            if done:
+                run.events.close()
+        if done:
+            self._close(run)
+        return not done
+
+    def _close(self, run: _Run) -> None:
+        for request in run.requests:
             if not request.finished and not request.cancelled:
                 request.post(Failed(503, "the server is shutting down", "service_unavailable") if self._closing
                              else Failed(500, "the decoder stopped before the answer finished", "server_error"))
-        self.completed += len(requests)
+        self.completed += len(run.requests)
 
     def _advance(self, request: PendingRequest, text: TextAssembler, event: Any, i: int, n_prompt: int,
                  started: float, batch_size: int) -> None:
