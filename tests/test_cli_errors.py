@@ -122,3 +122,38 @@ def test_cli_subprocess_has_no_traceback(tiny_dir):
                            "--prompt", "x", "--temperature", "-1"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr and "error: temperature must be >= 0" in proc.stderr
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["generate", "--model", "{tiny}", "--prompt", "x", "--image", "{tmp}/notimage.png"], "not an image file"),
+    (["generate", "--model", "{tiny}", "--prompt", "x", "--image", "{tmp}"], "image file not found"),
+    (["generate", "--model", "{tiny}", "--prompt", "x", "--max-new-tokens", "0"], "max_new_tokens"),
+    (["generate", "--model", "{tiny}", "--prompt", "x", "--block-size", "0"], "block size must be an integer >= 1"),
+    (["generate", "--model", "{tiny}", "--prompt", "x", "--top-p", "0"], "top_p"),
+    (["generate", "--model", "{tiny}", "--prompt", "x", "--seed", str(2 ** 70)], "seed"),
+    (["generate", "--model", "{tmp}/notimage.png", "--prompt", "x"], "model not found"),
+    (["generate", "--model", "{tiny}", "--prompt", "caf\udce9"], "not valid Unicode"),  # non-UTF-8 terminal bytes
+    (["train", "--model", "{tiny}", "--data", "{tmp}/nope.jsonl", "--output", "{tmp}/o1"], "data file not found"),
+    (["train", "--model", "{tiny}", "--data", "{tmp}/garbage.json", "--output", "{tmp}/o2"], "{tmp}/garbage.json"),
+    (["train", "--model", "{tiny}", "--data", "{tmp}/garbage.jsonl", "--output", "{tmp}/o3", "--max-steps", "1"],
+     "no usable training samples"),
+    (["train", "--model", "{tiny}", "--data", "{tmp}/garbage.jsonl", "--output", "{tmp}/o4", "--lr", "-1"], "lr"),
+    (["eval", "--model", "{tiny}", "--task", "jsonl", "--data", "{tmp}/nope.jsonl"], "not found"),
+    (["serve", "--model", "{tiny}", "--port", "70000"], "port must be in 0..65535"),
+    (["convert", "--tiny", "no_such_arch", "{tmp}/c"], "invalid choice: 'no_such_arch'"),
+    (["bench", "--shape", "tiny", "--batch", "0"], "batch"),
+])
+def test_more_bad_cli_input_is_one_line(tiny_dir, tmp_path, capsys, argv, needle):
+    (tmp_path / "notimage.png").write_text("plain text, not a PNG")
+    (tmp_path / "garbage.json").write_bytes(b"\x00\x01 not json at all \xff")
+    (tmp_path / "garbage.jsonl").write_text("{not json\n[1, 2]\n")
+    argv = [a.replace("{tiny}", str(tiny_dir)).replace("{tmp}", str(tmp_path)) for a in argv]
+    needle = needle.replace("{tmp}", str(tmp_path))
+    try:
+        code = main(argv)
+    except SystemExit as exc:  # argparse's own usage errors: exit 2 with "PROG: error: ..."
+        code = exc.code
+    assert code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err and "error: " in err[-1] and needle in err[-1], err[-3:]
+    assert not any("Traceback" in line for line in err)

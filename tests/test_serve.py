@@ -221,6 +221,18 @@ def test_text_assembler_holds_back_possible_stop_prefixes():
     (json.dumps(_body(max_tokens=True)), 400, "max_tokens"),
     (json.dumps(_body(stream="yes")), 400, "stream"),
     (json.dumps(_body(temperature="0.5")), 400, "temperature"),
+    ('{"model": "%s", "messages": [{"role": "user", "content": "\\ud800"}]}' % NAME, 400, "lone UTF-16 surrogate"),
+    ('{"model": "%s", "messages": [{"role": "user", "content": "hi"}], "temperature": NaN}' % NAME, 400,
+     "temperature"),
+    ('{"model": "%s", "messages": %s}' % (NAME, "[" * 100000 + "]" * 100000), 400, "parsing the body"),
+    (json.dumps({"model": NAME, "messages": []}), 400, "messages"),
+    (json.dumps({"model": NAME, "messages": [{"role": "user", "content": None}]}), 400, "messages"),
+    (json.dumps({"model": NAME, "messages": [{"role": "user", "content": [{"type": "input_audio"}]}]}), 400,
+     "messages"),
+    (json.dumps(_body(logprobs=True)), 400, "logprobs"),
+    (json.dumps(_body(top_k=-1)), 400, "top_k"),
+    (json.dumps(_body(max_tokens=4.5)), 400, "max_tokens"),
+    (json.dumps(_body(stop=[""])), 400, "stop"),
 ])
 def test_bad_requests_get_openai_errors(client, raw, status, needle):
     r = client.post("/v1/chat/completions", content=raw, headers={"content-type": "application/json"})

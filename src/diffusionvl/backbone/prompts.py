@@ -30,21 +30,33 @@ class Conversation:
                 for m in self.messages]
 
 
+def _text(text: str) -> dict[str, str]:
+    """A text part; text that is not valid Unicode (a lone surrogate: undecodable bytes on the command line, or a
+    JSON escape like \\ud800) is refused here, in one line, instead of deep inside the tokenizer."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        bad = text[exc.start]
+        raise DiffusionVLError(f"the text holds {bad!r} at character {exc.start}, which is not valid Unicode (bytes "
+                               "that are not UTF-8, or a lone surrogate): check the input's encoding") from None
+    return {"type": "text", "text": text}
+
+
 def _parts(content: Any, image_sources: list[Any]) -> list[dict[str, Any]]:
     if isinstance(content, str):
-        return [{"type": "text", "text": content}]
+        return [_text(content)]
     if not isinstance(content, list):
         raise DiffusionVLError(f"message content must be a string or a list of parts, got {type(content).__name__}")
     parts: list[dict[str, Any]] = []
     for part in content:
         if isinstance(part, str):
-            parts.append({"type": "text", "text": part})
+            parts.append(_text(part))
             continue
         if not isinstance(part, dict) or "type" not in part:
             raise DiffusionVLError("each content part must be a dict with a 'type' (text, image or image_url)")
         kind = part["type"]
         if kind == "text":
-            parts.append({"type": "text", "text": str(part.get("text", ""))})
+            parts.append(_text(str(part.get("text", ""))))
         elif kind in ("image", "image_url"):
             src = part.get("image", part.get("image_url", part.get("path", part.get("url"))))
             if src is not None:

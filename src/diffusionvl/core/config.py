@@ -71,6 +71,9 @@ class DiffusionConfig:
         return cls(**{k: v for k, v in data.items() if k in known}).validate()
 
 
+SEED_MIN, SEED_MAX = -(2 ** 63), 2 ** 64 - 1  # the range torch.Generator.manual_seed accepts
+
+
 @dataclass
 class DecodeConfig:
     """Settings of one generation call. `None` means: take the model's own value (block size) or a derived one."""
@@ -135,6 +138,8 @@ class DecodeConfig:
               f"top_p must be in (0, 1], got {self.top_p!r}")
         check(self.fast in ("auto", "on", "off", "compile"),
               f"fast must be auto, on, off or compile, got {self.fast!r}")
+        check(self.seed is None or (isinstance(self.seed, int) and SEED_MIN <= self.seed <= SEED_MAX),
+              f"seed must be an integer in [{SEED_MIN}, {SEED_MAX}] (what torch's generator takes), got {self.seed!r}")
         return self
 
 

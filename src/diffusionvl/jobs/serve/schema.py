@@ -19,6 +19,8 @@ from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from diffusionvl.core.config import SEED_MAX, SEED_MIN
+
 
 class _Strict(BaseModel):
     # strict: JSON true is not an integer, "yes" is not a boolean, 1.5 is not an integer (JSON ints still fill floats)
@@ -53,6 +55,24 @@ class StreamOptions(_Strict):
     include_usage: bool = False
 
 
+def _has_lone_surrogate(value: Any) -> bool:
+    """True if any string (key or value) in parsed JSON holds a lone UTF-16 surrogate (not encodable as UTF-8)."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                return True
+        elif isinstance(item, dict):
+            stack.extend(item)
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return False
+
+
 class ChatRequest(_Strict):
     model: str
     messages: list[Message] = Field(min_length=1)
@@ -61,7 +81,7 @@ class ChatRequest(_Strict):
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
     stop: str | list[str] | None = None
-    seed: int | None = Field(None, ge=-(2**63), lt=2**64)  # what torch.Generator.manual_seed takes
+    seed: int | None = Field(None, ge=SEED_MIN, le=SEED_MAX)  # what torch.Generator.manual_seed takes
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
@@ -87,6 +107,13 @@ class ChatRequest(_Strict):
         if any(not s for s in stops):
             raise ValueError("stop sequences must be non-empty strings")
         return stops
+
+    @model_validator(mode="before")
+    @classmethod
+    def _valid_unicode(cls, data: Any) -> Any:
+        if _has_lone_surrogate(data):
+            raise ValueError("a string holds a lone UTF-16 surrogate (like \\ud800), which is not Unicode text")
+        return data
 
     @model_validator(mode="after")
     def _one_limit(self) -> "ChatRequest":
