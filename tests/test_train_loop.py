@@ -255,3 +255,22 @@ def test_a_diverging_run_stops_with_one_line(tmp_path):
                       tensorboard=False, num_workers=0, warmup_ratio=0.0)
     with pytest.raises(DiffusionVLError, match="training loss became"):
         train(cfg)
+
+
+def test_a_failed_checkpoint_save_leaves_no_temp_folder_and_keeps_the_previous_checkpoint(llama_run, tmp_path):
+    model, data = llama_run
+    trainer = Trainer(_cfg(model, data, tmp_path / "run"))
+    trainer.state.step = 1
+    first = trainer.save_checkpoint()
+    before = sorted(p.name for p in first.rglob("*"))
+
+    def broken(*args, **kwargs):
+        raise OSError("disk full")
+
+    trainer.accelerator.save_state = broken
+    trainer.state.step = 2
+    with pytest.raises(OSError, match="disk full"):
+        trainer.save_checkpoint()
+    assert sorted(p.name for p in (tmp_path / "run").iterdir() if p.name.startswith((".", "checkpoint"))) == \
+        ["checkpoint-1"]
+    assert sorted(p.name for p in first.rglob("*")) == before

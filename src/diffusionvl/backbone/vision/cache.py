@@ -22,6 +22,8 @@ from typing import Callable
 
 import torch
 
+from diffusionvl.core.atomic import write_file
+
 Tensor = torch.Tensor
 
 
@@ -74,14 +76,8 @@ class TokenCache:
     def save(self) -> None:
         if not self._unsaved:
             return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
-        try:
-            torch.save({"fingerprint": self.fingerprint, "entries": self.entries}, tmp)
-            os.replace(tmp, self.path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+        payload = {"fingerprint": self.fingerprint, "entries": self.entries}
+        write_file(self.path, lambda tmp: torch.save(payload, tmp))
         self._unsaved = 0
 
     def stats(self) -> dict[str, int]:

@@ -23,6 +23,7 @@ import gc
 import json
 import math
 import os
+import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -420,17 +421,14 @@ class Trainer:
     def _save_checkpoint(self) -> Path:
         acc = self.accelerator
         final = self.output / f"{ckpt.PREFIX}{self.state.step}"
-        tmp = self.output / f".{final.name}.tmp"
-        state_dict = acc.get_state_dict(self.module)  # collective under FSDP / ZeRO-3
+        tmp = self.output / f".{final.name}.tmp"  # every rank writes its accelerate state here, then one rename
+        try:
+            self._fill_checkpoint(tmp)
+        except BaseException:
+            if acc.is_main_process:
+                shutil.rmtree(tmp, ignore_errors=True)  # a failed save leaves the previous checkpoints only
+            raise
         if acc.is_main_process:
-            ckpt.export(self.model, tmp, state_dict, self.peft_model)
-        acc.wait_for_everyone()
-        acc.save_state(str(tmp / ckpt.ACCELERATE_DIR))
-        acc.wait_for_everyone()
-        if acc.is_main_process:
-            atomic.write_json(tmp / ckpt.STATE_FILE, {**asdict(self.state),
-                                                           "global_batch": self.sampler.global_batch,
-                                                           "base_model": str(Path(self.cfg.model).resolve())})
             atomic.replace_folder(tmp, final)
             ckpt.prune(self.output, self.cfg.keep_checkpoints)
             if self.token_cache is not None:
@@ -438,6 +436,18 @@ class Trainer:
             self.tracker.say(f"saved {final}")
         acc.wait_for_everyone()
         return final
+
+    def _fill_checkpoint(self, tmp: Path) -> None:
+        acc = self.accelerator
+        state_dict = acc.get_state_dict(self.module)  # collective under FSDP / ZeRO-3
+        if acc.is_main_process:
+            ckpt.export(self.model, tmp, state_dict, self.peft_model)
+        acc.wait_for_everyone()
+        acc.save_state(str(tmp / ckpt.ACCELERATE_DIR))
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            atomic.write_json(tmp / ckpt.STATE_FILE, {**asdict(self.state), "global_batch": self.sampler.global_batch,
+                                                      "base_model": str(Path(self.cfg.model).resolve())})
 
     def save_final(self) -> Path:
         with quiet_transformers():
