@@ -21,6 +21,8 @@ from typing import Any, Callable, Protocol, TypeVar
 
 import torch
 
+from diffusionvl.core.config import DiffusionConfig
+
 Tensor = torch.Tensor
 T = TypeVar("T")
 
@@ -49,7 +51,7 @@ class DecoderModel(Protocol):
     """What decoding/ needs from a model (`modeling.DiffusionVLModel`)."""
 
     adapter: DecoderAdapter
-    config: Any  # DiffusionConfig: `block_size`, `prediction` ("shift" | "same")
+    config: DiffusionConfig  # decoders read `block_size` and `prediction` ("shift" | "same")
     hf_model: torch.nn.Module  # static sessions key their captured graphs on its parameters
     mask_token_id: int
     pad_token_id: int
