@@ -19,9 +19,9 @@ from PIL import Image, ImageDraw
 
 from diffusionvl.backbone import assets
 from diffusionvl.backbone.compose import compose
+from diffusionvl.backbone.prompts import to_conversation
 from diffusionvl.jobs.train.parts import parameter_counts, set_trainable
 from diffusionvl.model.wrapping import wrap
-from diffusionvl.backbone.prompts import to_conversation
 
 COLOURS = ["red", "blue", "green", "yellow", "purple", "orange", "white", "black"]
 

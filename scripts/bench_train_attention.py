@@ -30,8 +30,8 @@ def build_model(tiny: bool, device: torch.device, block_size: int) -> Any:
     """A random DiffusionVLModel of the benchmark shape (tiny: the test suite's tiny Qwen2)."""
     import transformers as tf
 
-    from diffusionvl.model.wrapping import wrap
     from diffusionvl.backbone.tiny import make_tiny, tiny_tokenizer
+    from diffusionvl.model.wrapping import wrap
 
     if tiny:
         hf, tok = make_tiny("qwen2")

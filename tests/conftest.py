@@ -8,8 +8,8 @@ import functools
 import pytest
 import torch
 
-from diffusionvl.model.wrapping import wrap
 from diffusionvl.backbone.tiny import make_tiny
+from diffusionvl.model.wrapping import wrap
 
 # Tiny models gain nothing from intra-op threads; on a shared 2-core machine threads make tiny matmuls far slower.
 torch.set_num_threads(1)

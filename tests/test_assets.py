@@ -24,8 +24,8 @@ from PIL import Image
 
 from diffusionvl import cli
 from diffusionvl.backbone import assets
-from diffusionvl.core.errors import DiffusionVLError
 from diffusionvl.backbone.vision import efficientnet as effnet
+from diffusionvl.core.errors import DiffusionVLError
 
 ROOT = Path(__file__).resolve().parents[1]
 REFERENCE = json.loads((ROOT / "tests" / "data" / "timm_tf_efficientnet_lite0.json").read_text())

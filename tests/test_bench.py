@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from conftest import tiny_diffusion
-from diffusionvl.jobs.bench import CASES, BenchConfig, markdown_table, run_bench, stop_tokens_disabled
 from diffusionvl.cli import main
 from diffusionvl.core.config import DecodeConfig
+from diffusionvl.jobs.bench import CASES, BenchConfig, markdown_table, run_bench, stop_tokens_disabled
 
 
 def _tiny_cfg(tmp_path, **kw):

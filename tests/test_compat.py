@@ -15,14 +15,12 @@ import torch
 from safetensors.torch import save_file
 
 import diffusionvl
-from diffusionvl.model.compat import generate_compat, load_checkpoint
-from diffusionvl.model.compat import generate as cgen
-from diffusionvl.model.compat import hustvl
-from diffusionvl.model.wrapping import wrap
+from conftest import red_square, tiny_ar
 from diffusionvl.core.errors import DiffusionVLError
 from diffusionvl.core.sampling import POLICIES
-
-from conftest import red_square, tiny_ar
+from diffusionvl.model.compat import generate as cgen
+from diffusionvl.model.compat import generate_compat, hustvl, load_checkpoint
+from diffusionvl.model.wrapping import wrap
 
 MASK_ROW = 420  # tiny vocabulary: 384 named tokens, 448 embedding rows; 420 has no name, like 151671 in Qwen's
 QUESTION = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What shape is in the image?"}]}]

@@ -19,13 +19,11 @@ from PIL import Image, ImageDraw
 from safetensors.torch import save_file
 
 import diffusionvl
-from diffusionvl.model.compat import generate_compat
-from diffusionvl.model.compat import generate as cgen
-from diffusionvl.model.compat import hustvl
+from conftest import tiny_ar
 from diffusionvl.backbone.compose import compose
 from diffusionvl.core.errors import DiffusionVLError
-
-from conftest import tiny_ar
+from diffusionvl.model.compat import generate as cgen
+from diffusionvl.model.compat import generate_compat, hustvl
 
 MASK_ROW = 420  # tiny vocabulary: 384 named tokens, 448 embedding rows; 420 has no name, like 151671 in Qwen's
 TILE, PATCH, SIDE = 16, 4, 4  # tiny SigLIP: 16 px tiles of 4 x 4 patches (so400m: 384 px, 27 x 27)
@@ -256,10 +254,9 @@ def test_feature_order_is_base_then_unpadded_rows_each_closed_by_the_newline(tmp
 def test_tiles_are_their_preprocessing(tmp_path):
     """Base = the image squashed to one tile; tiles = crops of the image fitted (aspect kept, centred on black) into
     the best grid resolution; each normalized as transformers' resize/rescale/normalize do."""
+    import numpy as np
     from transformers.image_transforms import normalize, rescale, resize
     from transformers.image_utils import ChannelDimension, PILImageResampling
-
-    import numpy as np
 
     write_onevision(tmp_path / "ref")
     proc = diffusionvl.load(tmp_path / "ref", device="cpu", dtype="float32").processor

@@ -15,14 +15,14 @@ from torch import nn
 
 import diffusionvl
 from conftest import red_square, tiny_ar
-from diffusionvl.cli import main as cli_main
 from diffusionvl.backbone.compose import ComposedProcessor, ComposedVLM, compose
-from diffusionvl.jobs.train.parts import PARTS, parameters_by_part, set_trainable
-from diffusionvl.model.wrapping import wrap
-from diffusionvl.core.errors import DiffusionVLError
 from diffusionvl.backbone.prompts import to_conversation
 from diffusionvl.backbone.vision import efficientnet
 from diffusionvl.backbone.vision.encoders import ImageTransform, preprocess_images
+from diffusionvl.cli import main as cli_main
+from diffusionvl.core.errors import DiffusionVLError
+from diffusionvl.jobs.train.parts import PARTS, parameters_by_part, set_trainable
+from diffusionvl.model.wrapping import wrap
 
 VISIONS = ("efficientnet", "siglip", "clip")
 QUESTION = "What is in the picture? Answer in one short sentence."

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from conftest import tiny_ar
-from diffusionvl.recipes.default import compact_adapter, default_folder, merge_compact, read_manifest
 from diffusionvl.core.errors import DiffusionVLError
+from diffusionvl.recipes.default import compact_adapter, default_folder, merge_compact, read_manifest
 
 
 def _trained_adapter(tmp_path):

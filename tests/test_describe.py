@@ -12,17 +12,23 @@ from types import SimpleNamespace
 import pytest
 
 from diffusionvl.core.config import DecodeConfig
-from diffusionvl.data.describe import (REGION_TOLERANCE, REGIONS, describe, description_f1, mean_f1,
-                                       parse_description, region)
+from diffusionvl.core.errors import DiffusionVLError
+from diffusionvl.data.describe import (
+    REGION_TOLERANCE,
+    REGIONS,
+    describe,
+    description_f1,
+    mean_f1,
+    parse_description,
+    region,
+)
 from diffusionvl.data.questions import DEFAULT_TYPES, QUESTION_TYPES
 from diffusionvl.data.scene import Scene, SceneObject, sample_scene
 from diffusionvl.data.synth import eval_record, generate_dataset, make_plan, make_sample
 from diffusionvl.decoding import GenerationOutput
-from diffusionvl.core.errors import DiffusionVLError
 from diffusionvl.jobs.evaluation import scoring
 from diffusionvl.jobs.evaluation.report import markdown
-from diffusionvl.jobs.evaluation.runner import (EvalConfig, evaluate, load_samples, sample_forwards,
-                                          tokens_per_forward)
+from diffusionvl.jobs.evaluation.runner import EvalConfig, evaluate, load_samples, sample_forwards, tokens_per_forward
 
 
 def _scene(*objects: tuple[str, str, int, int], size: int = 90) -> Scene:

@@ -39,10 +39,10 @@ def test_static_forward_equals_plain_forward(arch):
     """For the same canvas, the static forward (whole bucketed canvas, device windows) computes the plain forward's
     hidden states (live prefix only) for the prefill and a block's fused and plain step windows; windows read,
     write, advance and select rows alike."""
+    from diffusionvl.backbone.prompts import to_conversation
     from diffusionvl.decoding import _layout
     from diffusionvl.decoding.plain import open_plain
     from diffusionvl.decoding.static import open_static
-    from diffusionvl.backbone.prompts import to_conversation
 
     dm = tiny_diffusion(arch, block_size=4)
     images = [[red_square()], [red_square(color="blue")]] if arch == "qwen2_5_vl" else [None, None]

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from conftest import TEXT_ARCHS, VL_ARCHS, red_square, tiny_ar, tiny_diffusion
+from diffusionvl.backbone.prompts import to_conversation
 from diffusionvl.core import attention, masks, objective
 from diffusionvl.model.wrapping import wrap
-from diffusionvl.backbone.prompts import to_conversation
 
 PROMPTS = ["Hello, how are you?", "What is the capital of France? Answer in one short sentence, please."]
 

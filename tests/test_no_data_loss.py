@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 
 from diffusionvl.cli import main
-from diffusionvl.model.conversion import convert
 from diffusionvl.core.errors import DiffusionVLError
+from diffusionvl.model.conversion import convert
 
 
 def _convert(dst, *extra):

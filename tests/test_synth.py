@@ -16,12 +16,12 @@ import numpy as np
 import pytest
 
 from diffusionvl.cli import main
-from diffusionvl.data import real, scene as scene_mod
-from diffusionvl.data.questions import DEFAULT_TYPES, POSITION_MARGIN, RELATION_MARGIN
-from diffusionvl.data.scene import (COLOURS, PLURALS, SHAPES, Scene, SceneObject, gap_px, render_scene,
-                                    sample_scene)
-from diffusionvl.data.synth import ALL_TYPES, generate_dataset, make_plan, make_sample
 from diffusionvl.core.errors import DiffusionVLError
+from diffusionvl.data import real
+from diffusionvl.data import scene as scene_mod
+from diffusionvl.data.questions import DEFAULT_TYPES, POSITION_MARGIN, RELATION_MARGIN
+from diffusionvl.data.scene import COLOURS, PLURALS, SHAPES, Scene, SceneObject, gap_px, render_scene, sample_scene
+from diffusionvl.data.synth import ALL_TYPES, generate_dataset, make_plan, make_sample
 
 SMALL = dict(n_train=16, n_val=6, n_test=10, image_size=96, real_fraction=0.2, text_only_fraction=0.1,
              multi_turn_fraction=0.5, progress=False)

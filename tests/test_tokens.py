@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from conftest import tiny_ar
-
 from diffusionvl.backbone.tokens import Detokenizer, find_token_id
 
 

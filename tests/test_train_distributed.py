@@ -15,8 +15,8 @@ from safetensors.torch import load_file
 
 import diffusionvl
 from conftest import tiny_diffusion
-from diffusionvl.model.modeling import save_atomic
 from diffusionvl.jobs.train import TrainConfig, train
+from diffusionvl.model.modeling import save_atomic
 
 QA = [("What is the capital of France?", "The capital of France is Paris."), ("Say hello.", "Hello, how are you?"),
       ("Count to three.", "One two three."), ("Name a colour.", "Red."), ("What shape is it?", "A red circle."),

@@ -13,11 +13,11 @@ from safetensors.torch import load_file
 
 from conftest import has_cuda, red_square, tiny_diffusion
 from diffusionvl.cli import main as cli_main
-from diffusionvl.model.conversion import load
-from diffusionvl.model.modeling import save_atomic
 from diffusionvl.core.errors import DiffusionVLError
 from diffusionvl.jobs.train import TrainConfig, train
 from diffusionvl.jobs.train.trainer import Trainer, choose_attention, set_attention
+from diffusionvl.model.conversion import load
+from diffusionvl.model.modeling import save_atomic
 
 QA = [("What is the capital of France?", "The capital of France is Paris."),
       ("Say hello.", "Hello, how can I help you today?"), ("Count to three.", "One two three."),
@@ -241,9 +241,9 @@ def test_a_diverging_run_stops_with_one_line(tmp_path):
     import json as _json
 
     from conftest import tiny_diffusion
-    from diffusionvl.model.modeling import save_atomic
     from diffusionvl.core.errors import DiffusionVLError
     from diffusionvl.jobs.train import TrainConfig, train
+    from diffusionvl.model.modeling import save_atomic
 
     save_atomic(tiny_diffusion("llama", block_size=4), tmp_path / "m")
     data = tmp_path / "d.jsonl"

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from conftest import red_square, tiny_diffusion
-from diffusionvl.core import objective
 from diffusionvl.backbone.prompts import to_conversation
+from diffusionvl.core import objective
 
 
 def _batch(dm, with_image: bool):

@@ -5,10 +5,10 @@ import copy
 import pytest
 import torch
 
-from diffusionvl.core.errors import DiffusionVLError
-from diffusionvl.recipes.vision_gate import TARGETS, gate_markdown, probe_accuracy, probe_scenes
 from diffusionvl.backbone.vision.cache import TokenCache, tower_fingerprint
 from diffusionvl.backbone.vision.encoders import build_tower
+from diffusionvl.core.errors import DiffusionVLError
+from diffusionvl.recipes.vision_gate import TARGETS, gate_markdown, probe_accuracy, probe_scenes
 
 
 def _tower(**spec):
@@ -134,11 +134,11 @@ def test_a_standardized_tower_survives_save_and_load(tmp_path):
     """Statistics in the spec (not buffers): a composed model loaded from disk gives the same finite tokens."""
     from conftest import tiny_ar
     from diffusionvl.backbone.compose import compose
+    from diffusionvl.backbone.vision import efficientnet
+    from diffusionvl.backbone.vision.encoders import ImageTransform, preprocess_images
     from diffusionvl.model.conversion import load
     from diffusionvl.model.modeling import save_atomic
     from diffusionvl.model.wrapping import wrap
-    from diffusionvl.backbone.vision import efficientnet
-    from diffusionvl.backbone.vision.encoders import ImageTransform, preprocess_images
 
     lm, tok = tiny_ar("llama")
     stats = {"mean": [0.1] * 38, "std": [2.0] * 38}

@@ -17,16 +17,15 @@ from __future__ import annotations
 
 import functools
 import inspect
-
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
-from diffusionvl.core.errors import DiffusionVLError
 from diffusionvl.backbone.prompts import Conversation
 from diffusionvl.backbone.tokens import find_token_id
+from diffusionvl.core.errors import DiffusionVLError
 
 Tensor = torch.Tensor
 

@@ -32,14 +32,20 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, GenerationMixin,
-                          PretrainedConfig, PreTrainedModel)
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForImageTextToText,
+    GenerationMixin,
+    PretrainedConfig,
+    PreTrainedModel,
+)
 
 from diffusionvl.backbone.adapters import scatter_image_features
 from diffusionvl.backbone.tokens import find_token_id
-from diffusionvl.core.errors import DiffusionVLError, check
 from diffusionvl.backbone.vision.anyres import ImageLayout, assemble, image_tiles, parse_pinpoints
 from diffusionvl.backbone.vision.encoders import ImageTransform, build_tower, preprocess_images, resolve_vision
+from diffusionvl.core.errors import DiffusionVLError, check
 
 Tensor = torch.Tensor
 MODEL_TYPE = "diffusionvl_llava"

@@ -14,8 +14,8 @@ import json
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from diffusionvl.jobs.composition import ComposeOptions
     from diffusionvl.core.config import add_dataclass_arguments
+    from diffusionvl.jobs.composition import ComposeOptions
 
     parser.add_argument("--output", "-o", required=True, metavar="DIR", help="folder to write the AR VLM to")
     add_dataclass_arguments(parser, ComposeOptions)
@@ -23,8 +23,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from diffusionvl.jobs.composition import ComposeOptions, compose_to_disk
     from diffusionvl.core.config import dataclass_from_args
+    from diffusionvl.jobs.composition import ComposeOptions, compose_to_disk
 
     options = dataclass_from_args(ComposeOptions, args)
     path, summary = compose_to_disk(options, args.output)

@@ -25,8 +25,8 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from diffusionvl.data.assets import package_data_path
 from diffusionvl.core.errors import check
+from diffusionvl.data.assets import package_data_path
 
 # Saturated colours a small vision encoder separates easily (name -> RGB). Lower-case names are the answers.
 COLOURS: dict[str, tuple[int, int, int]] = {

@@ -22,6 +22,7 @@ Contract:
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import math
@@ -29,7 +30,6 @@ import os
 import random
 import re
 from collections import Counter
-import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -37,11 +37,11 @@ from typing import Any, Mapping, Sequence
 from PIL import Image
 
 from diffusionvl.core.atomic import write_bytes, write_json
+from diffusionvl.core.errors import DiffusionVLError, check
 from diffusionvl.data.questions import DEFAULT_TYPES, QA, QUESTION_TYPES, SCENE_HINTS, ask
 from diffusionvl.data.real import BY_NAME, available_real_images, load_real_image, real_qa, real_view
 from diffusionvl.data.scene import check_image_size, font_name, render_scene, sample_scene
 from diffusionvl.data.textonly import TEXT_TYPES, text_qa
-from diffusionvl.core.errors import DiffusionVLError, check
 
 SPLITS = ("train", "val", "test")
 ALL_TYPES = (*QUESTION_TYPES, "caption", "real", *TEXT_TYPES)

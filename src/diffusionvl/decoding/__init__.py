@@ -15,7 +15,6 @@ token, `forwards_per_sample` the forwards that had work for it (prefill included
 
 from __future__ import annotations
 
-
 import time
 from dataclasses import dataclass, field, replace
 from functools import partial
@@ -25,6 +24,7 @@ import torch
 
 from diffusionvl.backbone.tokens import Detokenizer
 from diffusionvl.core.config import DecodeConfig
+from diffusionvl.core.errors import DiffusionVLError
 from diffusionvl.decoding import backend
 from diffusionvl.decoding.ar import ar_decode
 from diffusionvl.decoding.block import block_decode, full_decode
@@ -32,7 +32,6 @@ from diffusionvl.decoding.layout import Layout, build_layout
 from diffusionvl.decoding.protocol import DecoderModel
 from diffusionvl.decoding.state import DecodeState
 from diffusionvl.decoding.static import open_static
-from diffusionvl.core.errors import DiffusionVLError
 
 Tensor = torch.Tensor
 

@@ -23,12 +23,12 @@ from typing import Any, Callable, ContextManager, Iterator
 import torch
 
 from diffusionvl.core.config import DecodeConfig
+from diffusionvl.core.sampling import transfer_schedule
 from diffusionvl.decoding.layout import Layout
 from diffusionvl.decoding.plain import open_plain
 from diffusionvl.decoding.protocol import DecoderModel, SlotForward
 from diffusionvl.decoding.state import DecodeState, charge, mark_done
 from diffusionvl.decoding.steps import BlockStepper
-from diffusionvl.core.sampling import transfer_schedule
 
 Tensor = torch.Tensor
 OpenForward = Callable[..., ContextManager[SlotForward]]  # (model, layout, vision, cfg, *, use_cache, attention_block)

@@ -25,10 +25,10 @@ from typing import Any
 
 import torch
 
+from diffusionvl.core.sampling import sample, transfer_schedule
 from diffusionvl.decoding.layout import build_layout
 from diffusionvl.decoding.plain import PlainForward
 from diffusionvl.decoding.protocol import Window
-from diffusionvl.core.sampling import sample, transfer_schedule
 
 Tensor = torch.Tensor
 

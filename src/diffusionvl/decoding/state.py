@@ -23,8 +23,8 @@ from dataclasses import dataclass, field
 import torch
 
 from diffusionvl.core.config import DecodeConfig
-from diffusionvl.decoding.layout import Layout
 from diffusionvl.core.sampling import POLICIES, sample
+from diffusionvl.decoding.layout import Layout
 
 Tensor = torch.Tensor
 

@@ -24,9 +24,9 @@ from typing import Any, Callable
 import torch
 
 from diffusionvl.core.config import DecodeConfig
-from diffusionvl.decoding.state import DecodeState, denoise, live_masks
-from diffusionvl.decoding.protocol import DecoderModel, SlotForward, Window
 from diffusionvl.core.sampling import sample
+from diffusionvl.decoding.protocol import DecoderModel, SlotForward, Window
+from diffusionvl.decoding.state import DecodeState, denoise, live_masks
 
 Tensor = torch.Tensor
 

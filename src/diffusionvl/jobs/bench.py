@@ -108,8 +108,8 @@ def build_model(shape: str, device: torch.device, dtype: torch.dtype, seed: int 
     """A random-init model of `shape` with the offline tiny tokenizer, wrapped as a diffusion model."""
     import transformers
 
-    from diffusionvl.model.wrapping import wrap
     from diffusionvl.backbone.tiny import tiny_tokenizer
+    from diffusionvl.model.wrapping import wrap
 
     cls_name, fields = SHAPES[shape]
     tok = tiny_tokenizer()

@@ -15,12 +15,12 @@ from typing import Any, Literal
 from transformers import AutoModelForCausalLM
 
 from diffusionvl.backbone import assets
-from diffusionvl.core.atomic import write_folder
 from diffusionvl.backbone.compose import compose
+from diffusionvl.core.atomic import write_folder
 from diffusionvl.core.config import option
-from diffusionvl.model.conversion import check_source
 from diffusionvl.core.errors import DiffusionVLError
 from diffusionvl.jobs.train.parts import parameter_counts
+from diffusionvl.model.conversion import check_source
 
 
 @dataclass

@@ -20,14 +20,14 @@ from typing import Any, Callable
 import torch
 
 from diffusionvl.backbone.adapters import adapter_class
-from diffusionvl.core.atomic import check_target
-from diffusionvl.model.compat import format_loader
 from diffusionvl.backbone.compose import register_auto_classes
+from diffusionvl.backbone.processing import load_processor
+from diffusionvl.core.atomic import check_target
 from diffusionvl.core.config import DiffusionConfig
 from diffusionvl.core.devices import default_device, default_dtype
 from diffusionvl.core.errors import DiffusionVLError
+from diffusionvl.model.compat import format_loader
 from diffusionvl.model.modeling import MODEL_MARKER, DiffusionVLModel, save_atomic
-from diffusionvl.backbone.processing import load_processor
 from diffusionvl.model.wrapping import wrap
 
 FORMAT_LOADERS: tuple[Callable[..., DiffusionVLModel | None], ...] = (format_loader,)

@@ -25,14 +25,14 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-from diffusionvl.core import attention, masks, objective
 from diffusionvl.backbone.adapters import Adapter, adapter_class
+from diffusionvl.backbone.prompts import normalize_batch
 from diffusionvl.backbone.tokens import end_of_turn_token, find_token_id
+from diffusionvl.core import attention, masks, objective
 from diffusionvl.core.atomic import check_target, write_folder
 from diffusionvl.core.config import DecodeConfig, DiffusionConfig
-from diffusionvl.decoding import GenerationOutput, run
 from diffusionvl.core.errors import DiffusionVLError
-from diffusionvl.backbone.prompts import normalize_batch
+from diffusionvl.decoding import GenerationOutput, run
 
 Tensor = torch.Tensor
 VISION_KEYS = ("pixel_values", "image_grid_thw", "image_grid_thw_per_sample", "image_sizes", "image_tiles")

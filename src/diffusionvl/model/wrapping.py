@@ -14,8 +14,8 @@ from typing import Any
 import torch
 
 from diffusionvl.backbone.adapters import adapter_class
-from diffusionvl.core.config import DEFAULT_MASK_TOKEN, KNOWN_MASK_TOKENS, DiffusionConfig
 from diffusionvl.backbone.tokens import end_of_turn_token, find_token_id
+from diffusionvl.core.config import DEFAULT_MASK_TOKEN, KNOWN_MASK_TOKENS, DiffusionConfig
 from diffusionvl.model.modeling import DiffusionVLModel
 
 

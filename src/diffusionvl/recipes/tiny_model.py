@@ -15,11 +15,11 @@ from typing import Any
 
 from diffusionvl.backbone import assets
 from diffusionvl.backbone.compose import compose
+from diffusionvl.backbone.vision.encoders import token_statistics
 from diffusionvl.core.config import option
 from diffusionvl.core.errors import check
-from diffusionvl.recipes.vision_gate import candidate_tower, probe_scenes
-from diffusionvl.backbone.vision.encoders import token_statistics
 from diffusionvl.model.wrapping import wrap
+from diffusionvl.recipes.vision_gate import candidate_tower, probe_scenes
 
 
 @dataclass

@@ -18,10 +18,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from diffusionvl.backbone.prompts import Conversation, to_conversation
 from diffusionvl.core import objective
 from diffusionvl.core.errors import DiffusionVLError
 from diffusionvl.jobs.evaluation.tasks import Sample
-from diffusionvl.backbone.prompts import Conversation, to_conversation
 
 Tensor = torch.Tensor
 

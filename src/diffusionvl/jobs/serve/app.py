@@ -22,15 +22,23 @@ import uuid
 from contextlib import asynccontextmanager
 from typing import Any, AsyncIterator
 
+from diffusionvl.backbone.prompts import Conversation, to_conversation
 from diffusionvl.core.config import DecodeConfig
 from diffusionvl.core.errors import DiffusionVLError, check
-from diffusionvl.backbone.prompts import Conversation, to_conversation
+from diffusionvl.core.version import __version__
 from diffusionvl.jobs.serve import schema
 from diffusionvl.jobs.serve.config import ServeConfig
-from diffusionvl.jobs.serve.engine import Accepted, DecodeEngine, Delta, Failed, Finished, PendingRequest, QueueFull, \
-    ShuttingDown
+from diffusionvl.jobs.serve.engine import (
+    Accepted,
+    DecodeEngine,
+    Delta,
+    Failed,
+    Finished,
+    PendingRequest,
+    QueueFull,
+    ShuttingDown,
+)
 from diffusionvl.jobs.serve.images import ImagePolicy
-from diffusionvl.core.version import __version__
 
 log = logging.getLogger("diffusionvl.jobs.serve")
 

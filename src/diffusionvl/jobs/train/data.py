@@ -29,9 +29,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from diffusionvl.backbone.prompts import ROLE_ALIASES
 from diffusionvl.core.errors import DiffusionVLError, check
 from diffusionvl.core.media import check_image_file
-from diffusionvl.backbone.prompts import ROLE_ALIASES
 
 IMAGE_MARKER = "<image>"
 MAX_EXAMPLES = 5

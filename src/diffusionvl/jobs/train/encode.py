@@ -23,9 +23,9 @@ from typing import Any
 
 import torch
 
+from diffusionvl.backbone.prompts import Conversation, to_conversation
 from diffusionvl.core import objective
 from diffusionvl.core.errors import DiffusionVLError
-from diffusionvl.backbone.prompts import Conversation, to_conversation
 from diffusionvl.jobs.train.data import Record, SampleError
 
 Tensor = torch.Tensor

@@ -36,9 +36,9 @@ from typing import Any, Callable
 
 import torch
 
+from diffusionvl.backbone.tokens import find_token_id
 from diffusionvl.core.config import DEFAULT_MASK_TOKEN, DiffusionConfig
 from diffusionvl.core.errors import DiffusionVLError, check
-from diffusionvl.backbone.tokens import find_token_id
 from diffusionvl.model.modeling import DiffusionVLModel
 from diffusionvl.model.wrapping import wrap
 

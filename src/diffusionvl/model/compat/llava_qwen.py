@@ -33,10 +33,10 @@ from typing import Any
 
 import torch
 
-from diffusionvl.model.compat import hustvl
+from diffusionvl.backbone.tokens import find_token_id
 from diffusionvl.core.config import DiffusionConfig
 from diffusionvl.core.errors import DiffusionVLError, check
-from diffusionvl.backbone.tokens import find_token_id
+from diffusionvl.model.compat import hustvl
 from diffusionvl.model.modeling import DiffusionVLModel
 from diffusionvl.model.wrapping import wrap
 
