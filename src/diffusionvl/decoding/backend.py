@@ -2,8 +2,8 @@
 
 Contract:
 - `choose(cfg, device) -> Choice` turns `DecodeConfig.fast` ("auto" | "on" | "off" | "compile"), the decoder and
-  the device into a path, "plain" (dynamic shapes, decoding/block.py and ar.py) or "fast" (static shapes, fast.py),
-  and a step mode for the fast path:
+  the device into a path, "plain" (the loops run on plain.py's `PlainForward`, dynamic shapes) or "fast" (the same
+  loops on static.py's `StaticSession`, static shapes), and a step mode for the fast path:
     "eager"   - every step is a plain call (CPU, or after a fallback);
     "graph"   - CUDA graphs: after `warmup` eager calls each step shape is captured once and then replayed;
     "compile" - the step is wrapped with torch.compile (inductor, no cudagraphs of its own) and then captured.
