@@ -3,8 +3,10 @@ learning rates / LoRA do what they say, bad samples are counted, the CLI and con
 
 from __future__ import annotations
 
+import gc
 import json
 import shutil
+import warnings
 from pathlib import Path
 
 import pytest
@@ -253,8 +255,13 @@ def test_a_diverging_run_stops_with_one_line(tmp_path):
     cfg = TrainConfig(model=str(tmp_path / "m"), data=str(data), output=str(tmp_path / "out"), max_steps=6,
                       lr=1e12, max_grad_norm=0.0, log_every=1, batch_size=2, save_every=0, progress=False,
                       tensorboard=False, num_workers=0, warmup_ratio=0.0)
-    with pytest.raises(DiffusionVLError, match="training loss became"):
-        train(cfg)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ResourceWarning)
+        with pytest.raises(DiffusionVLError, match="training loss became"):
+            train(cfg)
+        gc.collect()
+    assert not [w for w in caught if issubclass(w.category, ResourceWarning)]  # the log file was closed
+    assert '"step": 1' in (tmp_path / "out" / "log.jsonl").read_text()  # what was logged before the stop is kept
 
 
 def test_a_failed_checkpoint_save_leaves_no_temp_folder_and_keeps_the_previous_checkpoint(llama_run, tmp_path):
@@ -274,3 +281,4 @@ def test_a_failed_checkpoint_save_leaves_no_temp_folder_and_keeps_the_previous_c
     assert sorted(p.name for p in (tmp_path / "run").iterdir() if p.name.startswith((".", "checkpoint"))) == \
         ["checkpoint-1"]
     assert sorted(p.name for p in first.rglob("*")) == before
+    trainer.tracker.close()

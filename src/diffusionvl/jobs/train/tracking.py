@@ -28,7 +28,7 @@ class Tracker:
             self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True, desc="train")
 
     def log(self, entry: dict[str, Any]) -> None:
-        if not self.main:
+        if self.file is None:  # not the main process, or closed
             return
         self.file.write(json.dumps(entry) + "\n")
         self.file.flush()
@@ -54,7 +54,10 @@ class Tracker:
             print(message, file=sys.stderr, flush=True)
 
     def close(self) -> None:
+        """Close the bar and the log file; safe to call twice."""
         if self.bar is not None:
             self.bar.close()
+            self.bar = None
         if self.file is not None:
             self.file.close()
+            self.file = None

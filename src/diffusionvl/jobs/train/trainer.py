@@ -276,16 +276,20 @@ class Trainer:
 
     # ---- the loop -------------------------------------------------------------------------------------------
     def fit(self) -> dict[str, Any]:
-        self._start()
-        while self.state.step < self.total_steps:
-            self.sampler.set_position(self.state.epoch, self.state.step_in_epoch)
-            for batch in self.loader:
-                self._micro_step(batch)
-                if self.accelerator.sync_gradients and self._after_step():
-                    break
-            else:
-                self.state.epoch += 1
-                self.state.step_in_epoch = 0
+        try:
+            self._start()
+            while self.state.step < self.total_steps:
+                self.sampler.set_position(self.state.epoch, self.state.step_in_epoch)
+                for batch in self.loader:
+                    self._micro_step(batch)
+                    if self.accelerator.sync_gradients and self._after_step():
+                        break
+                else:
+                    self.state.epoch += 1
+                    self.state.step_in_epoch = 0
+        except BaseException:
+            self.tracker.close()  # a run that stops on an error (NaN loss, Ctrl-C) keeps its log, closed
+            raise
         return self._finish()
 
     def _start(self) -> None:
