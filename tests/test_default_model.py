@@ -11,6 +11,7 @@ import torch
 
 from conftest import tiny_ar
 from diffusionvl.core.errors import DiffusionVLError
+from diffusionvl.jobs.train.parts import quiet_peft
 from diffusionvl.recipes.default import compact_adapter, default_folder, merge_compact, read_manifest
 
 
@@ -20,7 +21,8 @@ def _trained_adapter(tmp_path):
     model, _ = tiny_ar("llama")
     base = copy.deepcopy(model)
     lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], modules_to_save=["norm"])
-    peft_model = get_peft_model(model, lora)
+    with quiet_peft():  # peft itself reads a deprecated transformers property
+        peft_model = get_peft_model(model, lora)
     with torch.no_grad():  # make the adapter non-trivial (B starts at zero)
         for name, p in peft_model.named_parameters():
             if "lora_" in name or "modules_to_save" in name:

@@ -24,6 +24,7 @@ import torch
 
 from diffusionvl.core.atomic import write_folder
 from diffusionvl.core.errors import DiffusionVLError, check
+from diffusionvl.jobs.train.parts import quiet_peft
 
 PREFIX = "checkpoint-"
 STATE_FILE = "trainer_state.json"
@@ -104,7 +105,8 @@ def merge_lora(adapter: str | os.PathLike[str], output: str | os.PathLike[str], 
     check(bool(base) and Path(base).is_dir(), f"base model of {adapter} not found ({base}); pass it explicitly")
     model = load(base, device="cpu", dtype=dtype or "float32")
     try:
-        merged = PeftModel.from_pretrained(model.hf_model, adapter).merge_and_unload()
+        with quiet_peft():
+            merged = PeftModel.from_pretrained(model.hf_model, adapter).merge_and_unload()
     except (ValueError, RuntimeError, KeyError) as exc:
         raise DiffusionVLError(f"cannot merge {adapter} into {base}: {str(exc).splitlines()[0]}") from None
     model.hf_model = merged

@@ -11,9 +11,11 @@ head) into the backbone in place and freezes everything else but `lora_modules_t
 
 from __future__ import annotations
 
+import contextlib
+import warnings
 from collections import Counter
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 from torch import nn
 
@@ -73,6 +75,15 @@ def default_lora_targets(model: Any) -> list[str]:
             if isinstance(mod, nn.Linear) and mod is not head and part_of(name) == "language"]
 
 
+@contextlib.contextmanager
+def quiet_peft() -> Iterator[None]:
+    """peft reads transformers' deprecated `is_gradient_checkpointing` when it wraps a model (transformers >= 5.2x
+    warns with a FutureWarning): nothing a user of ours can act on, so it is silenced around peft calls only."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        yield
+
+
 def apply_lora(model: Any, cfg: TrainConfig) -> Any:
     """Inject LoRA adapters into model.hf_model in place; returns the PeftModel (for saving the adapter)."""
     from peft import LoraConfig, get_peft_model
@@ -83,7 +94,8 @@ def apply_lora(model: Any, cfg: TrainConfig) -> Any:
     lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, bias="none",
                       target_modules=targets, modules_to_save=cfg.lora_modules_to_save or None)
     try:
-        peft_model = get_peft_model(model.hf_model, lora)
+        with quiet_peft():
+            peft_model = get_peft_model(model.hf_model, lora)
     except ValueError as exc:
         raise DiffusionVLError(f"cannot apply LoRA: {str(exc).splitlines()[0]}") from None
     peft_model.peft_config["default"].base_model_name_or_path = str(Path(cfg.model).resolve())
