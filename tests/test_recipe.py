@@ -66,3 +66,17 @@ def test_direct_path_budget_is_stated(tmp_path):
     paths = write_results(cfg, rows, tmp_path)
     assert json.loads(paths["json"].read_text())["facts"]["n_direct"] == 200
     assert "trained on 200 samples x 4 epochs" in paths["markdown"].read_text()
+
+
+def test_gate_only_runs_the_vision_gate_alone_and_writes_its_table(tmp_path):
+    from diffusionvl.recipes.tiny_vlm import run_recipe
+
+    cfg = TinyVLMConfig(out=str(tmp_path / "r"), gate_only=True, gate_scenes=24, image_size=64, gate_strict=False,
+                        progress=False, threads=None)
+    result = run_recipe(cfg)
+    table = (tmp_path / "r" / "gate" / "gate.md").read_text()
+    assert result["results"]["markdown"] == str(tmp_path / "r" / "gate" / "gate.md")
+    assert "binding (attention)" in table and table.count("\n|---") == 1
+    row = json.loads((tmp_path / "r" / "gate" / "gate.json").read_text())[0]
+    assert 0.0 <= row["attention"]["binding"] <= 1.0
+    assert sorted(p.name for p in (tmp_path / "r").iterdir()) == ["gate"]  # no data, no model, no training

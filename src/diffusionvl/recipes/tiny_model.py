@@ -48,6 +48,8 @@ class TinyVLMConfig:
     gate_scenes: int = option(2400, "Synthetic scenes of the vision gate (linear probes on the frozen tower's tokens, "
                               "half held out).")
     gate_strict: bool = option(True, "Stop before any LM training when the tower fails the vision gate.")
+    gate_only: bool = option(False, "Run only the vision gate (minutes: the tower and its probes) and stop before "
+                             "data generation and training.")
     block_size: int = option(8, "Diffusion block size B.")
     batch_size: int = option(16, "Training samples per optimizer step.")
     stage1_samples: int = option(0, "Samples of the projector-alignment stage (0: skip it; stage 2 trains the "

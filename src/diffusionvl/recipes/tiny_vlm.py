@@ -3,6 +3,8 @@
 Contract (`run_recipe(TinyVLMConfig)`; every stage writes into its own folder under `out` and is skipped when that
 folder is complete, so an interrupted recipe resumes where it stopped):
   data        synthetic visual QA (train/val/test splits, LLaVA JSON + eval JSONL), data.synth
+  gate        probes on the frozen tower's tokens (recipes/vision_gate.py); a failing tower stops the recipe;
+              `gate_only` runs this stage alone and returns its table (gate/gate.md) as the result
   init        SmolLM2-135M-Instruct + EfficientNet-Lite0 (frozen) + MLP projector -> an AR VLM (compose.py),
               wrapped with the mask token so every stage is a diffusionvl checkpoint
   stage1      projector alignment: AR loss, projector only
@@ -409,6 +411,9 @@ def run_recipe(cfg: TinyVLMConfig, stages: Callable[[TinyVLMConfig], dict[str, P
     cfg.validate()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    if cfg.gate_only:
+        stage_gate(cfg, Path(cfg.out))
+        return {"paths": {}, "results": {"markdown": str(Path(cfg.out) / "gate" / "gate.md")}}
     paths = stages(cfg)
     results = run_eval(cfg, paths)
     written = write_results(cfg, results["rows"], Path(cfg.out), results["description"])
