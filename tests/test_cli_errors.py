@@ -142,11 +142,29 @@ def test_cli_subprocess_has_no_traceback(tiny_dir):
     (["serve", "--model", "{tiny}", "--port", "70000"], "port must be in 0..65535"),
     (["convert", "--tiny", "no_such_arch", "{tmp}/c"], "invalid choice: 'no_such_arch'"),
     (["bench", "--shape", "tiny", "--batch", "0"], "batch"),
+    (["generate", "--model", "{tiny}", "--prompt", "x", "--image", "x" * 300 + ".png"], "image file not found"),
+    (["generate", "--model", "{tiny}", "--prompt", "x", "--device", "tpu"], "device 'tpu'"),
+    (["generate", "--model", "{tiny}", "--prompt", "x", "--device", "cuda:abc"], "unknown device 'cuda:abc'"),
+    (["generate", "--model", "{tiny}", "--prompt", "x", "--block-size", "100000", "--max-new-tokens", "4"],
+     "block size 100000 does not fit"),
+    (["convert", "--tiny", "llama", "{tmp}/big-block", "--block-size", "100000"], "exceeds the model's context"),
+    (["bench", "--shape", "tiny", "--block-size", "100000", "--decoders", "block_static", "--steps", "1"],
+     "block size 100000 does not fit"),
+    (["eval", "--model", "{tiny}", "--task", "jsonl", "--data", "{tmp}/listmetric.jsonl"], "unknown metric"),
+    (["eval", "--model", "{tiny}", "--task", "jsonl", "--data", "{tmp}/latin1.jsonl"], "not valid UTF-8"),
+    (["train", "--model", "{tiny}", "--data", "{tmp}/deep.json", "--output", "{tmp}/o5"], "nested too deeply"),
+    (["train", "--model", "{tiny}", "--data", "{tmp}/garbage.jsonl", "--output", "{tmp}/notes.txt"],
+     "{tmp}/notes.txt"),
+    (["serve", "--model", "{tiny}", "--batch-wait-ms", "inf"], "batch_wait_ms must be in 0..60000"),
 ])
 def test_more_bad_cli_input_is_one_line(tiny_dir, tmp_path, capsys, argv, needle):
     (tmp_path / "notimage.png").write_text("plain text, not a PNG")
     (tmp_path / "garbage.json").write_bytes(b"\x00\x01 not json at all \xff")
     (tmp_path / "garbage.jsonl").write_text("{not json\n[1, 2]\n")
+    (tmp_path / "listmetric.jsonl").write_text(json.dumps({"question": "q", "answers": ["a"], "metric": ["exact"]}))
+    (tmp_path / "latin1.jsonl").write_bytes('{"question": "caf\u00e9?", "answers": ["oui"]}\n'.encode("latin-1"))
+    (tmp_path / "deep.json").write_text("[" * 200000 + "]" * 200000)
+    (tmp_path / "notes.txt").write_text("my notes")
     argv = [a.replace("{tiny}", str(tiny_dir)).replace("{tmp}", str(tmp_path)) for a in argv]
     needle = needle.replace("{tmp}", str(tmp_path))
     try:
@@ -157,3 +175,4 @@ def test_more_bad_cli_input_is_one_line(tiny_dir, tmp_path, capsys, argv, needle
     err = capsys.readouterr().err.strip().splitlines()
     assert err and "error: " in err[-1] and needle in err[-1], err[-3:]
     assert not any("Traceback" in line for line in err)
+    assert (tmp_path / "notes.txt").read_text() == "my notes"

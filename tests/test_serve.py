@@ -277,6 +277,9 @@ def test_image_sources(vl_client):
         (_data_url(Image.new("1", (20000, 20000))), "decompression bomb"),  # 48 KB of PNG, 400 megapixels
         (_data_url(Image.new("1", (9000, 9000))), "megapixels, above the limit"),
         (_data_url(Image.new("1", (1, 20000))), "aspect ratio"),
+        ("red\u0000.png", "invalid image path"),  # a NUL byte: os.path raises ValueError
+        ("x" * 300 + ".png", "not found"),  # a name longer than the file system allows
+        ("a/" * 3000 + "x.png", "not found"),
     ]
     for url, needle in bad:
         r = vl_client.post("/v1/chat/completions", json=_image_body(url))
@@ -293,7 +296,9 @@ def test_server_ceilings_are_configurable(text_model):
         two["messages"][0]["content"].insert(0, {"type": "image_url", "image_url": {"url": _data_url()}})
         cases = [(two, "too many images: 2 (this server allows 1"),
                  (_image_body(_data_url(Image.new("RGB", (65, 64)))), "4160 pixels, above the limit of 4096"),
-                 (_body("word " * 60), "this server allows at most 40")]
+                 (_body("word " * 60), "this server allows at most 40"),
+                 (_body("ab " * 1_000_000), "more than 40 tokens can hold"),  # refused before any tokenizing
+                 ({"model": NAME, "messages": [{"role": "user", "content": ""}] * 41}, "too many messages: 41")]
         for body, needle in cases:
             r = c.post("/v1/chat/completions", json=body)
             assert r.status_code == 400 and needle in r.json()["error"]["message"], r.json()
@@ -374,6 +379,28 @@ def test_full_queue_answers_429_and_shutdown_503(text_model):
     with TestClient(app, raise_server_exceptions=False) as c:
         r = c.post("/v1/chat/completions", json=_body("four"))
         assert r.status_code == 503 and c.get("/health").status_code == 503
+
+
+def test_a_failing_decode_thread_answers_every_waiting_request_and_refuses_new_ones(text_model):
+    """A fault outside any batch (here: choosing the next batch) must not leave clients hanging: the waiting request
+    gets a 500 at once, /health turns 503 and new requests get 503, not a hang."""
+    app = create_app(text_model, ServeConfig(batch_wait_ms=0), model_name=NAME)
+    engine = app.state.diffusionvl.engine
+
+    def broken(*args, **kwargs):
+        deadline = time.monotonic() + 10
+        while not engine.queued and time.monotonic() < deadline:  # fail once a request waits
+            time.sleep(0.01)
+        raise OverflowError("timestamp out of range")
+
+    engine._next_batch = broken
+    with TestClient(app, raise_server_exceptions=False) as c:
+        t0 = time.monotonic()
+        r = c.post("/v1/chat/completions", json=_body("hi"))
+        assert r.status_code == 500 and "decoder stopped" in r.json()["error"]["message"]
+        assert time.monotonic() - t0 < 10
+        assert c.get("/health").status_code == 503
+        assert c.post("/v1/chat/completions", json=_body("again")).status_code == 503
 
 
 @pytest.mark.parametrize("max_active", [2, 1])

@@ -2,13 +2,17 @@
 
 Contract: each subcommand lives in its own module exposing `add_arguments(parser)` and `run(args) -> int`; modules
 are imported only when their subcommand runs, so `diffusionvl --help` is instant. A `DiffusionVLError` (bad user
-input) is printed as one `error: ...` line with exit status 2, never as a traceback.
+input) is printed as one `error: ...` line with exit status 2, never as a traceback. So are the failures that only
+the user's files and system can cause, wherever they surface (`input_error`): an OS error on a path (too long, not a
+directory, permission, disk full), a file that is not UTF-8, malformed or too deeply nested JSON, a broken chat
+template. `DIFFUSIONVL_DEBUG=1` shows the traceback instead.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from diffusionvl.core.errors import DiffusionVLError
@@ -51,6 +55,25 @@ def one_line(exc: BaseException) -> str:
     return text
 
 
+def input_error(exc: BaseException) -> str | None:
+    """One line for a failure caused by the user's files or system (module contract), else None (a bug: traceback)."""
+    import json
+
+    if isinstance(exc, OSError):
+        where = f": {str(exc.filename)[:200]}" if exc.filename is not None else ""
+        return f"{exc.strerror or exc}{where}"
+    if isinstance(exc, UnicodeError):
+        return f"a file or argument is not valid UTF-8 text ({str(exc)[:200]})"
+    if isinstance(exc, RecursionError):
+        return "input nested too deeply (a JSON value with thousands of levels of brackets?)"
+    if isinstance(exc, json.JSONDecodeError):
+        return f"malformed JSON: {exc}"
+    template_error = getattr(sys.modules.get("jinja2"), "TemplateError", None)
+    if template_error is not None and isinstance(exc, template_error):
+        return f"the model's chat template failed: {str(exc)[:200]}"
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] not in COMMANDS:
@@ -74,6 +97,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:
+        message = input_error(exc)
+        if message is None or os.environ.get("DIFFUSIONVL_DEBUG"):
+            raise
+        print(f"error: {message}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -1,6 +1,8 @@
 """Where and in what precision a model runs when the caller does not say: one rule for every loader.
 
-Contract: `default_device(None)` is CUDA when available, else the CPU; `default_dtype(None | "auto", device)` is
+Contract: `default_device(None)` is CUDA when available, else the CPU; a named device must be one this machine can
+run a model on ("cpu", "cuda", "cuda:N" with N < the CUDA device count), else a one-line `DiffusionVLError` (never
+torch's assertion from deep inside `.to(device)`); `default_dtype(None | "auto", device)` is
 bfloat16 on CUDA and float32 elsewhere; a name ("bf16", "float32", ...) maps to its torch dtype and an unknown name
 is a one-line `DiffusionVLError`.
 """
@@ -15,7 +17,19 @@ from diffusionvl.core.errors import DiffusionVLError
 def default_device(device: str | torch.device | None) -> torch.device:
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise DiffusionVLError(f"unknown device {device!r}; use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise DiffusionVLError(f"device {device!r} was asked for but no CUDA device is available; use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise DiffusionVLError(f"device {device!r} does not exist: this machine has {torch.cuda.device_count()} "
+                                   "CUDA device(s)")
+    elif dev.type != "cpu":
+        raise DiffusionVLError(f"device {device!r} is not supported; use cpu, cuda or cuda:N")
+    return dev
 
 
 def default_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:

@@ -86,6 +86,21 @@ def _decode(data: bytes, what: str, max_pixels: int = MAX_IMAGE_PIXELS) -> Any:
         return out
 
 
+def is_file(path: str | os.PathLike[str]) -> bool:
+    """`Path.is_file()` that answers False, not an exception, for a path no file can have (a NUL byte, a name longer
+    than the file system allows, a component that is not a folder)."""
+    try:
+        return Path(path).is_file()
+    except (OSError, ValueError):
+        return False
+
+
+def short(text: Any, limit: int = 200) -> str:
+    """A user-given string cut for an error message (a 6 KB path is not echoed whole)."""
+    text = str(text)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
 def load_image(source: Any, *, allow_remote: bool = False, base_dir: str | os.PathLike[str] | None = None,
                max_pixels: int = MAX_IMAGE_PIXELS) -> Any:
     """Any supported image reference -> RGB PIL image (see module docstring); `max_pixels` may lower the limit."""
@@ -117,11 +132,11 @@ def load_image(source: Any, *, allow_remote: bool = False, base_dir: str | os.Pa
             raise DiffusionVLError(f"remote image URLs are not allowed here: {text[:80]}")
         return _decode(_download(text), f"image at {text[:80]}", max_pixels)
     path = Path(base_dir, text) if base_dir is not None and not os.path.isabs(text) else Path(text)
-    if not path.is_file():
-        raise DiffusionVLError(f"image file not found: {path}")
+    if not is_file(path):
+        raise DiffusionVLError(f"image file not found: {short(path)}")
     if path.stat().st_size > MAX_IMAGE_BYTES:
-        raise DiffusionVLError(f"image file too large (> {MAX_IMAGE_BYTES >> 20} MiB): {path}")
-    return _decode(path.read_bytes(), f"image file {path}", max_pixels)
+        raise DiffusionVLError(f"image file too large (> {MAX_IMAGE_BYTES >> 20} MiB): {short(path)}")
+    return _decode(path.read_bytes(), f"image file {short(path)}", max_pixels)
 
 
 def _download(url: str) -> bytes:

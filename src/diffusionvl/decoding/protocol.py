@@ -69,7 +69,8 @@ class DecoderModel(Protocol):
     @property
     def tokenizer(self) -> Any: ...
 
-    def check_prompt_lengths(self, prompts: list[list[int]], max_new_tokens: int) -> None: ...
+    def check_prompt_lengths(self, prompts: list[list[int]], max_new_tokens: int,
+                             block_size: int | None = None) -> None: ...
 
 
 @dataclass

@@ -30,6 +30,7 @@ import torch
 
 from diffusionvl.core.atomic import write_file, write_json
 from diffusionvl.core.config import DecodeConfig, option
+from diffusionvl.core.devices import default_device
 from diffusionvl.core.errors import DiffusionVLError, check
 
 Tensor = torch.Tensor
@@ -95,9 +96,7 @@ class BenchConfig:
 
 # ---- model --------------------------------------------------------------------------------------------------------
 def _device_dtype(cfg: BenchConfig) -> tuple[torch.device, torch.dtype]:
-    dev = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise DiffusionVLError("--device cuda was given but no CUDA device is available")
+    dev = default_device(cfg.device)
     name = cfg.dtype or ("bfloat16" if dev.type == "cuda" else "float32")
     dtype = getattr(torch, name, None)
     check(isinstance(dtype, torch.dtype), f"unknown dtype {name!r}; use float32, bfloat16 or float16")
@@ -348,11 +347,12 @@ def run_bench(cfg: BenchConfig, model: Any = None, progress: bool = True) -> dic
     ctx = Ctx(model, cfg, model.device)
     result: dict[str, Any] = {"meta": _meta(ctx), "results": []}
     cells = [(b, p) for p in cfg.prompt for b in cfg.batch]
+    for p in cfg.prompt:  # every cell fits the context, or a one-line error before anything runs
+        model.check_prompt_lengths([[0] * p], cfg.new_tokens, cfg.block_size)
     bar = tqdm(total=len(cells) * len(cfg.decoders) * (cfg.repeats + 1), desc="bench", disable=not progress)
     with stop_tokens_disabled(model):
         for b, p in cells:
             ids = random_prompts(model, b, p, cfg.seed)
-            model.check_prompt_lengths(ids.tolist(), cfg.new_tokens)
 
             def tick(what: str) -> None:
                 bar.set_postfix_str(f"batch {b}, prompt {p}: {what}")

@@ -91,7 +91,9 @@ class DiffusionVLModel(nn.Module):
     def max_positions(self) -> int | None:
         return getattr(self.adapter.text_config, "max_position_embeddings", None)
 
-    def check_prompt_lengths(self, prompts: list[list[int]], max_new_tokens: int) -> None:
+    def check_prompt_lengths(self, prompts: list[list[int]], max_new_tokens: int, block_size: int | None = None) -> None:
+        """One-line errors for an empty prompt, a prompt + budget over the context, and (block decoding) a block that
+        cannot fit after the prompt (its [L, L] attention mask would be built for positions the model has not got)."""
         if any(len(p) == 0 for p in prompts):
             raise DiffusionVLError("empty prompt: give at least one token of text")
         limit = self.max_positions
@@ -99,6 +101,9 @@ class DiffusionVLModel(nn.Module):
         if limit and longest + max_new_tokens > limit:
             raise DiffusionVLError(f"prompt too long: {longest} tokens + max_new_tokens {max_new_tokens} exceeds the "
                                    f"model's context of {limit} positions; shorten the prompt or max_new_tokens")
+        if limit and block_size is not None and longest + block_size > limit:
+            raise DiffusionVLError(f"block size {block_size} does not fit after the {longest}-token prompt in the "
+                                   f"model's context of {limit} positions; use a smaller block size")
 
     # ---- training ------------------------------------------------------------------------------------------------
     def positions_for(self, input_ids: Tensor, valid: Tensor, vision: dict[str, Any] | None) -> Tensor:

@@ -16,6 +16,7 @@ import torch
 from diffusionvl.backbone.adapters import adapter_class
 from diffusionvl.backbone.tokens import end_of_turn_token, find_token_id
 from diffusionvl.core.config import DEFAULT_MASK_TOKEN, KNOWN_MASK_TOKENS, DiffusionConfig
+from diffusionvl.core.errors import DiffusionVLError
 from diffusionvl.model.modeling import DiffusionVLModel
 
 
@@ -71,4 +72,9 @@ def wrap(model: Any, processor: Any, block_size: int | None = None, mask_token: 
     if cfg.eos_token is None:
         cfg.eos_token = end_of_turn_token(tok) or tok.eos_token
     model.config.diffusionvl = cfg.to_dict()
-    return DiffusionVLModel(model, processor, cfg)
+    wrapped = DiffusionVLModel(model, processor, cfg)
+    limit = wrapped.max_positions
+    if limit and cfg.block_size > limit:
+        raise DiffusionVLError(f"block size {cfg.block_size} exceeds the model's context of {limit} positions; "
+                               "choose a block size well below it (8-32 is usual)")
+    return wrapped

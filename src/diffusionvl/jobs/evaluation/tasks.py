@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from diffusionvl.core.errors import DiffusionVLError, check
+from diffusionvl.core.media import is_file, short
 from diffusionvl.jobs.evaluation.scoring import DESCRIBE, SCORERS
 
 
@@ -115,7 +116,7 @@ def _image(obj: dict[str, Any], folder: Path, where: str) -> str | None:
         return None
     check(isinstance(image, str) and bool(image), f"{where}: 'image' must be a file path")
     path = Path(image) if os.path.isabs(image) else folder / image
-    check(path.is_file(), f"{where}: image file not found: {path}")
+    check(is_file(path), f"{where}: image file not found: {short(path)}")
     return str(path.resolve())
 
 
@@ -128,7 +129,7 @@ def sample_from(obj: dict[str, Any], index: int, folder: Path, where: str, metri
         check(isinstance(choices, list) and len(choices) >= 2 and all(isinstance(c, str) for c in choices),
               f"{where}: 'choices' must be a list of at least two strings")
     chosen = obj.get("metric") or metric or ("choice" if choices else "exact")
-    check(chosen in SCORERS, f"{where}: unknown metric {chosen!r}; choose one of {', '.join(SCORERS)}")
+    check(isinstance(chosen, str) and chosen in SCORERS, f"{where}: unknown metric {chosen!r}; choose one of {', '.join(SCORERS)}")
     return Sample(index=index, id=str(obj.get("id", index)), question=question, answers=_answers(obj, where),
                   image=_image(obj, folder, where), choices=choices, type=str(obj.get("type", "all")),
                   metric=chosen)

@@ -58,6 +58,24 @@ def default_model_name(model: Any) -> str:
     return os.path.basename(path) or "diffusionvl"
 
 
+# No tokenizer packs more characters than this into one token on average over a whole prompt; a request whose text
+# is longer than max_prompt_tokens * this cannot fit, and is refused before it costs any tokenizing.
+MAX_CHARS_PER_TOKEN = 32
+
+
+def check_prompt_size(messages: list[schema.Message], max_prompt_tokens: int | None) -> None:
+    """Cheap bounds before tokenizing (which runs where decoding runs): message count and text length."""
+    if max_prompt_tokens is None:
+        return
+    check(len(messages) <= max_prompt_tokens, f"too many messages: {len(messages)} (this server allows at most "
+                                              f"{max_prompt_tokens} prompt tokens per request)")
+    chars = sum(len(m.content) if isinstance(m.content, str) else sum(len(p.text or "") for p in m.content
+                                                                      if p.type == "text") for m in messages)
+    check(chars <= max_prompt_tokens * MAX_CHARS_PER_TOKEN,
+          f"the prompt text is {chars} characters, more than {max_prompt_tokens} tokens can hold (this server allows "
+          f"at most {max_prompt_tokens} prompt tokens per request)")
+
+
 def build_conversation(messages: list[schema.Message], policy: ImagePolicy, max_images: int,
                        has_vision: bool) -> Conversation:
     """Validated OpenAI messages -> Conversation with its images loaded (refusals raise DiffusionVLError)."""
@@ -278,6 +296,7 @@ async def _chat(state: _State, body: schema.ChatRequest) -> Any:
         raise ApiError(404, f"model {body.model!r} not found; this server serves {state.name!r}", param="model",
                        code="model_not_found")
     cfg = resolve_decode(state.decode, body, state.model.config.block_size, state.config)
+    check_prompt_size(body.messages, state.config.max_prompt_tokens)
     conversation = await run_in_threadpool(build_conversation, body.messages, state.images,
                                            state.config.max_images, state.has_vision)
     request = PendingRequest(conversation, cfg, list(body.stop or []), asyncio.get_running_loop())

@@ -191,6 +191,7 @@ class DecodeEngine:
         self._pending: deque[PendingRequest] = deque()
         self._cond = threading.Condition()
         self._thread: threading.Thread | None = None
+        self._active: deque[_Run] = deque()  # the open batches (decode thread only)
         self._closing = False
         self.running = 0  # requests in the open batches
         self.completed = 0
@@ -244,10 +245,25 @@ class DecodeEngine:
 
     # ---- decode thread ------------------------------------------------------------------------------------------
     def _loop(self) -> None:
+        """The decode thread: `_serve`, and if that ever fails outside a batch, no request is left hanging: the
+        engine closes (new requests get 503), and every waiting or running request is answered 500."""
+        try:
+            self._serve()
+        except Exception:  # noqa: BLE001 - the thread must not die silently with clients waiting
+            log.exception("decode thread failed")
+            with self._cond:
+                self._closing = True
+                left = list(self._pending) + [r for run in self._active for r in run.requests]
+                self._pending.clear()
+            for request in left:
+                if not request.finished:
+                    request.post(Failed(500, "internal error: the decoder stopped", "server_error"))
+
+    def _serve(self) -> None:
         """Round robin over at most `max_active` open batches, one block (event) each in turn: a long answer never
         holds the decoder while a new batch waits. A batch opened while another is open decodes on the plain
         forward (fast="off": same tokens), so at most one open batch uses the model's static sessions."""
-        active: deque[_Run] = deque()
+        active: deque[_Run] = self._active
         while True:
             if len(active) < self.max_active:
                 batch = self._next_batch(wait=not active)
@@ -319,7 +335,9 @@ class DecodeEngine:
                 if self.max_prompt_tokens is not None and len(ids) > self.max_prompt_tokens:
                     raise DiffusionVLError(f"the prompt is {len(ids)} tokens (text, images and chat template); this "
                                            f"server allows at most {self.max_prompt_tokens} per request")
-                self.model.check_prompt_lengths([ids], request.config.max_new_tokens)
+                cfg = request.config
+                self.model.check_prompt_lengths([ids], cfg.max_new_tokens,
+                                                 cfg.block_size if cfg.decoder == "block" else None)
                 admitted.append((request, len(ids)))
             except DiffusionVLError as exc:
                 request.post(Failed(400, str(exc)))

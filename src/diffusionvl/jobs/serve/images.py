@@ -17,7 +17,7 @@ from typing import Any
 from urllib.parse import unquote, urlparse
 
 from diffusionvl.core.errors import DiffusionVLError
-from diffusionvl.core.media import MAX_IMAGE_PIXELS, load_image
+from diffusionvl.core.media import MAX_IMAGE_PIXELS, load_image, short
 
 
 @dataclass(frozen=True)
@@ -56,7 +56,10 @@ class ImagePolicy:
         if self.local_root is None:
             raise DiffusionVLError("local image paths are refused by this server (start it with "
                                    "--allow-local-images DIR to allow files under DIR); send a data: URL")
-        real = os.path.realpath(os.path.join(self.local_root, path))  # an absolute `path` replaces the root
+        try:
+            real = os.path.realpath(os.path.join(self.local_root, path))  # an absolute `path` replaces the root
+        except (OSError, ValueError):  # a NUL byte, a name too long for the file system
+            raise DiffusionVLError(f"invalid image path: {short(path, 120)}") from None
         if os.path.commonpath([real, self.local_root]) != self.local_root:
-            raise DiffusionVLError(f"image path is outside the folder this server allows images from: {path[:120]}")
+            raise DiffusionVLError(f"image path is outside the folder this server allows images from: {short(path, 120)}")
         return load_image(real, max_pixels=self.max_pixels)

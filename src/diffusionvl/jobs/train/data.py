@@ -31,7 +31,7 @@ from typing import Any
 
 from diffusionvl.backbone.prompts import ROLE_ALIASES
 from diffusionvl.core.errors import DiffusionVLError, check
-from diffusionvl.core.media import check_image_file
+from diffusionvl.core.media import check_image_file, is_file, short
 
 IMAGE_MARKER = "<image>"
 MAX_EXAMPLES = 5
@@ -229,8 +229,8 @@ def _resolve(source: Any, base: Path) -> Any:
     if source.startswith(("http://", "https://")):
         raise SampleError("remote image", f"download it first: {source[:80]}")
     path = Path(source) if os.path.isabs(source) else base / source
-    if not path.is_file():
-        raise SampleError("missing image", str(path))
+    if not is_file(path):
+        raise SampleError("missing image", short(path))
     try:
         check_image_file(path)
     except DiffusionVLError as exc:
