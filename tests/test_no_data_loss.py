@@ -123,3 +123,17 @@ def test_ctrl_c_during_training_is_one_line_and_leaves_only_complete_checkpoints
     kept = sorted(out.glob("checkpoint-*"))
     assert kept and all((c / "trainer_state.json").is_file() for c in kept)  # every checkpoint left is complete
     assert not [p.name for p in out.iterdir() if p.name.startswith(".")]  # no temp folder of a cut save
+
+
+def test_data_refuses_a_folder_of_other_files_and_rewrites_its_own_dataset(tmp_path, capsys):
+    from diffusionvl.cli import main as cli
+
+    folder = tmp_path / "precious"
+    folder.mkdir()
+    (folder / "train.json").write_text("important")
+    args = ["--n-train", "2", "--n-val", "1", "--n-test", "1", "--no-real-images", "--no-progress", "--image-size", "64"]
+    assert cli(["data", "--out", str(folder), *args]) == 2
+    assert "--overwrite" in capsys.readouterr().err and (folder / "train.json").read_text() == "important"
+    assert cli(["data", "--out", str(folder), *args, "--overwrite"]) == 0
+    assert (folder / "train.json").read_text() != "important"
+    assert cli(["data", "--out", str(folder), *args, "--seed", "1"]) == 0  # its own dataset: rewritten, no flag

@@ -282,3 +282,24 @@ def test_a_failed_checkpoint_save_leaves_no_temp_folder_and_keeps_the_previous_c
         ["checkpoint-1"]
     assert sorted(p.name for p in first.rglob("*")) == before
     trainer.tracker.close()
+
+
+def test_a_second_run_into_a_used_output_is_refused_unless_resumed_or_overwritten(llama_run, tmp_path):
+    """A rerun used to replace final/ and summary.json and append to the log, with the first run's checkpoints left
+    next to the second's (a later --resume auto would mix them)."""
+    model, data = llama_run
+    out = tmp_path / "run"
+    train(_cfg(model, data, out, save_every=1, max_steps=1))
+    (out / "notes.txt").write_text("mine")
+    first = (out / "final" / "model.safetensors").read_bytes()
+    with pytest.raises(DiffusionVLError, match="is not empty .*--resume auto.*--overwrite true"):
+        train(_cfg(model, data, out, max_steps=2, seed=5))
+    assert (out / "final" / "model.safetensors").read_bytes() == first and (out / "checkpoint-1").is_dir()
+    train(_cfg(model, data, out, max_steps=2, seed=5, overwrite=True))
+    assert not (out / "checkpoint-1").exists() and (out / "notes.txt").read_text() == "mine"
+    assert [json.loads(line)["event"] for line in (out / "log.jsonl").read_text().splitlines()
+            if "event" in line][0] == "start"  # a fresh log, not the first run's with this one appended
+    assert (out / "final" / "model.safetensors").read_bytes() != first
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(DiffusionVLError, match="is not a folder"):
+        train(_cfg(model, data, tmp_path / "file"))

@@ -32,6 +32,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="Relative weights of the synthetic question types, e.g. 'count=2,text=1' "
                              "(types: shape, colour, count, position, relation, text, exist; default: equal).")
     parser.add_argument("--no-progress", action="store_true", help="Do not show a progress bar.")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="Write into a non-empty --out that holds no earlier dataset (same-named files replaced).")
 
 
 def parse_task_mix(text: str | None) -> dict[str, float] | None:
@@ -56,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
         args.out, n_train=args.n_train, n_val=args.n_val, n_test=args.n_test, seed=args.seed,
         image_size=args.image_size, task_mix=parse_task_mix(args.task_mix), real_images=not args.no_real_images,
         real_fraction=args.real_fraction, text_only_fraction=args.text_only_fraction,
-        multi_turn_fraction=args.multi_turn_fraction, progress=not args.no_progress,
+        multi_turn_fraction=args.multi_turn_fraction, progress=not args.no_progress, overwrite=args.overwrite,
     )
     seconds = time.perf_counter() - start
     print(format_table(summary, SPLITS))

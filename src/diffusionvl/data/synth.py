@@ -264,9 +264,14 @@ def jsonl_bytes(rows: list[dict[str, Any]]) -> bytes:
 # ---------------------------------------------------------------------------------------------- I/O
 
 
-def prepare_out_dir(out_dir: str | os.PathLike) -> Path:
+def prepare_out_dir(out_dir: str | os.PathLike, overwrite: bool = False) -> Path:
+    """The output folder: missing, empty, or an earlier dataset of ours (its summary.json names our format), which
+    is rewritten; a folder holding anything else is refused unless `overwrite` (its same-named files are replaced)."""
     out = Path(out_dir)
     check(not out.exists() or out.is_dir(), f"output path {out} exists and is not a directory; choose another --out")
+    if out.is_dir() and not overwrite and any(out.iterdir()) and not _is_dataset(out):
+        raise DiffusionVLError(f"{out} is not empty and holds no dataset written by diffusionvl data (no summary.json "
+                               "of ours): choose an empty folder, or pass --overwrite to write into it anyway")
     try:
         (out / IMAGE_DIR).mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -274,17 +279,24 @@ def prepare_out_dir(out_dir: str | os.PathLike) -> Path:
     return out
 
 
+def _is_dataset(out: Path) -> bool:
+    try:
+        return "format_version" in json.loads((out / "summary.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError, TypeError):
+        return False
+
+
 def generate_dataset(out_dir: str | os.PathLike, n_train: int = 1000, n_val: int = 100, n_test: int = 200,
                      seed: int = 0, image_size: int = 224, task_mix: Mapping[str, float] | None = None,
                      real_images: bool = True, real_fraction: float = 0.05, text_only_fraction: float = 0.0,
                      multi_turn_fraction: float = 0.25, progress: bool = True,
-                     questions_per_image: int = 2) -> dict[str, Any]:
+                     questions_per_image: int = 2, overwrite: bool = False) -> dict[str, Any]:
     """Generate the dataset into `out_dir` (see the module contract) and return its summary."""
     counts = {"train": n_train, "val": n_val, "test": n_test}
     check_counts(counts)
     plan = make_plan(seed, image_size, task_mix, real_fraction, text_only_fraction, multi_turn_fraction,
                      questions_per_image)
-    out = prepare_out_dir(out_dir)
+    out = prepare_out_dir(out_dir, overwrite)
     names, missing = available_real_images() if real_images and plan.real_fraction > 0 else ([], [])
     pools = partition_real(names, counts, seed)
     samples = _write_samples(out, plan, counts, pools, progress)

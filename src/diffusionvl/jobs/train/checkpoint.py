@@ -81,6 +81,21 @@ def export(model: Any, path: Path, state_dict: dict[str, torch.Tensor] | None, p
     return save_atomic(model, path, state_dict=backbone_state(state_dict) if state_dict is not None else None)
 
 
+RUN_FILES = ("final", "final-adapter", "log.jsonl", "summary.json")  # what a run writes besides its checkpoints
+
+
+def check_output(output: str | os.PathLike[str], resume: str | None, overwrite: bool) -> list[Path]:
+    """A new run goes into a missing or empty folder; a non-empty one needs `resume` (continue it) or `overwrite`
+    (start over). Returns what an overwrite must remove first: the earlier run's own files, nothing else."""
+    root = Path(output)
+    check(not root.exists() or root.is_dir(), f"--output {root} exists and is not a folder; choose a folder")
+    if resume is not None or not root.is_dir() or not any(root.iterdir()):
+        return []
+    check(overwrite, f"--output {root} is not empty (an earlier run?): pass --resume auto to continue it, "
+                     "--overwrite true to start over in it, or choose another folder")
+    return [path for _, path in checkpoints(root)] + [root / name for name in RUN_FILES if (root / name).exists()]
+
+
 def prune(output: str | os.PathLike[str], keep: int) -> list[Path]:
     """Delete all but the newest `keep` checkpoints (keep = 0: delete none)."""
     found = checkpoints(output)

@@ -35,6 +35,9 @@ class TrainConfig:
                               "a fraction if < 1, else a number of samples (0 = no eval).")
     resume: str | None = option(None, "Continue from a checkpoint folder, or 'auto' = the latest checkpoint in "
                                 "--output (starts fresh when there is none).")
+    overwrite: bool = option(False, "Start a new run in a non-empty --output: the earlier run's checkpoints, final "
+                             "model, log and summary are removed first (other files are kept). Without it (or "
+                             "--resume), a non-empty --output is refused.")
     objective: Literal["bd3", "ar"] = option(
         "bd3", "Training objective: 'bd3' = block diffusion (the translation); 'ar' = next-token cross entropy of the "
         "same backbone (AR instruction tuning, e.g. before translating a freshly composed VLM).")

@@ -186,11 +186,15 @@ class Trainer:
 
         self.cfg = cfg.validate()
         self.output = Path(cfg.output)
+        earlier_run = ckpt.check_output(self.output, cfg.resume, cfg.overwrite)  # every rank, before any writes
         has_vision = _model_has_vision(cfg.model)
         find_unused = has_vision and not cfg.lora and not {"vision", "projector"} <= set(cfg.freeze)
         self.accelerator = make_accelerator(cfg, find_unused)
         if self.accelerator.is_main_process:
+            for path in earlier_run:  # --overwrite: the earlier run's own files only
+                shutil.rmtree(path) if path.is_dir() else path.unlink()
             self.output.mkdir(parents=True, exist_ok=True)
+        self.accelerator.wait_for_everyone()
         set_seed(cfg.seed)
         self._load_model()
         self._build_data()
