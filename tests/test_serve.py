@@ -583,3 +583,42 @@ def test_soak_mixed_good_and_bad_requests_stays_bounded(vl_client):
     assert time.perf_counter() - t0 < 120
     gc.collect()
     assert _rss_mb() - start < 300
+
+
+def test_a_non_streaming_client_that_disconnects_stops_costing_decode_time(text_model):
+    """Its request is dropped from the running batch (it used to be decoded to the end for nobody)."""
+    uvicorn = pytest.importorskip("uvicorn")
+    port = _free_port()
+    app = create_app(text_model, ServeConfig(port=port, batch_wait_ms=0), model_name=NAME)
+    engine = app.state.diffusionvl.engine
+    real = engine._events
+
+    def slow(*args, **kwargs):  # 0.05 s per block: 1000 tokens at block size 4 would take 12 s
+        for event in real(*args, **kwargs):
+            time.sleep(0.05)
+            yield event
+
+    engine._events = slow
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 30
+        while not server.started:
+            assert time.monotonic() < deadline and thread.is_alive(), "uvicorn did not start"
+            time.sleep(0.02)
+        body = json.dumps({**_body("hi", max_tokens=1000), "temperature": 1.0, "seed": 1}).encode()
+        with socket.create_connection(("127.0.0.1", port)) as sock:
+            sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+            deadline = time.monotonic() + 10
+            while engine.running == 0 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert engine.running == 1
+        t0 = time.monotonic()
+        while engine.running and time.monotonic() - t0 < 10:
+            time.sleep(0.02)
+        assert engine.running == 0 and time.monotonic() - t0 < 3
+    finally:
+        server.should_exit = True
+        thread.join(15)

@@ -22,6 +22,8 @@ import uuid
 from contextlib import asynccontextmanager
 from typing import Any, AsyncIterator
 
+from starlette.requests import Request
+
 from diffusionvl.backbone.prompts import Conversation, to_conversation
 from diffusionvl.core.config import DecodeConfig
 from diffusionvl.core.errors import DiffusionVLError, check
@@ -279,8 +281,8 @@ def _install_routes(app: Any, state: _State) -> None:
         return _model_card(state)
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(body: schema.ChatRequest) -> Any:
-        return await _chat(state, body)
+    async def chat_completions(body: schema.ChatRequest, http: Request) -> Any:
+        return await _chat(state, body, http)
 
 
 def _model_card(state: _State) -> dict[str, Any]:
@@ -289,7 +291,7 @@ def _model_card(state: _State) -> dict[str, Any]:
                             "max_positions": state.model.max_positions}}
 
 
-async def _chat(state: _State, body: schema.ChatRequest) -> Any:
+async def _chat(state: _State, body: schema.ChatRequest, http: Any = None) -> Any:
     from starlette.concurrency import run_in_threadpool
 
     if body.model != state.name:
@@ -319,21 +321,49 @@ async def _chat(state: _State, body: schema.ChatRequest) -> Any:
             stream = _stream(state, request, rid, created, include_usage)
             return StreamingResponse(stream, media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        return await _collect(state, request, rid, created)
+        return await _collect(state, request, rid, created, http)
     except BaseException:
         state.engine.cancel(request)
         raise
 
 
-async def _collect(state: _State, request: PendingRequest, rid: str, created: int) -> dict[str, Any]:
-    while True:
-        message = await request.outbox.get()
-        if isinstance(message, Failed):
-            raise ApiError(message.status, message.message, message.kind)
-        if isinstance(message, Finished):
-            usage = schema.usage_body(message.prompt_tokens, message.completion_tokens)
-            return schema.completion_body(rid, created, state.name, message.text, message.finish_reason, usage,
-                                          message.stats)
+async def _client_gone(http: Any) -> None:
+    """Returns when the client of a non-streaming request disconnects (its body is read: what comes next is that)."""
+    while (await http.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _collect(state: _State, request: PendingRequest, rid: str, created: int, http: Any = None) -> Any:
+    """The whole answer of a non-streaming request; a client that disconnects first has its request dropped (the
+    decoder stops spending blocks on it), as a streaming client's is."""
+    gone = asyncio.ensure_future(_client_gone(http)) if http is not None else None
+    try:
+        while True:
+            message = await _next_message(request, gone)
+            if message is None:
+                state.engine.cancel(request)
+                return None  # nobody is there to read an answer
+            if isinstance(message, Failed):
+                raise ApiError(message.status, message.message, message.kind)
+            if isinstance(message, Finished):
+                usage = schema.usage_body(message.prompt_tokens, message.completion_tokens)
+                return schema.completion_body(rid, created, state.name, message.text, message.finish_reason, usage,
+                                              message.stats)
+    finally:
+        if gone is not None:
+            gone.cancel()
+
+
+async def _next_message(request: PendingRequest, gone: Any) -> Any:
+    """The request's next engine message, or None if the client disconnected first."""
+    if gone is None:
+        return await request.outbox.get()
+    getter = asyncio.ensure_future(request.outbox.get())
+    done, _ = await asyncio.wait({getter, gone}, return_when=asyncio.FIRST_COMPLETED)
+    if getter in done:
+        return getter.result()
+    getter.cancel()
+    return None
 
 
 async def _stream(state: _State, request: PendingRequest, rid: str, created: int,
