@@ -156,6 +156,15 @@ def test_cli_subprocess_has_no_traceback(tiny_dir):
     (["train", "--model", "{tiny}", "--data", "{tmp}/garbage.jsonl", "--output", "{tmp}/notes.txt"],
      "{tmp}/notes.txt"),
     (["serve", "--model", "{tiny}", "--batch-wait-ms", "inf"], "batch_wait_ms must be in 0..60000"),
+    (["train", "--model", "{tiny}", "--data", "{tmp}/garbage.jsonl", "--output", "{tmp}/o6", "--seed", "-1"],
+     "seed must be in"),
+    (["convert", "--tiny", "llama", "{tmp}/c2", "--seed", str(10 ** 23)], "--seed must be in"),
+    (["bench", "--shape", "tiny", "--seed", str(10 ** 23)], "seed must be in"),
+    (["bench", "--shape", "tiny", "--threads", "-3"], "threads must be >= 1"),
+    (["recipe", "tiny-vlm", "--threads", "-1", "--out", "{tmp}/r"], "threads must be >= 1"),
+    (["generate", "--model", "{tiny}", "--prompt", "x", "--temperature", "inf"], "temperature must be finite"),
+    (["train", "--config", "{tmp}/badtypes.yaml"], "lr must be a number, got 'fast'"),
+    (["train", "--config", "{tmp}/freeze.yaml"], "freeze must be a list of"),
 ])
 def test_more_bad_cli_input_is_one_line(tiny_dir, tmp_path, capsys, argv, needle):
     (tmp_path / "notimage.png").write_text("plain text, not a PNG")
@@ -165,6 +174,8 @@ def test_more_bad_cli_input_is_one_line(tiny_dir, tmp_path, capsys, argv, needle
     (tmp_path / "latin1.jsonl").write_bytes('{"question": "caf\u00e9?", "answers": ["oui"]}\n'.encode("latin-1"))
     (tmp_path / "deep.json").write_text("[" * 200000 + "]" * 200000)
     (tmp_path / "notes.txt").write_text("my notes")
+    (tmp_path / "badtypes.yaml").write_text("lr: fast\n")
+    (tmp_path / "freeze.yaml").write_text("freeze: vision\n")
     argv = [a.replace("{tiny}", str(tiny_dir)).replace("{tmp}", str(tmp_path)) for a in argv]
     needle = needle.replace("{tmp}", str(tmp_path))
     try:
@@ -176,3 +187,13 @@ def test_more_bad_cli_input_is_one_line(tiny_dir, tmp_path, capsys, argv, needle
     assert err and "error: " in err[-1] and needle in err[-1], err[-3:]
     assert not any("Traceback" in line for line in err)
     assert (tmp_path / "notes.txt").read_text() == "my notes"
+
+
+def test_a_vanishing_temperature_is_greedy_and_a_broken_settings_entry_is_one_line():
+    from diffusionvl.core.config import DecodeConfig, DiffusionConfig
+
+    assert DecodeConfig(temperature=1e-320).validate().temperature == 0.0  # logits / 1e-320 would be inf
+    dm = tiny_diffusion("llama")
+    assert dm.generate("hi", max_new_tokens=4, temperature=1e-320).texts == dm.generate("hi", max_new_tokens=4).texts
+    with pytest.raises(DiffusionVLError, match="must be a mapping"):
+        DiffusionConfig.from_dict("oops")

@@ -44,6 +44,8 @@ def run(args: argparse.Namespace) -> int:
         from diffusionvl.backbone.tiny import make_tiny
 
         check_target(args.dst, MODEL_MARKER, args.overwrite)
+        if not 0 <= args.seed < 2 ** 63:
+            raise DiffusionVLError(f"--seed must be in 0..{2 ** 63 - 1}, got {args.seed}")
         hf_model, processor = make_tiny(args.tiny, seed=args.seed)
         model = wrap(hf_model, processor, block_size=args.block_size, mask_token=args.mask_token,
                      prediction=args.prediction, eos_token=args.eos_token)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import typing
 from dataclasses import dataclass, field
@@ -67,11 +68,14 @@ class DiffusionConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "DiffusionConfig":
+        check(isinstance(data, dict), f"the model's diffusion settings (config.json 'diffusionvl') must be a mapping, "
+                                      f"got {str(data)[:80]!r}; convert the model again")
         known = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in known}).validate()
 
 
 SEED_MIN, SEED_MAX = -(2 ** 63), 2 ** 64 - 1  # the range torch.Generator.manual_seed accepts
+MIN_TEMPERATURE = 1e-5  # below this a temperature is greedy (as vLLM treats it)
 
 
 @dataclass
@@ -90,7 +94,7 @@ class DecodeConfig:
         "'threshold' = all with confidence >= threshold, at least k."
     )
     threshold: float = option(0.9, "Confidence threshold of the 'threshold' policy, in (0, 1].")
-    temperature: float = option(0.0, "Sampling temperature; 0 = greedy.")
+    temperature: float = option(0.0, "Sampling temperature; 0 (or below 1e-5) = greedy.")
     top_k: int = option(0, "Keep only the k most likely tokens before sampling (0 = off).")
     top_p: float = option(1.0, "Nucleus sampling: keep the smallest set with this much probability (1 = off).")
     seed: int | None = option(None, "Random seed for sampling (None = nondeterministic).")
@@ -133,6 +137,9 @@ class DecodeConfig:
               f"threshold must be in (0, 1], got {self.threshold!r}")
         check(isinstance(self.temperature, (int, float)) and self.temperature >= 0.0,
               f"temperature must be >= 0, got {self.temperature!r}")
+        check(math.isfinite(self.temperature), f"temperature must be finite, got {self.temperature!r}")
+        if self.temperature < MIN_TEMPERATURE:  # logits / 1e-320 overflow to inf: such a temperature is greedy
+            self.temperature = 0.0
         check(isinstance(self.top_k, int) and self.top_k >= 0, f"top_k must be an integer >= 0, got {self.top_k!r}")
         check(isinstance(self.top_p, (int, float)) and 0.0 < self.top_p <= 1.0,
               f"top_p must be in (0, 1], got {self.top_p!r}")
@@ -214,4 +221,41 @@ def load_config_file(path: str | os.PathLike[str], cls: type) -> Any:
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - known)
     check(not unknown, f"unknown field(s) in {path}: {', '.join(unknown)} (known: {', '.join(sorted(known))})")
+    hints = typing.get_type_hints(cls)
+    for name, value in data.items():
+        check(_matches(value, hints.get(name, Any)),
+              f"{path}: {name} must be {_type_name(hints.get(name, Any))}, got {value!r}"[:300])
     return cls(**data)
+
+
+def _matches(value: Any, tp: Any) -> bool:
+    """Does a value read from YAML/JSON have the field's type? (bool is not a number; an int is a float.)"""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if tp is Any:
+        return True
+    if origin is typing.Union or (origin is not None and type(None) in args):
+        return any(_matches(value, a) for a in args)
+    if tp is type(None):
+        return value is None
+    if origin is Literal:
+        return value in args
+    if origin in (list, tuple):
+        return isinstance(value, list) and all(_matches(v, args[0]) for v in value) if args else isinstance(value, list)
+    if origin is dict:
+        return isinstance(value, dict)
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, tp) if isinstance(tp, type) else True
+
+
+def _type_name(tp: Any) -> str:
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    if typing.get_origin(tp) is Literal:
+        return "one of " + ", ".join(map(repr, typing.get_args(tp)))
+    if typing.get_origin(tp) in (list, tuple):
+        return f"a list of {_type_name(args[0]) if args else 'values'}"
+    if len(args) == 1:
+        return _type_name(args[0]) + " (or null)"
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(tp, str(tp))

@@ -89,6 +89,8 @@ class BenchConfig:
         check(self.new_tokens >= 1 and self.repeats >= 1 and self.warmup >= 0,
               "new_tokens and repeats must be >= 1, warmup >= 0")
         check(1 <= self.steps <= self.block_size, "steps must be in 1..block_size")
+        check(self.threads is None or self.threads >= 1, f"threads must be >= 1, got {self.threads}")
+        check(0 <= self.seed < 2 ** 32, f"seed must be in 0..{2 ** 32 - 1}, got {self.seed}")
         check(self.fast in ("auto", "on", "off", "compile"),
               f"fast must be auto, on, off or compile, got {self.fast!r}")
         return self

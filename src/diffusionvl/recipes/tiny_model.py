@@ -85,6 +85,7 @@ class TinyVLMConfig:
         for name in ("n_train", "n_test", "batch_size", "block_size", "pool", "lora_r", "questions_per_image"):
             check(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
         check(self.stage1_samples >= 0, f"stage1_samples must be >= 0, got {self.stage1_samples}")
+        check(self.threads is None or self.threads >= 1, f"threads must be >= 1, got {self.threads}")
         check(all(0.0 < t <= 1.0 for t in self.thresholds), "thresholds must be in (0, 1]")
         return self
 

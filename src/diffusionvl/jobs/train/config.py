@@ -114,6 +114,7 @@ class TrainConfig:
             check(bool(getattr(self, name)), f"missing --{name}: give the {name} to train "
                   f"({TrainConfig.__dataclass_fields__[name].metadata['help']})")
         check(self.lr > 0, f"lr must be > 0, got {self.lr}")
+        check(0 <= self.seed < 2 ** 32, f"seed must be in 0..{2 ** 32 - 1} (numpy's range), got {self.seed}")
         for part in PARTS:
             check(self.part_lr(part) >= 0, f"lr_{part} must be >= 0, got {self.part_lr(part)}")
         bad = sorted(set(self.freeze) - set(PARTS))
