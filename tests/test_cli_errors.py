@@ -165,8 +165,15 @@ def test_cli_subprocess_has_no_traceback(tiny_dir):
     (["generate", "--model", "{tiny}", "--prompt", "x", "--temperature", "inf"], "temperature must be finite"),
     (["train", "--config", "{tmp}/badtypes.yaml"], "lr must be a number, got 'fast'"),
     (["train", "--config", "{tmp}/freeze.yaml"], "freeze must be a list of"),
+    (["convert", "--tiny", "llama", "{tmp}/m1", "--mask-token", "hello"], "spelled like a special token"),
+    (["convert", "--tiny", "llama", "{tmp}/m2", "--mask-token", ""], "non-empty string without spaces"),
+    (["convert", "--tiny", "llama", "{tmp}/m3", "--mask-token", "<|im_end|>"], "already has a job"),
+    (["generate", "--model", "{tmpname}/final", "--prompt", "x"], "model folder not found"),  # not a hub id
+    (["recipe", "tiny-vlm", "--out", "{tmp}/r1", "--vision-pooling", "bogus"], "unknown pooling 'bogus'"),
+    (["recipe", "tiny-vlm", "--out", "{tmp}/r2", "--vision-stages", "99"], "out of range"),
+    (["recipe", "tiny-vlm", "--out", "{tmp}/r3", "--block-size", "100000"], "longer than the recipe's"),
 ])
-def test_more_bad_cli_input_is_one_line(tiny_dir, tmp_path, capsys, argv, needle):
+def test_more_bad_cli_input_is_one_line(tiny_dir, tmp_path, capsys, monkeypatch, argv, needle):
     (tmp_path / "notimage.png").write_text("plain text, not a PNG")
     (tmp_path / "garbage.json").write_bytes(b"\x00\x01 not json at all \xff")
     (tmp_path / "garbage.jsonl").write_text("{not json\n[1, 2]\n")
@@ -176,7 +183,9 @@ def test_more_bad_cli_input_is_one_line(tiny_dir, tmp_path, capsys, argv, needle
     (tmp_path / "notes.txt").write_text("my notes")
     (tmp_path / "badtypes.yaml").write_text("lr: fast\n")
     (tmp_path / "freeze.yaml").write_text("freeze: vision\n")
-    argv = [a.replace("{tiny}", str(tiny_dir)).replace("{tmp}", str(tmp_path)) for a in argv]
+    monkeypatch.chdir(tmp_path.parent)  # "{tmpname}/final": a relative path whose first folder exists here
+    argv = [a.replace("{tiny}", str(tiny_dir)).replace("{tmpname}", tmp_path.name).replace("{tmp}", str(tmp_path))
+            for a in argv]
     needle = needle.replace("{tmp}", str(tmp_path))
     try:
         code = main(argv)
@@ -197,3 +206,19 @@ def test_a_vanishing_temperature_is_greedy_and_a_broken_settings_entry_is_one_li
     assert dm.generate("hi", max_new_tokens=4, temperature=1e-320).texts == dm.generate("hi", max_new_tokens=4).texts
     with pytest.raises(DiffusionVLError, match="must be a mapping"):
         DiffusionConfig.from_dict("oops")
+
+
+def test_chat_survives_bad_commands_and_keeps_answering(tiny_dir, tmp_path, capsys, monkeypatch):
+    """/image on a text-only model, a missing image, an over-long path: one error line each, and the next turn is
+    answered (an image left pending used to make every later turn fail)."""
+    import io
+
+    lines = ["/image " + str(tmp_path / "none.png"), "hello", "/image " + "x" * 300 + ".png", "/reset", "again",
+             "/exit", "never read"]
+    monkeypatch.setattr(sys, "stdin", io.StringIO("\n".join(lines) + "\n"))
+    assert main(["chat", "--model", str(tiny_dir), "--max-new-tokens", "4"]) == 0
+    captured = capsys.readouterr()
+    errors = [line for line in captured.err.splitlines() if line.startswith("error: ")]
+    assert errors == ["error: this model takes no images (text-only model)"] * 2
+    assert captured.err.count("tokens/forward") == 2  # both text turns answered, with their stats line
+    assert "Traceback" not in captured.err

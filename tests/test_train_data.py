@@ -274,3 +274,13 @@ def test_training_on_only_bad_images_is_one_line_naming_the_sample(tmp_path, cap
                  "--max-steps", "1", "--batch-size", "1", "--progress", "false"]) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("error: no usable training samples") and "(id s-cut)" in err
+
+
+def test_a_byte_order_mark_is_not_data(tmp_path):
+    """Windows editors save UTF-8 with a BOM: the JSON list and every JSONL line still read (it was 'bad JSON')."""
+    sample = {"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]}
+    (tmp_path / "d.json").write_text(json.dumps([sample, sample]), encoding="utf-8-sig")
+    (tmp_path / "d.jsonl").write_text(json.dumps(sample) + "\n" + json.dumps(sample) + "\n", encoding="utf-8-sig")
+    for name in ("d.json", "d.jsonl"):
+        records, report = read_records(tmp_path / name, has_vision=False)
+        assert len(records) == 2 and report.kept == 2, report.summary()

@@ -64,6 +64,9 @@ def run(args: argparse.Namespace) -> int:
         if line.startswith("/image"):
             from diffusionvl.core.media import load_image
 
+            if not model.adapter.has_vision:
+                print("error: this model takes no images (text-only model)", file=sys.stderr)
+                continue
             try:
                 pending.append(load_image(line[len("/image"):].strip()))
             except DiffusionVLError as exc:
@@ -73,8 +76,9 @@ def run(args: argparse.Namespace) -> int:
         turn = {"role": "user", "content": content}
         try:
             text, stats = _answer(model, history + [turn], images + pending, cfg)
-        except DiffusionVLError as exc:
-            print(f"error: {exc}", file=sys.stderr)
+        except DiffusionVLError as exc:  # the turn is not kept; nor are its images, which may be the cause
+            print(f"error: {exc}" + ("; the attached image(s) were dropped" if pending else ""), file=sys.stderr)
+            pending = []
             continue
         history += [turn, {"role": "assistant", "content": text}]
         images, pending = images + pending, []

@@ -41,6 +41,9 @@ def check_source(src: str | os.PathLike[str]) -> None:
         return
     if os.path.exists(text) or text.startswith((".", "/", "~")) or text.count("/") != 1:
         raise DiffusionVLError(f"model not found: {text} (give a checkpoint folder or a hub id like org/name)")
+    if os.path.isdir(text.split("/")[0]):  # "runs/final" when runs/ is here: a mistyped folder, not a hub id
+        raise DiffusionVLError(f"model folder not found: {text} ({text.split('/')[0]}/ exists here but holds no "
+                               f"{text.split('/')[1]!r}); a hub id would be org/name with no such local folder")
 
 
 WEIGHT_ERRORS = ("SafetensorError", "HeaderTooLarge", "UnpicklingError")  # what a cut weights file raises

@@ -16,12 +16,32 @@ import torch
 from diffusionvl.backbone.adapters import adapter_class
 from diffusionvl.backbone.tokens import end_of_turn_token, find_token_id
 from diffusionvl.core.config import DEFAULT_MASK_TOKEN, KNOWN_MASK_TOKENS, DiffusionConfig
-from diffusionvl.core.errors import DiffusionVLError
+from diffusionvl.core.errors import DiffusionVLError, check
 from diffusionvl.model.modeling import DiffusionVLModel
 
 
 def _tokenizer(processor: Any) -> Any:
     return getattr(processor, "tokenizer", processor)
+
+
+def check_mask_name(tok: Any, name: str) -> None:
+    """A mask token the user names must never capture ordinary text: an existing special/added token, or a new
+    string spelled like one (<...> or [...], no spaces). "hello" as the mask would turn every "hello" in a prompt
+    into a mask."""
+    check(isinstance(name, str) and bool(name) and not any(c.isspace() for c in name),
+          f"the mask token must be a non-empty string without spaces, got {name!r}")
+    taken = {getattr(tok, attr, None) for attr in ("eos_token", "bos_token", "pad_token", "unk_token")}
+    check(name not in taken | {end_of_turn_token(tok)},
+          f"{name!r} already has a job in this tokenizer (end of text, padding, ...); choose a token of its own "
+          f"such as {DEFAULT_MASK_TOKEN}")
+    if name in tok.get_vocab():
+        special = name in getattr(tok, "added_tokens_encoder", {}) or name in tok.all_special_tokens
+        check(special, f"{name!r} is an ordinary token of this tokenizer: as the mask token every {name!r} in a "
+                       f"prompt would become a mask; choose a special token such as {DEFAULT_MASK_TOKEN}")
+    else:
+        check(name[0] + name[-1] in ("<>", "[]") and len(name) > 2,
+              f"a new mask token must be spelled like a special token (<...> or [...]), got {name!r}: a plain "
+              "string would be cut out of every prompt that contains it")
 
 
 def ensure_mask_token(model: Any, processor: Any, name: str | None = None) -> tuple[str, int]:
@@ -66,6 +86,8 @@ def wrap(model: Any, processor: Any, block_size: int | None = None, mask_token: 
     overrides = {k: v for k, v in dict(block_size=block_size, prediction=prediction, eos_token=eos_token).items()
                  if v is not None}
     cfg = DiffusionConfig(**{**cfg.to_dict(), **overrides}).validate()
+    if mask_token is not None:
+        check_mask_name(_tokenizer(processor), mask_token)
     name, _ = ensure_mask_token(model, processor, mask_token or (cfg.mask_token if recorded else None))
     cfg.mask_token = name
     tok = _tokenizer(processor)

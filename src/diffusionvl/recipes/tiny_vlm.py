@@ -28,6 +28,9 @@ from diffusionvl.core.atomic import write_file, write_json, write_text
 from diffusionvl.recipes.tiny_model import TinyVLMConfig, build_init, tower_candidate
 
 
+MAX_LENGTH = 320  # tokens per training sample (about 215 with 8 turns)
+
+
 def _say(msg: str) -> None:
     print(f"[tiny-vlm {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
@@ -92,7 +95,7 @@ def _train(cfg: TinyVLMConfig, name: str, out: Path, model: Path, data: Path, va
     tc = TrainConfig(model=str(model), data=str(data), output=str(out / name), eval_data=str(val), seed=cfg.seed,
                      image_folder=str(out / "data"), token_cache=str(out / "tower_tokens.pt"),
                      batch_size=cfg.batch_size, num_workers=0, save_every=50, keep_checkpoints=1, log_every=10,
-                     progress=cfg.progress, tensorboard=False, resume="auto", max_length=320, warmup_ratio=0.05,
+                     progress=cfg.progress, tensorboard=False, resume="auto", max_length=MAX_LENGTH, warmup_ratio=0.05,
                      **kw)
     summary = train(tc)
     _say(f"stage {name} done: {json.dumps({k: summary.get(k) for k in ('steps', 'eval_loss', 'tokens_per_s')})}")
@@ -405,10 +408,24 @@ def write_results(cfg: TinyVLMConfig, rows: list[dict[str, Any]], out: Path,
     return paths
 
 
+def check_early(cfg: TinyVLMConfig) -> None:
+    """Options that would only fail after minutes of data generation and probing fail now, in one line: the tower
+    spec (stages, pooling) is built, the task mix normalized, the block size checked against the sample length."""
+    from diffusionvl.core.errors import check
+    from diffusionvl.data.synth import normalize_task_mix
+    from diffusionvl.recipes.vision_gate import candidate_tower
+
+    check(cfg.block_size <= MAX_LENGTH, f"block_size {cfg.block_size} is longer than the recipe's training samples "
+                                        f"({MAX_LENGTH} tokens at most); 8 is the recipe's choice")
+    normalize_task_mix(cfg.task_mix)
+    candidate_tower(tower_candidate(cfg))
+
+
 def run_recipe(cfg: TinyVLMConfig, stages: Callable[[TinyVLMConfig], dict[str, Path]] = run_stages) -> dict[str, Any]:
     import torch
 
     cfg.validate()
+    check_early(cfg)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     if cfg.gate_only:

@@ -85,7 +85,7 @@ def read_jsonl(path: str | os.PathLike[str]) -> list[tuple[int, dict[str, Any]]]
     """(line number, object) for every non-empty line; a bad line is a one-line error naming it."""
     check(os.path.isfile(path), f"data file not found: {path}")
     rows = []
-    with open(path, encoding="utf-8") as fh:
+    with open(path, encoding="utf-8-sig") as fh:  # a BOM (Windows editors) is not data
         for number, line in enumerate(fh, 1):
             if not line.strip():
                 continue

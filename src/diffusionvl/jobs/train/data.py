@@ -84,7 +84,7 @@ class DataReport:
 def _load_items(path: Path, report: DataReport) -> list[tuple[str, Any]]:
     """(where, parsed item) for every sample of a JSON list / single object / JSONL file."""
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # a BOM (Windows editors) is not data
     except (OSError, UnicodeDecodeError) as exc:
         raise DiffusionVLError(f"cannot read data file {path}: {exc}") from None
     try:
