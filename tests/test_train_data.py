@@ -284,3 +284,24 @@ def test_a_byte_order_mark_is_not_data(tmp_path):
     for name in ("d.json", "d.jsonl"):
         records, report = read_records(tmp_path / name, has_vision=False)
         assert len(records) == 2 and report.kept == 2, report.summary()
+
+
+def test_an_answer_without_a_question_and_a_broken_data_url_are_skipped_up_front(tmp_path):
+    """Both used to pass the data check ('2 of 2 usable') and fail at the first training step."""
+    import base64
+    import io
+
+    buf = io.BytesIO()
+    red_square().save(buf, format="PNG")
+    good_url = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+    turns = [{"from": "human", "value": "<image>\nq"}, {"from": "gpt", "value": "a"}]
+    items = [{"id": "ok", "image": good_url, "conversations": turns},
+             {"id": "answer-only", "conversations": [{"from": "gpt", "value": "a"}]},
+             {"id": "bad-b64", "image": "data:image/png;base64,@@@@", "conversations": turns},
+             {"id": "not-image", "image": "data:image/png;base64," + base64.b64encode(b"text").decode(),
+              "conversations": turns}]
+    (tmp_path / "d.json").write_text(json.dumps(items))
+    records, report = read_records(tmp_path / "d.json")
+    assert [r.where.split("(id ")[1].rstrip(")") for r in records] == ["ok"]
+    summary = report.summary()
+    assert "no user turn: 1" in summary and "bad image: 2" in summary, summary

@@ -54,6 +54,15 @@ def check_image_file(path: str | os.PathLike[str], max_pixels: int = MAX_IMAGE_P
         img.verify()
 
 
+def check_image_bytes(data: bytes, what: str, max_pixels: int = MAX_IMAGE_PIXELS) -> None:
+    """`check_image_file` for an image held in memory (a data URL's payload)."""
+    from PIL import Image
+
+    with _image_errors(what), Image.open(io.BytesIO(data)) as img:
+        check_image_header(*img.size, what, max_pixels)
+        img.verify()
+
+
 @contextlib.contextmanager
 def _image_errors(what: str) -> Iterator[None]:
     """PIL's many failure types -> one-line `DiffusionVLError`s naming `what`."""

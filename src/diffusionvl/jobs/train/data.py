@@ -21,6 +21,8 @@ Contract:
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 import os
 import random
@@ -31,7 +33,7 @@ from typing import Any
 
 from diffusionvl.backbone.prompts import ROLE_ALIASES
 from diffusionvl.core.errors import DiffusionVLError, check
-from diffusionvl.core.media import check_image_file, is_file, short
+from diffusionvl.core.media import check_image_bytes, check_image_file, is_file, short
 
 IMAGE_MARKER = "<image>"
 MAX_EXAMPLES = 5
@@ -185,6 +187,8 @@ def _messages(item: dict[str, Any]) -> list[dict[str, Any]]:
         messages.append({"role": role, "content": _content_parts(content)})
     if not any(m["role"] == "assistant" for m in messages):
         raise SampleError("no assistant turn", "nothing to learn from")
+    if messages[0]["role"] == "assistant" and not any(m["role"] == "user" for m in messages):
+        raise SampleError("no user turn", "an answer to nothing (chat templates need a user turn)")
     if any(p["type"] == "image" for m in messages if m["role"] == "assistant" for p in m["content"]):
         raise SampleError("bad message", "image in an assistant turn")
     return messages
@@ -225,6 +229,13 @@ def _resolve(source: Any, base: Path) -> Any:
     if not isinstance(source, str) or not source:
         raise SampleError("bad image", f"unsupported image reference {str(source)[:60]!r}")
     if source.startswith("data:"):
+        payload = source.partition(",")[2]
+        try:
+            check_image_bytes(base64.b64decode(payload, validate=True), "image data URL")
+        except (ValueError, binascii.Error):
+            raise SampleError("bad image", "image data URL holds invalid base64") from None
+        except DiffusionVLError as exc:
+            raise SampleError("bad image", str(exc)) from None
         return source
     if source.startswith(("http://", "https://")):
         raise SampleError("remote image", f"download it first: {source[:80]}")
