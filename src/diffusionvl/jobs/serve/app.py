@@ -78,6 +78,18 @@ def check_prompt_size(messages: list[schema.Message], max_prompt_tokens: int | N
           f"at most {max_prompt_tokens} prompt tokens per request)")
 
 
+def check_no_control_tokens(messages: list[schema.Message], control: Any) -> None:
+    if control is None:
+        return
+    for i, m in enumerate(messages):
+        texts = [m.content] if isinstance(m.content, str) else [p.text for p in m.content if p.type == "text"]
+        for text in texts:
+            found = control.search(text)
+            if found is not None:
+                raise DiffusionVLError(f"messages.{i}: the text holds the model's control token {found.group(0)!r} "
+                                       "(it would be read as chat structure, not as text); remove it")
+
+
 def build_conversation(messages: list[schema.Message], policy: ImagePolicy, max_images: int,
                        has_vision: bool) -> Conversation:
     """Validated OpenAI messages -> Conversation with its images loaded (refusals raise DiffusionVLError)."""
@@ -199,7 +211,21 @@ class _State:
         self.images = ImagePolicy.create(config.allow_local_images, config.allow_remote_images,
                                          config.max_image_pixels)
         self.has_vision = bool(getattr(model.adapter, "has_vision", False))
+        self.control = control_tokens(model.tokenizer)
         self.created = int(time.time())
+
+
+def control_tokens(tokenizer: Any) -> Any:
+    """A pattern matching the tokenizer's special tokens as they are spelled in text (<|im_end|>, <|image_pad|>,
+    the mask token...), or None. The chat template's text is tokenized with special tokens parsed, so a client's
+    text holding one would forge turns or image slots: such text is refused."""
+    import re
+
+    added = getattr(tokenizer, "added_tokens_decoder", None) or {}
+    names = set(getattr(tokenizer, "all_special_tokens", None) or [])
+    names |= {token.content for token in added.values() if getattr(token, "special", False)}
+    names = sorted((n for n in names if n), key=len, reverse=True)
+    return re.compile("|".join(map(re.escape, names))) if names else None
 
 
 def _json_error(status: int, message: str, kind: str = "invalid_request_error", param: str | None = None,
@@ -299,6 +325,7 @@ async def _chat(state: _State, body: schema.ChatRequest, http: Any = None) -> An
                        code="model_not_found")
     cfg = resolve_decode(state.decode, body, state.model.config.block_size, state.config)
     check_prompt_size(body.messages, state.config.max_prompt_tokens)
+    check_no_control_tokens(body.messages, state.control)
     conversation = await run_in_threadpool(build_conversation, body.messages, state.images,
                                            state.config.max_images, state.has_vision)
     request = PendingRequest(conversation, cfg, list(body.stop or []), asyncio.get_running_loop())
