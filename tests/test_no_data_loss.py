@@ -137,3 +137,19 @@ def test_data_refuses_a_folder_of_other_files_and_rewrites_its_own_dataset(tmp_p
     assert cli(["data", "--out", str(folder), *args, "--overwrite"]) == 0
     assert (folder / "train.json").read_text() != "important"
     assert cli(["data", "--out", str(folder), *args, "--seed", "1"]) == 0  # its own dataset: rewritten, no flag
+
+
+def test_an_interrupted_data_run_can_be_rerun(tmp_path, capsys):
+    """A run killed while writing images leaves our images/ and no summary.json: that folder is still ours."""
+    from diffusionvl.cli import main as cli
+
+    folder = tmp_path / "d"
+    (folder / "images").mkdir(parents=True)
+    (folder / "images" / "train-000000.png").write_bytes(b"half a png")
+    args = ["--n-train", "2", "--n-val", "1", "--n-test", "1", "--no-real-images", "--no-progress", "--image-size", "64"]
+    assert cli(["data", "--out", str(folder), *args]) == 0
+    assert (folder / "summary.json").is_file()
+    (folder / "images" / "holiday.jpg").write_bytes(b"not ours")
+    (folder / "summary.json").unlink()
+    assert cli(["data", "--out", str(folder), *args]) == 2  # a file of someone else's: refused
+    assert (folder / "images" / "holiday.jpg").read_bytes() == b"not ours"

@@ -404,6 +404,7 @@ def test_a_failing_decode_thread_answers_every_waiting_request_and_refuses_new_o
         assert time.monotonic() - t0 < 10
         assert c.get("/health").status_code == 503
         assert c.post("/v1/chat/completions", json=_body("again")).status_code == 503
+        assert engine.running == 0 and engine.queued == 0
 
 
 @pytest.mark.parametrize("max_active", [2, 1])
@@ -625,3 +626,24 @@ def test_a_non_streaming_client_that_disconnects_stops_costing_decode_time(text_
     finally:
         server.should_exit = True
         thread.join(15)
+
+
+def test_only_special_tokens_with_a_chat_role_are_refused_in_request_text():
+    """SmolLM2 keeps StarCoder's <filename>, <jupyter_code>... as special tokens with no role: 'cp <filename> <dest>'
+    is ordinary text; the template's <|im_start|> / <|im_end|>, end of text and the mask token are refused."""
+    from types import SimpleNamespace
+
+    from transformers import AutoTokenizer
+
+    from diffusionvl.backbone import assets
+    from diffusionvl.jobs.serve.app import control_tokens
+
+    tok = AutoTokenizer.from_pretrained(assets.smollm2_dir(progress=False))
+    model = SimpleNamespace(tokenizer=tok, processor=tok, config=SimpleNamespace(mask_token="<|mask|>"),
+                            adapter=SimpleNamespace(has_vision=False))
+    pattern = control_tokens(model)
+    assert "<filename>" in tok.all_special_tokens or any(t.content == "<filename>" for t in
+                                                         tok.added_tokens_decoder.values())
+    assert pattern.search("usage: cp <filename> <dest>") is None
+    for text in ("hi<|im_end|>", "<|im_start|>assistant", "x<|mask|>", tok.eos_token):
+        assert pattern.search(text), text

@@ -304,4 +304,4 @@ def test_an_answer_without_a_question_and_a_broken_data_url_are_skipped_up_front
     records, report = read_records(tmp_path / "d.json")
     assert [r.where.split("(id ")[1].rstrip(")") for r in records] == ["ok"]
     summary = report.summary()
-    assert "no user turn: 1" in summary and "bad image: 2" in summary, summary
+    assert "no question: 1" in summary and "bad image: 2" in summary, summary

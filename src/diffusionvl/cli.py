@@ -62,6 +62,8 @@ def input_error(exc: BaseException) -> str | None:
     if isinstance(exc, OSError):
         where = f": {str(exc.filename)[:200]}" if exc.filename is not None else ""
         return f"{exc.strerror or exc}{where}"
+    if isinstance(exc, UnicodeEncodeError):
+        return f"this terminal cannot show the text ({str(exc)[:120]}); set PYTHONIOENCODING=utf-8"
     if isinstance(exc, UnicodeError):
         return f"a file or argument is not valid UTF-8 text ({str(exc)[:200]})"
     if isinstance(exc, RecursionError):

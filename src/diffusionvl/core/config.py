@@ -222,7 +222,12 @@ def load_config_file(path: str | os.PathLike[str], cls: type) -> Any:
     unknown = sorted(set(data) - known)
     check(not unknown, f"unknown field(s) in {path}: {', '.join(unknown)} (known: {', '.join(sorted(known))})")
     hints = typing.get_type_hints(cls)
-    for name, value in data.items():
+    for name, value in list(data.items()):
+        if isinstance(value, str) and _matches(1.0, hints.get(name, Any)) and not _matches(value, hints.get(name, Any)):
+            try:  # YAML reads 1e-4 (no dot) as a string: a number field takes it as the number it spells
+                data[name] = value = float(value)
+            except ValueError:
+                pass
         check(_matches(value, hints.get(name, Any)),
               f"{path}: {name} must be {_type_name(hints.get(name, Any))}, got {value!r}"[:300])
     return cls(**data)

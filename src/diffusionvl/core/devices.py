@@ -1,7 +1,7 @@
 """Where and in what precision a model runs when the caller does not say: one rule for every loader.
 
 Contract: `default_device(None)` is CUDA when available, else the CPU; a named device must be one this machine can
-run a model on ("cpu", "cuda", "cuda:N" with N < the CUDA device count), else a one-line `DiffusionVLError` (never
+run a model on ("cpu", "cuda", "cuda:N" with N < the CUDA device count, "mps" / "xpu" where present), else a one-line `DiffusionVLError` (never
 torch's assertion from deep inside `.to(device)`); `default_dtype(None | "auto", device)` is
 bfloat16 on CUDA and float32 elsewhere; a name ("bf16", "float32", ...) maps to its torch dtype and an unknown name
 is a one-line `DiffusionVLError`.
@@ -27,8 +27,12 @@ def default_device(device: str | torch.device | None) -> torch.device:
         if dev.index is not None and dev.index >= torch.cuda.device_count():
             raise DiffusionVLError(f"device {device!r} does not exist: this machine has {torch.cuda.device_count()} "
                                    "CUDA device(s)")
+    elif dev.type in ("mps", "xpu"):
+        backend = getattr(torch.backends, "mps", None) if dev.type == "mps" else getattr(torch, "xpu", None)
+        if backend is None or not backend.is_available():
+            raise DiffusionVLError(f"device {device!r} was asked for but this machine has no {dev.type} device")
     elif dev.type != "cpu":
-        raise DiffusionVLError(f"device {device!r} is not supported; use cpu, cuda or cuda:N")
+        raise DiffusionVLError(f"device {device!r} is not supported; use cpu, cuda, cuda:N (or mps / xpu where present)")
     return dev
 
 

@@ -279,11 +279,20 @@ def prepare_out_dir(out_dir: str | os.PathLike, overwrite: bool = False) -> Path
     return out
 
 
+DATASET_FILES = ("train.json", "val.json", "test.jsonl", "scenes.jsonl", "summary.json")
+
+
 def _is_dataset(out: Path) -> bool:
+    """An earlier dataset of ours, finished (its summary names our format) or cut short (nothing but our files)."""
     try:
-        return "format_version" in json.loads((out / "summary.json").read_text(encoding="utf-8"))
+        if "format_version" in json.loads((out / "summary.json").read_text(encoding="utf-8")):
+            return True
     except (OSError, ValueError, TypeError):
-        return False
+        pass
+    ours = set(DATASET_FILES) | {IMAGE_DIR}
+    images = out / IMAGE_DIR  # made first by every run: a folder without it was never ours
+    return images.is_dir() and all(p.name in ours or p.name.startswith(".") for p in out.iterdir()) and \
+        all(_OUR_IMAGE.match(p.name) or p.name.startswith(".") for p in images.iterdir())
 
 
 def generate_dataset(out_dir: str | os.PathLike, n_train: int = 1000, n_val: int = 100, n_test: int = 200,

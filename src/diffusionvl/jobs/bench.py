@@ -349,8 +349,9 @@ def run_bench(cfg: BenchConfig, model: Any = None, progress: bool = True) -> dic
     ctx = Ctx(model, cfg, model.device)
     result: dict[str, Any] = {"meta": _meta(ctx), "results": []}
     cells = [(b, p) for p in cfg.prompt for b in cfg.batch]
+    blocks = any(d.startswith("block") or d == "reference" for d in cfg.decoders)
     for p in cfg.prompt:  # every cell fits the context, or a one-line error before anything runs
-        model.check_prompt_lengths([[0] * p], cfg.new_tokens, cfg.block_size)
+        model.check_prompt_lengths([[0] * p], cfg.new_tokens, cfg.block_size if blocks else None)
     bar = tqdm(total=len(cells) * len(cfg.decoders) * (cfg.repeats + 1), desc="bench", disable=not progress)
     with stop_tokens_disabled(model):
         for b, p in cells:

@@ -41,9 +41,6 @@ def check_source(src: str | os.PathLike[str]) -> None:
         return
     if os.path.exists(text) or text.startswith((".", "/", "~")) or text.count("/") != 1:
         raise DiffusionVLError(f"model not found: {text} (give a checkpoint folder or a hub id like org/name)")
-    if os.path.isdir(text.split("/")[0]):  # "runs/final" when runs/ is here: a mistyped folder, not a hub id
-        raise DiffusionVLError(f"model folder not found: {text} ({text.split('/')[0]}/ exists here but holds no "
-                               f"{text.split('/')[1]!r}); a hub id would be org/name with no such local folder")
 
 
 WEIGHT_ERRORS = ("SafetensorError", "HeaderTooLarge", "UnpicklingError")  # what a cut weights file raises
@@ -60,7 +57,10 @@ def load_hf(src: str | os.PathLike[str], device: torch.device, dtype: torch.dtyp
     try:
         config = AutoConfig.from_pretrained(src, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
-        raise DiffusionVLError(f"cannot read the model config at {src}: {str(exc).splitlines()[0]}") from None
+        hint = ""
+        if not os.path.exists(src) and os.path.isdir(os.fspath(src).split("/")[0]):  # "runs/final" mistyped?
+            hint = f" (nor is there a local folder {src}: {os.fspath(src).split('/')[0]}/ holds no such model)"
+        raise DiffusionVLError(f"cannot read the model config at {src}: {str(exc).splitlines()[0]}{hint}") from None
     cls = adapter_class(config.model_type)
     auto = getattr(transformers, cls.auto_class)
     try:

@@ -92,8 +92,9 @@ class DiffusionVLModel(nn.Module):
         return getattr(self.adapter.text_config, "max_position_embeddings", None)
 
     def check_prompt_lengths(self, prompts: list[list[int]], max_new_tokens: int, block_size: int | None = None) -> None:
-        """One-line errors for an empty prompt, a prompt + budget over the context, and (block decoding) a block that
-        cannot fit after the prompt (its [L, L] attention mask would be built for positions the model has not got)."""
+        """One-line errors for an empty prompt, a prompt + budget over the context, and (block decoding) a canvas over
+        it: the block decoder lays prompt + budget out in whole blocks, up to ceil((prompt + budget) / B) * B
+        positions, and would build attention masks for positions the model has not got."""
         if any(len(p) == 0 for p in prompts):
             raise DiffusionVLError("empty prompt: give at least one token of text")
         limit = self.max_positions
@@ -101,9 +102,11 @@ class DiffusionVLModel(nn.Module):
         if limit and longest + max_new_tokens > limit:
             raise DiffusionVLError(f"prompt too long: {longest} tokens + max_new_tokens {max_new_tokens} exceeds the "
                                    f"model's context of {limit} positions; shorten the prompt or max_new_tokens")
-        if limit and block_size is not None and longest + block_size > limit:
-            raise DiffusionVLError(f"block size {block_size} does not fit after the {longest}-token prompt in the "
-                                   f"model's context of {limit} positions; use a smaller block size")
+        canvas = -(-(longest + max_new_tokens) // block_size) * block_size if block_size else 0
+        if limit and canvas > limit:
+            raise DiffusionVLError(f"block size {block_size} lays the {longest}-token prompt and max_new_tokens "
+                                   f"{max_new_tokens} out over {canvas} positions, more than the model's context of "
+                                   f"{limit}; use a smaller block size or fewer tokens")
 
     # ---- training ------------------------------------------------------------------------------------------------
     def positions_for(self, input_ids: Tensor, valid: Tensor, vision: dict[str, Any] | None) -> Tensor:

@@ -49,7 +49,7 @@ def stage_data(cfg: TinyVLMConfig, out: Path) -> Path:
         _say(f"generating {cfg.n_train} train / {cfg.n_val} val / {cfg.n_test} test samples")
         generate_dataset(folder, n_train=cfg.n_train, n_val=cfg.n_val, n_test=cfg.n_test, seed=cfg.seed,
                          image_size=cfg.image_size, progress=cfg.progress, task_mix=cfg.task_mix, real_images=False,
-                         multi_turn_fraction=1.0, questions_per_image=cfg.questions_per_image)
+                         multi_turn_fraction=1.0, questions_per_image=cfg.questions_per_image, overwrite=True)
     return folder
 
 

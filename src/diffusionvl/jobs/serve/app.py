@@ -60,9 +60,10 @@ def default_model_name(model: Any) -> str:
     return os.path.basename(path) or "diffusionvl"
 
 
-# No tokenizer packs more characters than this into one token on average over a whole prompt; a request whose text
+# No tokenizer packs this many characters into one token on average over a whole prompt (SmolLM2's longest tokens
+# are runs of 64-81 spaces); a request whose text
 # is longer than max_prompt_tokens * this cannot fit, and is refused before it costs any tokenizing.
-MAX_CHARS_PER_TOKEN = 32
+MAX_CHARS_PER_TOKEN = 128
 
 
 def check_prompt_size(messages: list[schema.Message], max_prompt_tokens: int | None) -> None:
@@ -211,20 +212,31 @@ class _State:
         self.images = ImagePolicy.create(config.allow_local_images, config.allow_remote_images,
                                          config.max_image_pixels)
         self.has_vision = bool(getattr(model.adapter, "has_vision", False))
-        self.control = control_tokens(model.tokenizer)
+        self.control = control_tokens(model)
         self.created = int(time.time())
 
 
-def control_tokens(tokenizer: Any) -> Any:
-    """A pattern matching the tokenizer's special tokens as they are spelled in text (<|im_end|>, <|image_pad|>,
-    the mask token...), or None. The chat template's text is tokenized with special tokens parsed, so a client's
-    text holding one would forge turns or image slots: such text is refused."""
+def control_tokens(model: Any) -> Any:
+    """A pattern matching, as spelled in text, the special tokens that carry chat structure: those the chat template
+    writes (<|im_start|>, <|im_end|>, <|vision_start|><|image_pad|>...), end of text, the mask token and the image
+    placeholder; or None. The rendered prompt is tokenized with special tokens parsed, so a client's text holding one
+    would forge turns or image slots: such text is refused. Leftover specials with no role (SmolLM2's <filename>,
+    <jupyter_code>...) stay ordinary text."""
     import re
 
-    added = getattr(tokenizer, "added_tokens_decoder", None) or {}
-    names = set(getattr(tokenizer, "all_special_tokens", None) or [])
-    names |= {token.content for token in added.values() if getattr(token, "special", False)}
-    names = sorted((n for n in names if n), key=len, reverse=True)
+    tok = model.tokenizer
+    added = getattr(tok, "added_tokens_decoder", None) or {}
+    specials = set(getattr(tok, "all_special_tokens", None) or [])
+    specials |= {token.content for token in added.values() if getattr(token, "special", False)}
+    templates = " ".join(t for t in (getattr(tok, "chat_template", None),
+                                     getattr(getattr(model, "processor", None), "chat_template", None))
+                         if isinstance(t, str))
+    roles = {name for name in specials if name and name in templates}
+    roles |= {getattr(tok, "eos_token", None), getattr(model.config, "mask_token", None)}
+    image_id = getattr(model.adapter, "image_token_id", None) if getattr(model.adapter, "has_vision", False) else None
+    if isinstance(image_id, int):
+        roles.add(tok.convert_ids_to_tokens(image_id))
+    names = sorted((n for n in roles if isinstance(n, str) and n), key=len, reverse=True)
     return re.compile("|".join(map(re.escape, names))) if names else None
 
 

@@ -255,6 +255,8 @@ class DecodeEngine:
                 self._closing = True
                 left = list(self._pending) + [r for run in self._active for r in run.requests]
                 self._pending.clear()
+                self._active.clear()
+                self.running = 0
             for request in left:
                 if not request.finished:
                     request.post(Failed(500, "internal error: the decoder stopped", "server_error"))

@@ -81,7 +81,7 @@ def export(model: Any, path: Path, state_dict: dict[str, torch.Tensor] | None, p
     return save_atomic(model, path, state_dict=backbone_state(state_dict) if state_dict is not None else None)
 
 
-RUN_FILES = ("final", "final-adapter", "log.jsonl", "summary.json")  # what a run writes besides its checkpoints
+RUN_FILES = ("final", "final-adapter", "log.jsonl", "summary.json", "tensorboard")  # what a run writes besides its checkpoints
 
 
 def check_output(output: str | os.PathLike[str], resume: str | None, overwrite: bool) -> list[Path]:

@@ -187,8 +187,8 @@ def _messages(item: dict[str, Any]) -> list[dict[str, Any]]:
         messages.append({"role": role, "content": _content_parts(content)})
     if not any(m["role"] == "assistant" for m in messages):
         raise SampleError("no assistant turn", "nothing to learn from")
-    if messages[0]["role"] == "assistant" and not any(m["role"] == "user" for m in messages):
-        raise SampleError("no user turn", "an answer to nothing (chat templates need a user turn)")
+    if messages[0]["role"] == "assistant":
+        raise SampleError("no question", "the first answer comes before any other message (an answer to nothing)")
     if any(p["type"] == "image" for m in messages if m["role"] == "assistant" for p in m["content"]):
         raise SampleError("bad message", "image in an assistant turn")
     return messages
