@@ -129,7 +129,11 @@ def _new_entry(path: Path, folder: bool) -> tuple[Path, int]:
                 break
             except FileExistsError:
                 continue  # a random name taken: draw another
-        return tmp, stat.S_IMODE(os.lstat(tmp).st_mode)
+        try:
+            return tmp, stat.S_IMODE(os.lstat(tmp).st_mode)
+        except BaseException:  # an interrupt right after the create: leave nothing behind
+            _remove(tmp)
+            raise
     except OSError as exc:
         raise DiffusionVLError(f"cannot write {path}: {exc.strerror or exc}") from None
 

@@ -84,6 +84,21 @@ def export(model: Any, path: Path, state_dict: dict[str, torch.Tensor] | None, p
 RUN_FILES = ("final", "final-adapter", "log.jsonl", "summary.json", "tensorboard")  # what a run writes besides its checkpoints
 
 
+_TEMP = re.compile(r"^\.+(checkpoint-\d+|final|final-adapter)(\.tmp)?(\.tmp-[0-9a-f]+)?(\.tmp)?$")
+
+
+def remove_temporaries(output: str | os.PathLike[str]) -> list[str]:
+    """Delete what an interrupted save of this trainer can leave in `output` (.checkpoint-N.tmp, the atomic
+    writer's .NAME.tmp-XXXX siblings); returns their names. Only names the trainer writes are touched."""
+    root = Path(output)
+    gone = []
+    for path in root.iterdir() if root.is_dir() else []:
+        if _TEMP.match(path.name) and path.name.startswith("."):
+            shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+            gone.append(path.name)
+    return gone
+
+
 def check_output(output: str | os.PathLike[str], resume: str | None, overwrite: bool) -> list[Path]:
     """A new run goes into a missing or empty folder; a non-empty one needs `resume` (continue it) or `overwrite`
     (start over). Returns what an overwrite must remove first: the earlier run's own files, nothing else."""
@@ -97,11 +112,15 @@ def check_output(output: str | os.PathLike[str], resume: str | None, overwrite: 
 
 
 def prune(output: str | os.PathLike[str], keep: int) -> list[Path]:
-    """Delete all but the newest `keep` checkpoints (keep = 0: delete none)."""
+    """Delete all but the newest `keep` checkpoints (keep = 0: delete none). Each is first renamed out of the
+    checkpoint namespace (one atomic step), then deleted: an interrupt mid-delete leaves a hidden temporary for
+    `remove_temporaries`, never a checkpoint-N with half its files."""
     found = checkpoints(output)
     doomed = [p for _, p in found[:-keep]] if keep > 0 else []
     for p in doomed:
-        shutil.rmtree(p, ignore_errors=True)
+        hidden = p.with_name(f".{p.name}.tmp")
+        os.replace(p, hidden)
+        shutil.rmtree(hidden, ignore_errors=True)
     return doomed
 
 

@@ -24,6 +24,8 @@ import json
 import math
 import os
 import shutil
+import signal
+import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -243,7 +245,8 @@ class Trainer:
         collator = Collator(model.pad_token_id, model.config.block_size, model.adapter)
         self.sampler = GlobalBatchSampler(len(records), cfg.batch_size, acc.num_processes, acc.process_index,
                                           cfg.grad_accum, cfg.seed, cfg.shuffle)
-        common = dict(collate_fn=collator, num_workers=cfg.num_workers, pin_memory=acc.device.type == "cuda")
+        common = dict(collate_fn=collator, num_workers=cfg.num_workers, pin_memory=acc.device.type == "cuda",
+                      worker_init_fn=_worker_ignores_ctrl_c if cfg.num_workers else None)
         self.loader = DataLoader(SFTDataset(records, encoder), batch_sampler=self.sampler, **common)
         self.n_eval = len(held)
         self.eval_loader = None
@@ -280,6 +283,7 @@ class Trainer:
 
     # ---- the loop -------------------------------------------------------------------------------------------
     def fit(self) -> dict[str, Any]:
+        ctrl_c = _CtrlC.install()
         try:
             self._start()
             while self.state.step < self.total_steps:
@@ -291,9 +295,15 @@ class Trainer:
                 else:
                     self.state.epoch += 1
                     self.state.step_in_epoch = 0
-        except BaseException:
+        except BaseException as exc:
             self.tracker.close()  # a run that stops on an error (NaN loss, Ctrl-C) keeps its log, closed
+            if self.accelerator.is_main_process:  # a save cut anywhere, even before its own cleanup could run
+                ckpt.remove_temporaries(self.output)
+            if ctrl_c.seen and not isinstance(exc, KeyboardInterrupt):
+                raise KeyboardInterrupt from None  # e.g. "DataLoader worker exited": a worker died of the same Ctrl-C
             raise
+        finally:
+            ctrl_c.uninstall()
         return self._finish()
 
     def _start(self) -> None:
@@ -511,6 +521,44 @@ class Trainer:
         self.module = self.optimizer = self.scheduler = self.loader = self.eval_loader = None
         self.accelerator.free_memory()
         gc.collect()
+
+
+class _CtrlC:
+    """Ctrl-C, handled by the main process only. It reaches every process of the group; a DataLoader worker that died
+    of it made torch's SIGCHLD handler raise "worker exited unexpectedly" while the main process unwound its
+    KeyboardInterrupt (a traceback, exit 1). Forked workers inherit this handler and ignore the signal (from the fork
+    on, before any worker_init_fn); `seen` still turns any error that ends an interrupted run into the interrupt."""
+
+    def __init__(self) -> None:
+        self.seen, self.previous, self.pid = False, None, os.getpid()
+
+    @classmethod
+    def install(cls) -> "_CtrlC":
+        watch = cls()
+        if threading.current_thread() is threading.main_thread():
+            watch.previous = signal.signal(signal.SIGINT, watch._handle)
+        return watch
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if os.getpid() != self.pid:  # a forked DataLoader worker inherits this handler: it leaves Ctrl-C to the main
+            return
+        self.seen = True
+        raise KeyboardInterrupt
+
+    def uninstall(self) -> None:
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+            self.previous = None
+
+
+def _worker_ignores_ctrl_c(worker_id: int) -> None:
+    """Ctrl-C reaches the whole process group. A worker that died of it first made the main process fail with
+    "DataLoader worker exited unexpectedly" (a traceback, exit 1) instead of stopping cleanly: workers leave the
+    interrupt to the main process, which shuts them down. Batches go to the main process through named shared memory
+    ("file_system"), not by passing file descriptors: that needs a server thread in each worker (multiprocessing's
+    resource sharer), which printed a traceback when the worker was shut down in the middle of an accept."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    torch.multiprocessing.set_sharing_strategy("file_system")
 
 
 def train(cfg: TrainConfig) -> dict[str, Any]:
