@@ -5,6 +5,7 @@ the official `openai` client against a real uvicorn on 127.0.0.1."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import base64
 import io
 import json
@@ -488,12 +489,10 @@ def _free_port():
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def live_server(text_model):
-    """A real uvicorn server on 127.0.0.1 (free port) in a thread; yields its base URL."""
+@contextlib.contextmanager
+def _uvicorn(app, port):
+    """`app` served by a real uvicorn server on 127.0.0.1:`port` in a thread, stopped on exit."""
     uvicorn = pytest.importorskip("uvicorn")
-    port = _free_port()
-    app = create_app(text_model, ServeConfig(port=port), model_name=NAME)
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
@@ -502,10 +501,18 @@ def live_server(text_model):
         while not server.started:
             assert time.monotonic() < deadline and thread.is_alive(), "uvicorn did not start"
             time.sleep(0.02)
-        yield f"http://127.0.0.1:{port}"
+        yield
     finally:
         server.should_exit = True
         thread.join(15)
+
+
+@pytest.fixture(scope="module")
+def live_server(text_model):
+    """A real uvicorn server on 127.0.0.1 (free port) in a thread; yields its base URL."""
+    port = _free_port()
+    with _uvicorn(create_app(text_model, ServeConfig(port=port), model_name=NAME), port):
+        yield f"http://127.0.0.1:{port}"
 
 
 def test_openai_client_against_uvicorn(live_server, text_model):
@@ -591,7 +598,6 @@ def test_soak_mixed_good_and_bad_requests_stays_bounded(vl_client):
 
 def test_a_non_streaming_client_that_disconnects_stops_costing_decode_time(text_model):
     """Its request is dropped from the running batch (it used to be decoded to the end for nobody)."""
-    uvicorn = pytest.importorskip("uvicorn")
     port = _free_port()
     app = create_app(text_model, ServeConfig(port=port, batch_wait_ms=0), model_name=NAME)
     engine = app.state.diffusionvl.engine
@@ -603,14 +609,7 @@ def test_a_non_streaming_client_that_disconnects_stops_costing_decode_time(text_
             yield event
 
     engine._events = slow
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    try:
-        deadline = time.monotonic() + 30
-        while not server.started:
-            assert time.monotonic() < deadline and thread.is_alive(), "uvicorn did not start"
-            time.sleep(0.02)
+    with _uvicorn(app, port):
         body = json.dumps({**_body("hi", max_tokens=1000), "temperature": 1.0, "seed": 1}).encode()
         with socket.create_connection(("127.0.0.1", port)) as sock:
             sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
@@ -623,9 +622,6 @@ def test_a_non_streaming_client_that_disconnects_stops_costing_decode_time(text_
         while engine.running and time.monotonic() - t0 < 10:
             time.sleep(0.02)
         assert engine.running == 0 and time.monotonic() - t0 < 3
-    finally:
-        server.should_exit = True
-        thread.join(15)
 
 
 def test_only_special_tokens_with_a_chat_role_are_refused_in_request_text():

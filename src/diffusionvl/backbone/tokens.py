@@ -21,6 +21,12 @@ def find_token_id(tokenizer: Any, name: str) -> int | None:
     return int(vocab[name]) if name in vocab else None
 
 
+def special_tokens(tokenizer: Any) -> set[str]:
+    """Every special or added token of `tokenizer`, as spelled in text (parsed as one token wherever it appears)."""
+    return {t for t in set(getattr(tokenizer, "all_special_tokens", None) or [])
+            | set(getattr(tokenizer, "added_tokens_encoder", None) or {}) if t}
+
+
 def end_of_turn_token(tokenizer: Any) -> str | None:
     """The special token that closes an assistant turn in the chat template (e.g. <|im_end|>), if any."""
     if not getattr(tokenizer, "chat_template", None):
@@ -32,8 +38,7 @@ def end_of_turn_token(tokenizer: Any) -> str | None:
     except Exception:  # noqa: BLE001 - templates that need other roles / content formats
         return None
     tail = text[text.find(marker) + len(marker):]
-    specials = sorted(set(tokenizer.all_special_tokens) | set(getattr(tokenizer, "added_tokens_encoder", {})),
-                      key=len, reverse=True)
+    specials = sorted(special_tokens(tokenizer), key=len, reverse=True)
     best = None
     for tok in specials:
         at = tail.find(tok)

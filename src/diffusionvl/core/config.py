@@ -110,6 +110,11 @@ class DecodeConfig:
         "eager. Same tokens either way; falls back with a logged reason when unavailable."
     )
 
+    @property
+    def canvas_block(self) -> int | None:
+        """The block size the decoder lays prompt + budget out in (block decoding), else None."""
+        return self.block_size if self.decoder == "block" else None
+
     def resolved(self, model_block_size: int) -> "DecodeConfig":
         """A copy with `block_size`/`steps` filled in and every field validated."""
         cfg = dataclasses.replace(self)

@@ -1,8 +1,9 @@
 """Where and in what precision a model runs when the caller does not say: one rule for every loader.
 
 Contract: `default_device(None)` is CUDA when available, else the CPU; a named device must be one this machine can
-run a model on ("cpu", "cuda", "cuda:N" with N < the CUDA device count, "mps" / "xpu" where present), else a one-line `DiffusionVLError` (never
-torch's assertion from deep inside `.to(device)`); `default_dtype(None | "auto", device)` is
+run a model on ("cpu", "cuda", "cuda:N" with N < the CUDA device count, "mps" / "xpu" where present), else a
+one-line `DiffusionVLError` (never torch's assertion from deep inside `.to(device)`); `default_dtype(None | "auto",
+device)` is
 bfloat16 on CUDA and float32 elsewhere; a name ("bf16", "float32", ...) maps to its torch dtype and an unknown name
 is a one-line `DiffusionVLError`.
 """
@@ -32,7 +33,8 @@ def default_device(device: str | torch.device | None) -> torch.device:
         if backend is None or not backend.is_available():
             raise DiffusionVLError(f"device {device!r} was asked for but this machine has no {dev.type} device")
     elif dev.type != "cpu":
-        raise DiffusionVLError(f"device {device!r} is not supported; use cpu, cuda, cuda:N (or mps / xpu where present)")
+        raise DiffusionVLError(f"device {device!r} is not supported; use cpu, cuda, cuda:N (or mps / xpu where "
+                               "present)")
     return dev
 
 

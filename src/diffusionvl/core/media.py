@@ -46,19 +46,18 @@ def check_image_header(width: int, height: int, what: str, max_pixels: int = MAX
 def check_image_file(path: str | os.PathLike[str], max_pixels: int = MAX_IMAGE_PIXELS) -> None:
     """Cheap pre-check of an image file without keeping its pixels: readable, within the header limits and intact
     (PIL `verify`: chunk checksums and truncation); a one-line `DiffusionVLError` otherwise."""
-    from PIL import Image
-
-    what = f"image file {path}"
-    with _image_errors(what), Image.open(path) as img:
-        check_image_header(*img.size, what, max_pixels)
-        img.verify()
+    _check_image(path, f"image file {path}", max_pixels)
 
 
 def check_image_bytes(data: bytes, what: str, max_pixels: int = MAX_IMAGE_PIXELS) -> None:
     """`check_image_file` for an image held in memory (a data URL's payload)."""
+    _check_image(io.BytesIO(data), what, max_pixels)
+
+
+def _check_image(source: Any, what: str, max_pixels: int) -> None:
     from PIL import Image
 
-    with _image_errors(what), Image.open(io.BytesIO(data)) as img:
+    with _image_errors(what), Image.open(source) as img:
         check_image_header(*img.size, what, max_pixels)
         img.verify()
 

@@ -179,8 +179,7 @@ def run_encoded(model: DecoderModel, encoded: Any, cfg: DecodeConfig) -> Iterato
         cfg = replace(cfg, decoder="ar", block_size=None, steps=None)
     cfg = cfg.resolved(model.config.block_size)
     decoder, choice = select_decoder(cfg, model.device)
-    model.check_prompt_lengths(encoded.input_ids, cfg.max_new_tokens,
-                               cfg.block_size if cfg.decoder == "block" else None)
+    model.check_prompt_lengths(encoded.input_ids, cfg.max_new_tokens, cfg.canvas_block)
     generator = None
     if cfg.seed is not None:
         generator = torch.Generator(device=model.device).manual_seed(cfg.seed)

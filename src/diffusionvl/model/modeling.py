@@ -91,7 +91,8 @@ class DiffusionVLModel(nn.Module):
     def max_positions(self) -> int | None:
         return getattr(self.adapter.text_config, "max_position_embeddings", None)
 
-    def check_prompt_lengths(self, prompts: list[list[int]], max_new_tokens: int, block_size: int | None = None) -> None:
+    def check_prompt_lengths(self, prompts: list[list[int]], max_new_tokens: int,
+                             block_size: int | None = None) -> None:
         """One-line errors for an empty prompt, a prompt + budget over the context, and (block decoding) a canvas over
         it: the block decoder lays prompt + budget out in whole blocks, up to ceil((prompt + budget) / B) * B
         positions, and would build attention masks for positions the model has not got."""

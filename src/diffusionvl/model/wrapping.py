@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from diffusionvl.backbone.adapters import adapter_class
-from diffusionvl.backbone.tokens import end_of_turn_token, find_token_id
+from diffusionvl.backbone.tokens import end_of_turn_token, find_token_id, special_tokens
 from diffusionvl.core.config import DEFAULT_MASK_TOKEN, KNOWN_MASK_TOKENS, DiffusionConfig
 from diffusionvl.core.errors import DiffusionVLError, check
 from diffusionvl.model.modeling import DiffusionVLModel
@@ -35,9 +35,9 @@ def check_mask_name(tok: Any, name: str) -> None:
           f"{name!r} already has a job in this tokenizer (end of text, padding, ...); choose a token of its own "
           f"such as {DEFAULT_MASK_TOKEN}")
     if name in tok.get_vocab():
-        special = name in getattr(tok, "added_tokens_encoder", {}) or name in tok.all_special_tokens
-        check(special, f"{name!r} is an ordinary token of this tokenizer: as the mask token every {name!r} in a "
-                       f"prompt would become a mask; choose a special token such as {DEFAULT_MASK_TOKEN}")
+        check(name in special_tokens(tok), f"{name!r} is an ordinary token of this tokenizer: as the mask token "
+                                           f"every {name!r} in a prompt would become a mask; choose a special token "
+                                           f"such as {DEFAULT_MASK_TOKEN}")
     else:
         check(name[0] + name[-1] in ("<>", "[]") and len(name) > 2,
               f"a new mask token must be spelled like a special token (<...> or [...]), got {name!r}: a plain "

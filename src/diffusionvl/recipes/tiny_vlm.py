@@ -95,8 +95,8 @@ def _train(cfg: TinyVLMConfig, name: str, out: Path, model: Path, data: Path, va
     tc = TrainConfig(model=str(model), data=str(data), output=str(out / name), eval_data=str(val), seed=cfg.seed,
                      image_folder=str(out / "data"), token_cache=str(out / "tower_tokens.pt"),
                      batch_size=cfg.batch_size, num_workers=0, save_every=50, keep_checkpoints=1, log_every=10,
-                     progress=cfg.progress, tensorboard=False, resume="auto", max_length=MAX_LENGTH, warmup_ratio=0.05,
-                     **kw)
+                     progress=cfg.progress, tensorboard=False, resume="auto", max_length=MAX_LENGTH,
+                     warmup_ratio=0.05, **kw)
     summary = train(tc)
     _say(f"stage {name} done: {json.dumps({k: summary.get(k) for k in ('steps', 'eval_loss', 'tokens_per_s')})}")
     return final

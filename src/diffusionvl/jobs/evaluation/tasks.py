@@ -129,7 +129,8 @@ def sample_from(obj: dict[str, Any], index: int, folder: Path, where: str, metri
         check(isinstance(choices, list) and len(choices) >= 2 and all(isinstance(c, str) for c in choices),
               f"{where}: 'choices' must be a list of at least two strings")
     chosen = obj.get("metric") or metric or ("choice" if choices else "exact")
-    check(isinstance(chosen, str) and chosen in SCORERS, f"{where}: unknown metric {chosen!r}; choose one of {', '.join(SCORERS)}")
+    check(isinstance(chosen, str) and chosen in SCORERS,
+          f"{where}: unknown metric {chosen!r}; choose one of {', '.join(SCORERS)}")
     return Sample(index=index, id=str(obj.get("id", index)), question=question, answers=_answers(obj, where),
                   image=_image(obj, folder, where), choices=choices, type=str(obj.get("type", "all")),
                   metric=chosen)

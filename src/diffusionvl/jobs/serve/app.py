@@ -25,6 +25,7 @@ from typing import Any, AsyncIterator
 from starlette.requests import Request
 
 from diffusionvl.backbone.prompts import Conversation, to_conversation
+from diffusionvl.backbone.tokens import special_tokens
 from diffusionvl.core.config import DecodeConfig
 from diffusionvl.core.errors import DiffusionVLError, check
 from diffusionvl.core.version import __version__
@@ -61,8 +62,8 @@ def default_model_name(model: Any) -> str:
 
 
 # No tokenizer packs this many characters into one token on average over a whole prompt (SmolLM2's longest tokens
-# are runs of 64-81 spaces); a request whose text
-# is longer than max_prompt_tokens * this cannot fit, and is refused before it costs any tokenizing.
+# are runs of 64-81 spaces): a request whose text is longer than max_prompt_tokens * this cannot fit, and is
+# refused before it costs any tokenizing.
 MAX_CHARS_PER_TOKEN = 128
 
 
@@ -225,13 +226,10 @@ def control_tokens(model: Any) -> Any:
     import re
 
     tok = model.tokenizer
-    added = getattr(tok, "added_tokens_decoder", None) or {}
-    specials = set(getattr(tok, "all_special_tokens", None) or [])
-    specials |= {token.content for token in added.values() if getattr(token, "special", False)}
     templates = " ".join(t for t in (getattr(tok, "chat_template", None),
                                      getattr(getattr(model, "processor", None), "chat_template", None))
                          if isinstance(t, str))
-    roles = {name for name in specials if name and name in templates}
+    roles = {name for name in special_tokens(tok) if name in templates}
     roles |= {getattr(tok, "eos_token", None), getattr(model.config, "mask_token", None)}
     image_id = getattr(model.adapter, "image_token_id", None) if getattr(model.adapter, "has_vision", False) else None
     if isinstance(image_id, int):

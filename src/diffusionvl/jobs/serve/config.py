@@ -49,7 +49,8 @@ class ServeConfig:
         check(self.max_batch >= 1, f"max_batch must be >= 1, got {self.max_batch}")
         check(self.max_active_batches >= 1, f"max_active_batches must be >= 1, got {self.max_active_batches}")
         check(self.max_queue >= 1, f"max_queue must be >= 1, got {self.max_queue}")
-        check(0 <= self.batch_wait_ms <= 60_000, f"batch_wait_ms must be in 0..60000 (a minute), got {self.batch_wait_ms}")
+        check(0 <= self.batch_wait_ms <= 60_000,
+              f"batch_wait_ms must be in 0..60000 (a minute), got {self.batch_wait_ms}")
         check(self.max_tokens_limit >= 1, f"max_tokens_limit must be >= 1, got {self.max_tokens_limit}")
         check(self.max_images >= 0, f"max_images must be >= 0, got {self.max_images}")
         check(1 <= self.max_image_pixels <= MAX_IMAGE_PIXELS,

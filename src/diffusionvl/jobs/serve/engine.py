@@ -337,9 +337,7 @@ class DecodeEngine:
                 if self.max_prompt_tokens is not None and len(ids) > self.max_prompt_tokens:
                     raise DiffusionVLError(f"the prompt is {len(ids)} tokens (text, images and chat template); this "
                                            f"server allows at most {self.max_prompt_tokens} per request")
-                cfg = request.config
-                self.model.check_prompt_lengths([ids], cfg.max_new_tokens,
-                                                 cfg.block_size if cfg.decoder == "block" else None)
+                self.model.check_prompt_lengths([ids], request.config.max_new_tokens, request.config.canvas_block)
                 admitted.append((request, len(ids)))
             except DiffusionVLError as exc:
                 request.post(Failed(400, str(exc)))

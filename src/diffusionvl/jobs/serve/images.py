@@ -61,5 +61,6 @@ class ImagePolicy:
         except (OSError, ValueError):  # a NUL byte, a name too long for the file system
             raise DiffusionVLError(f"invalid image path: {short(path, 120)}") from None
         if os.path.commonpath([real, self.local_root]) != self.local_root:
-            raise DiffusionVLError(f"image path is outside the folder this server allows images from: {short(path, 120)}")
+            raise DiffusionVLError("image path is outside the folder this server allows images from: "
+                                   f"{short(path, 120)}")
         return load_image(real, max_pixels=self.max_pixels)

@@ -81,9 +81,8 @@ def export(model: Any, path: Path, state_dict: dict[str, torch.Tensor] | None, p
     return save_atomic(model, path, state_dict=backbone_state(state_dict) if state_dict is not None else None)
 
 
-RUN_FILES = ("final", "final-adapter", "log.jsonl", "summary.json", "tensorboard")  # what a run writes besides its checkpoints
-
-
+# what a run writes besides its checkpoints; and the temporary names its saves and prunes use
+RUN_FILES = ("final", "final-adapter", "log.jsonl", "summary.json", "tensorboard")
 _TEMP = re.compile(r"^\.+(checkpoint-\d+|final|final-adapter)(\.tmp)?(\.tmp-[0-9a-f]+)?(\.tmp)?$")
 
 
@@ -93,7 +92,7 @@ def remove_temporaries(output: str | os.PathLike[str]) -> list[str]:
     root = Path(output)
     gone = []
     for path in root.iterdir() if root.is_dir() else []:
-        if _TEMP.match(path.name) and path.name.startswith("."):
+        if _TEMP.match(path.name):
             shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
             gone.append(path.name)
     return gone
