@@ -8,6 +8,10 @@ Contract: the engine (modeling.py, decoding/) never looks inside a Hugging Face 
 - `embed(ids, vision)`: token embeddings with image features scattered in at the image placeholder tokens;
 - `prompt_positions(ids, vision, i)`: the positions of one unpadded prompt, [P, n] (P = 1, or 3 for M-RoPE),
   and `delta`: the position of the token at index s >= n is s + delta (in every one of the P dimensions);
+- `image_features(vision)`: [M, F] per image token, everything the decoder takes from the images (F = D, the token
+  embedding; Qwen3-VL: (1 + K) D, the embedding then its K deepstack rows), read by `embed` and `layer_residuals`;
+- `layer_residuals(ids, features)`: [K, N, L, D] that `run_decoder(..., residuals=)` adds to the hidden states after
+  decoder layers 0..K-1 (zero off image tokens: Qwen3-VL's deepstack), or None where a family adds nothing there;
 - `encode(conversations)`: chat template + tokenizer/processor -> unpadded ids per sample and vision tensors.
 Adapters are found by `config.model_type` in `ADAPTERS`; an unknown type raises a one-line error listing the
 supported ones.
@@ -93,12 +97,20 @@ class Adapter:
             logits = torch.tanh(logits / cap) * cap
         return logits
 
-    def run_decoder(self, embeds: Tensor, mask: Any, positions: Tensor, cache: Any = None) -> Tensor:
-        """embeds [N, Q, D], positions [P, N, Q] -> hidden [N, Q, D]."""
+    def run_decoder(self, embeds: Tensor, mask: Any, positions: Tensor, cache: Any = None,
+                    residuals: Tensor | None = None) -> Tensor:
+        """embeds [N, Q, D], positions [P, N, Q] -> hidden [N, Q, D]; `residuals` [K, N, Q, D] from
+        `layer_residuals` (None: nothing to add)."""
         pos = positions[0] if self.position_dims == 1 else positions
         out = self.decoder(inputs_embeds=embeds, attention_mask=mask, position_ids=pos,
-                           **{self.cache_key: cache}, use_cache=cache is not None)
+                           **{self.cache_key: cache}, use_cache=cache is not None, **self.residual_kwargs(residuals))
         return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+
+    def residual_kwargs(self, residuals: Tensor | None) -> dict[str, Any]:
+        """The decoder's keyword arguments that carry `residuals` (families without layer residuals take none)."""
+        if residuals is not None:
+            raise DiffusionVLError(f"{self.model.config.model_type} decoders take no per-layer image residuals")
+        return {}
 
     # ---- inputs -----------------------------------------------------------------------------------------------
     image_token_id: int | None = None
@@ -112,6 +124,10 @@ class Adapter:
 
     def image_features(self, vision: dict[str, Tensor]) -> Tensor:
         raise DiffusionVLError(f"{self.model.config.model_type} models have no vision encoder: remove the images")
+
+    def layer_residuals(self, input_ids: Tensor, features: Tensor | None) -> Tensor | None:
+        """[K, N, L, D] added after decoder layers 0..K-1 (module docstring); None: this family adds none."""
+        return None
 
     def prompt_positions(self, ids: list[int], vision: dict[str, Tensor] | None, index: int) -> tuple[Tensor, int]:
         return torch.arange(len(ids)).view(1, -1), 0
@@ -199,6 +215,51 @@ class QwenVLAdapter(VisionAdapter):
             vision = {"pixel_values": out["pixel_values"], "image_grid_thw": grid,
                       "image_grid_thw_per_sample": list(torch.split(grid, counts))}
         return Encoded(input_ids=ids, vision=vision, images_per_sample=counts)
+
+
+class Qwen3VLAdapter(QwenVLAdapter):
+    """Qwen3-VL (dense and MoE): Qwen2-VL's image layout and 3-D positions (its rotary embedding interleaves the
+    three axes over the frequencies, inside the model), plus deepstack: features of K intermediate vision layers are
+    added to the image tokens' hidden states after decoder layers 0..K-1, in every forward that holds them."""
+
+    model_types = ("qwen3_vl", "qwen3_vl_moe")
+
+    def image_features(self, vision: dict[str, Tensor]) -> Tensor:
+        """[image tokens, (1 + K) D] in sample/image order: the token embedding, then the K deepstack rows."""
+        inner = self.model.model
+        weight = next(inner.visual.parameters())
+        pixels = vision["pixel_values"].to(device=weight.device, dtype=weight.dtype)
+        out = inner.get_image_features(pixels, vision["image_grid_thw"].to(weight.device), return_dict=True)
+        parts = [out.pooler_output, *out.deepstack_features]  # each a tensor or a tuple per image (by release)
+        return torch.cat([torch.cat(list(p)) if isinstance(p, (list, tuple)) else p for p in parts], dim=-1)
+
+    def embed(self, input_ids: Tensor, vision: dict[str, Tensor] | None = None,
+              features: Tensor | None = None) -> Tensor:
+        if features is None and vision and vision.get("pixel_values") is not None:
+            features = self.image_features(vision)
+        width = self.input_embeddings().weight.shape[1]
+        return super().embed(input_ids, features=None if features is None else features[:, :width])
+
+    def layer_residuals(self, input_ids: Tensor, features: Tensor | None) -> Tensor | None:
+        if features is None:
+            return None
+        width = self.input_embeddings().weight.shape[1]
+        rows = features[:, width:].reshape(features.shape[0], -1, width).transpose(0, 1)  # [K, M, D]
+        out = rows.new_zeros(rows.shape[0], *input_ids.shape, width)  # [K, N, L, D]
+        where = input_ids == self.image_token_id  # [N, L]
+        if int(where.sum()) != rows.shape[1]:
+            raise DiffusionVLError(f"prompt has {int(where.sum())} image tokens but the images give {rows.shape[1]}")
+        out[:, where] = rows
+        return out
+
+    def residual_kwargs(self, residuals: Tensor | None) -> dict[str, Any]:
+        """Qwen3-VL's own deepstack arguments, dense: every position selected, zero rows off the image tokens (the
+        model adds them; x + 0 is x), so the shapes stay static."""
+        if residuals is None:
+            return {}
+        k, n, q, d = residuals.shape
+        everywhere = torch.ones(n, q, dtype=torch.bool, device=residuals.device)
+        return {"visual_pos_masks": everywhere, "deepstack_visual_embeds": list(residuals.reshape(k, n * q, d))}
 
 
 class ComposedAdapter(VisionAdapter):
@@ -302,6 +363,7 @@ TEXT_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral", "gemma", "gemma2", "ge
                     "granite", "olmo2")
 register_adapter(Adapter, TEXT_MODEL_TYPES)
 register_adapter(QwenVLAdapter)
+register_adapter(Qwen3VLAdapter)
 register_adapter(ComposedAdapter)
 
 

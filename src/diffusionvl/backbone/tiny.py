@@ -2,8 +2,8 @@
 
 Contract: `make_tiny(arch, seed)` returns an untrained (random, seeded) transformers model and its tokenizer or
 processor, with no download: a byte-level BPE tokenizer trained on a built-in paragraph (deterministic), a ChatML
-chat template that also renders image parts, and for the Qwen-VL archs a PIL image processor sized so that a
-small image becomes a handful of visual tokens. Architectures: see `TINY_ARCHS`.
+chat template that also renders image parts, and for the Qwen-VL archs (Qwen2-VL, Qwen2.5-VL, Qwen3-VL dense
+and MoE) a PIL image processor sized so that a small image becomes a handful of visual tokens. Architectures: see `TINY_ARCHS`.
 """
 
 from __future__ import annotations
@@ -38,7 +38,8 @@ CHATML_TEMPLATE = (
     "{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\\n' }}{%- endif -%}"
 )
 
-TINY_ARCHS = ("llama", "qwen2", "gemma3", "qwen2_vl", "qwen2_5_vl")
+QWEN_VL_ARCHS = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe")
+TINY_ARCHS = ("llama", "qwen2", "gemma3", *QWEN_VL_ARCHS)
 
 
 def tiny_tokenizer(vocab_size: int = 384) -> Any:
@@ -85,6 +86,8 @@ def _config(arch: str, tok: Any) -> Any:
         vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64, patch_size=14,
                       spatial_merge_size=2, temporal_patch_size=2, window_size=56, fullatt_block_indexes=[1])
         return tf.Qwen2_5_VLConfig(text_config=text, vision_config=vision, **ids)
+    if arch in ("qwen3_vl", "qwen3_vl_moe"):
+        return _qwen3_vl_config(arch, tok, ids)
     if arch == "qwen2_vl":
         vision = dict(depth=2, embed_dim=32, hidden_size=64, num_heads=2, mlp_ratio=2, patch_size=14,
                       spatial_merge_size=2, temporal_patch_size=2)
@@ -92,18 +95,37 @@ def _config(arch: str, tok: Any) -> Any:
     raise DiffusionVLError(f"unknown tiny architecture {arch!r}; choose one of {', '.join(TINY_ARCHS)}")
 
 
+def _qwen3_vl_config(arch: str, tok: Any, ids: dict[str, int]) -> Any:
+    """Qwen3-VL (dense or MoE): interleaved M-RoPE over head_dim 16, 16-px patches, deepstack features from vision
+    layers 0 and 1 added after decoder layers 0 and 1."""
+    import transformers as tf
+
+    roomy = -(-(len(tok) + 1) // 64) * 64
+    rope = {"rope_type": "default", "mrope_section": [2, 3, 3], "mrope_interleaved": True, "rope_theta": 10000.0}
+    text = dict(_text_kwargs(roomy, tok), head_dim=16, rope_parameters=rope)
+    vision = dict(depth=3, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64, patch_size=16,
+                  spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=16,
+                  deepstack_visual_indexes=[0, 1])
+    if arch == "qwen3_vl":
+        return tf.Qwen3VLConfig(text_config=text, vision_config=vision, **ids)
+    moe = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, decoder_sparse_step=1)
+    return tf.Qwen3VLMoeConfig(text_config={**text, **moe}, vision_config=vision, **ids)
+
+
 def _processor(arch: str, tok: Any) -> Any:
-    if arch not in ("qwen2_vl", "qwen2_5_vl"):
+    if arch not in QWEN_VL_ARCHS:
         return tok
-    from transformers import Qwen2_5_VLProcessor, Qwen2VLProcessor
+    import transformers as tf
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-    # 56x56 .. 112x112 pixels -> 4 .. 16 patches of 14 px -> 1 .. 4 visual tokens after the 2x2 merge
-    images = Qwen2VLImageProcessorPil(size={"shortest_edge": 56 * 56, "longest_edge": 112 * 112},
-                                      patch_size=14, merge_size=2, temporal_patch_size=2)
     from diffusionvl.backbone.processing import make_qwen_vl_processor
 
-    cls = Qwen2_5_VLProcessor if arch == "qwen2_5_vl" else Qwen2VLProcessor
+    # Qwen2-VL/2.5-VL: 56x56 .. 112x112 pixels -> 4 .. 16 patches of 14 px -> 1 .. 4 visual tokens after the 2x2
+    # merge; Qwen3-VL: 16-px patches, 64x64 .. 128x128 pixels (the same token counts)
+    patch = 16 if arch.startswith("qwen3") else 14
+    images = Qwen2VLImageProcessorPil(size={"shortest_edge": 16 * patch * patch, "longest_edge": 64 * patch * patch},
+                                      patch_size=patch, merge_size=2, temporal_patch_size=2)
+    cls = {"qwen2_vl": tf.Qwen2VLProcessor, "qwen2_5_vl": tf.Qwen2_5_VLProcessor}.get(arch, tf.Qwen3VLProcessor)
     return make_qwen_vl_processor(cls, images, tok, CHATML_TEMPLATE)
 
 
@@ -114,7 +136,7 @@ def make_tiny(arch: str = "llama", seed: int = 0, dtype: torch.dtype = torch.flo
     tok = tiny_tokenizer()
     config = _config(arch, tok)
     torch.manual_seed(seed)
-    if arch in ("qwen2_vl", "qwen2_5_vl"):
+    if arch in QWEN_VL_ARCHS:
         model = tf.AutoModelForImageTextToText.from_config(config, dtype=dtype)
     else:
         model = tf.AutoModelForCausalLM.from_config(config, dtype=dtype)

@@ -1,8 +1,8 @@
 """The plain slot forward: dynamic shapes, attention over the live prefix only (protocol.SlotForward).
 
 Contract: `PlainForward` holds one call's canvas (layout.tokens on the device) and runs the backbone on the tokens of
-a window, slots [start, start + L): embeddings (image rows substituted from the prompt's features, computed once
-at construction: decoding steps never re-run the vision tower), positions, the slot mask (slots.py) and the cache.
+a window, slots [start, start + L): embeddings (image rows and their layer residuals substituted from the
+prompt's features, computed once at construction: decoding steps never re-run the vision tower), positions, the slot mask (slots.py) and the cache.
 With a `BlockKVCache` the window's keys/values are written into its slots and attention reads slots [0, kv_len):
 kv_len is the window's end, or the end given to `plan` while the window lies inside the planned range. With any
 other cache (the reference loop's growing transformers `DynamicCache`) the cache is passed through as it is; with
@@ -86,14 +86,20 @@ class PlainForward:
     def forget_captures(self) -> None:
         pass
 
-    def _embed(self, ids: Tensor, q_start: int) -> Tensor:
+    def _inputs(self, ids: Tensor, q_start: int) -> tuple[Tensor, Tensor | None]:
+        """Embeddings [N, Q, D] of the window's tokens, image rows in place, and its layer residuals [K, N, Q, D]
+        (None when the window holds no prompt slot or the family has none)."""
         emb = self.adapter.input_embeddings()(ids)  # [N, Q, D]
-        if self.images is None or q_start >= self.images[0].shape[1]:
-            return emb
-        image_embeds, where = self.images
-        end = min(q_start + ids.shape[1], image_embeds.shape[1])
-        head = with_images(emb[:, :end - q_start], image_embeds[:, q_start:end], where[:, q_start:end])
-        return torch.cat([head, emb[:, end - q_start:]], dim=1)
+        images = self.images
+        if images is None or q_start >= images.embeds.shape[1]:
+            return emb, None
+        end = min(q_start + ids.shape[1], images.embeds.shape[1])
+        head = with_images(emb[:, :end - q_start], images.embeds[:, q_start:end], images.where[:, q_start:end])
+        residuals = None
+        if images.residuals is not None:
+            residuals = images.residuals.new_zeros(images.residuals.shape[0], *emb.shape)  # [K, N, Q, D]
+            residuals[:, :, :end - q_start] = images.residuals[:, :, q_start:end]
+        return torch.cat([head, emb[:, end - q_start:]], dim=1), residuals
 
     def _build_mask(self, q_start: int, q_end: int, kv_len: int) -> Any:
         q_slots = torch.arange(q_start, q_end, device=self.device)
@@ -120,7 +126,8 @@ class PlainForward:
         ids = self.tokens[:, q_start:q_start + q_len]
         positions = self.positions[:, :, q_start:q_start + q_len]
         mask = self._mask(q_start, q_len, kv_len)
-        return self.adapter.run_decoder(self._embed(ids, q_start), mask, positions, self.cache)
+        embeds, residuals = self._inputs(ids, q_start)
+        return self.adapter.run_decoder(embeds, mask, positions, self.cache, residuals)
 
 
 @contextmanager

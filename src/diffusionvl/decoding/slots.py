@@ -1,14 +1,17 @@
 """What both slot forwards (plain.py, static.py) compute the same way: prompt image embeddings and the slot mask.
 
-Contract: `prompt_images` runs the vision tower once per call over the prompt region of the canvas and returns the
-embeddings with image features in place ([N, R, D]) and where they are ([N, R] bool, image-token slots);
-`with_images` puts those rows into a forward's token embeddings. `slot_mask` builds the block-causal inference mask
+Contract: `prompt_images` runs the vision tower once per call over the prompt region of the canvas and returns
+`PromptImages`: the embeddings with image features in place ([N, R, D]), where they are ([N, R] bool, image-token
+slots) and the per-layer residuals the adapter adds there (Qwen3-VL's deepstack, [K, N, R, D], else None), which
+every forward holding those slots passes on (prefill, steps, recomputed prefixes); `with_images` puts the rows
+into a forward's token embeddings. `slot_mask` builds the block-causal inference mask
 (masks.py) of query slots over the first `kv_len` slots in the form the backbone's attention expects
 (attention.py); `attention_block` = B gives block-causal attention, = T (the whole canvas) bidirectional.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -19,15 +22,22 @@ from diffusionvl.decoding.layout import Layout
 Tensor = torch.Tensor
 
 
-def prompt_images(adapter: Any, tokens: Tensor, layout: Layout,
-                  vision: dict[str, Any] | None) -> tuple[Tensor, Tensor] | None:
-    """(embeddings [N, R, D], image-token slots [N, R]) over the prompt region R of `tokens` [N, >=R]; None without
-    images."""
+@dataclass
+class PromptImages:
+    embeds: Tensor  # [N, R, D] token embeddings of the prompt region, image features in place
+    where: Tensor  # [N, R] bool, image-token slots
+    residuals: Tensor | None  # [K, N, R, D] added after decoder layers 0..K-1 (adapter.layer_residuals)
+
+
+def prompt_images(adapter: Any, tokens: Tensor, layout: Layout, vision: dict[str, Any] | None) -> PromptImages | None:
+    """The images of the prompt region R of `tokens` [N, >=R] (module docstring); None without images."""
     if not vision:
         return None
     region = int((layout.start + layout.prompt_len).max())
     ids = tokens[:, :region]
-    return adapter.embed(ids, vision), ids == adapter.image_token_id
+    features = adapter.image_features(vision)
+    return PromptImages(adapter.embed(ids, features=features), ids == adapter.image_token_id,
+                        adapter.layer_residuals(ids, features))
 
 
 def with_images(embeds: Tensor, image_embeds: Tensor, where: Tensor) -> Tensor:

@@ -3,8 +3,8 @@
 Contract: a `StaticSession` implements protocol.SlotForward for one shape (model, batch N, canvas length T,
 decoder and its settings). It owns every tensor a decoding step touches: the token canvas [N, T], positions
 [P, N, T], each sample's first real slot, a `BlockKVCache` of T slots (none for the full-diffusion baseline), image
-embeddings padded to T when the prompt has images, the decoder's stepper (steps.py: windows, is-mask state, ...),
-created once per session, and a `StepExecutor` (backend.py) holding the step shapes' CUDA graphs. Windows are
+embeddings (and layer residuals, slots.py) padded to T when the prompt has images, the decoder's stepper (steps.py:
+windows, is-mask state, ...), created once per session, and a `StepExecutor` (backend.py) holding the step shapes' CUDA graphs. Windows are
 device slot buffers (same storage for the session's life) that `aim` refills in place and `advance` moves inside a
 step; `hidden(window)` runs the backbone on the canvas tokens at the window's slots with attention reading all T
 slots (fixed shapes): the block-causal mask (`attention_block` = B; = T for full diffusion, i.e. bidirectional)
@@ -59,6 +59,7 @@ class StaticSession:
         self.cache = BlockKVCache(self.text_config.num_hidden_layers, total) if use_cache else None
         self.image_embeds: Tensor | None = None  # [N, T, D], image rows filled (prompt region only)
         self.image_where: Tensor | None = None  # [N, T] bool, True at image-token slots
+        self.image_residuals: Tensor | None = None  # [K, N, T, D] layer residuals (slots.PromptImages), zero off them
         if has_vision:
             width = adapter.input_embeddings().weight.shape[1]
             self.image_embeds = torch.zeros(n, total, width, dtype=model.dtype, device=dev)
@@ -85,10 +86,16 @@ class StaticSession:
         if self.image_embeds is not None and self.image_where is not None:
             images = prompt_images(self.adapter, self.tokens, layout, vision)
             assert images is not None
-            region = images[0].shape[1]
-            self.image_embeds[:, :region] = images[0]  # [N, R, D]
+            region = images.embeds.shape[1]
+            self.image_embeds[:, :region] = images.embeds  # [N, R, D]
             self.image_where.zero_()
-            self.image_where[:, :region] = images[1]
+            self.image_where[:, :region] = images.where
+            if images.residuals is not None:
+                if self.image_residuals is None:  # allocated at the session's first load, before any capture
+                    k = images.residuals.shape[0]
+                    self.image_residuals = self.image_embeds.new_zeros(k, *self.image_embeds.shape)
+                self.image_residuals.zero_()
+                self.image_residuals[:, :, :region] = images.residuals
 
     # ---- windows on the canvas: device slot buffers ------------------------------------------------------------
     def window(self, length: int) -> Window:
@@ -144,12 +151,13 @@ class StaticSession:
         if self.image_embeds is not None and self.image_where is not None:
             embeds = with_images(embeds, self.image_embeds.index_select(1, slots),
                                  self.image_where.index_select(1, slots))
+        residuals = None if self.image_residuals is None else self.image_residuals.index_select(2, slots)
         positions = self.positions.index_select(2, slots)  # [P, N, Q]
         if self.cache is not None:
             self.cache.slots = slots  # bind (not copy): a captured graph reads this very buffer
             self.cache.view_len = view_len
         mask = slot_mask(self.text_config, self.dtype, slots, view_len, self.start, self.attention_block)
-        return self.adapter.run_decoder(embeds, mask, positions, self.cache)
+        return self.adapter.run_decoder(embeds, mask, positions, self.cache, residuals)
 
 
 _SESSIONS: "weakref.WeakKeyDictionary[Any, OrderedDict[tuple, StaticSession]]" = weakref.WeakKeyDictionary()

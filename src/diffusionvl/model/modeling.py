@@ -137,10 +137,10 @@ class DiffusionVLModel(nn.Module):
     def bd3_hidden(self, x_t: Tensor, prepared: dict[str, Any]) -> Tensor:
         """The 2L training forward: hidden states [N, 2L, D] of [x_t ; x0] under the BD3 mask."""
         x0, valid, positions = prepared["x0"], prepared["valid"], prepared["positions"]
-        embeds = self.embed_pair(x_t, x0, prepared["vision"])  # [N, 2L, D]
+        embeds, residuals = self.embed_pair(x_t, x0, prepared["vision"])  # [N, 2L, D], [K, N, 2L, D] | None
         text_cfg = self.adapter.text_config
         mask = attention.bd3_training_masks(valid, self.config.block_size, text_cfg, text_cfg, embeds.dtype)
-        return self.adapter.run_decoder(embeds, mask, torch.cat([positions, positions], dim=-1))
+        return self.adapter.run_decoder(embeds, mask, torch.cat([positions, positions], dim=-1), residuals=residuals)
 
     def training_loss(self, batch: dict[str, Any], generator: torch.Generator | None = None,
                       rates: Tensor | None = None, draw: Tensor | None = None) -> LossOutput:
@@ -176,7 +176,8 @@ class DiffusionVLModel(nn.Module):
         embeds = self.adapter.embed(x0, features=feats) if feats is not None else self.adapter.input_embeddings()(x0)
         text_cfg = self.adapter.text_config
         mask = attention.build(lambda w: masks.causal_dense_mask(valid, w), text_cfg, text_cfg, embeds.dtype)
-        hidden = self.adapter.run_decoder(embeds, mask, prep["positions"])  # [N, L, D]
+        residuals = self.adapter.layer_residuals(x0, feats)  # [K, N, L, D] | None
+        hidden = self.adapter.run_decoder(embeds, mask, prep["positions"], residuals=residuals)  # [N, L, D]
         target = labels[:, 1:]  # token i+1 is predicted at position i
         where = (target != objective.IGNORE_INDEX).nonzero()  # [M, 2]
         logits = self.adapter.head(hidden[where[:, 0], where[:, 1]])  # [M, V]
@@ -192,15 +193,21 @@ class DiffusionVLModel(nn.Module):
         rows = objective.prediction_index(x_t.shape[1], self.config.block_size, self.config.prediction, x_t.device)
         return self.adapter.head(hidden[:, rows])
 
-    def embed_pair(self, x_t: Tensor, x0: Tensor, vision: dict[str, Any]) -> Tensor:
-        """Embeddings of [x_t ; x0] along the sequence: [N, 2L, D]. Images enter both halves (never noised)."""
+    def embed_pair(self, x_t: Tensor, x0: Tensor, vision: dict[str, Any]) -> tuple[Tensor, Tensor | None]:
+        """Embeddings of [x_t ; x0] along the sequence, [N, 2L, D], and the layer residuals there ([K, N, 2L, D],
+        adapter.layer_residuals, or None). Images enter both halves at the same positions (never noised): the noisy
+        half's image tokens are what a per-block forward of [clean blocks < k ; noisy block k] holds there."""
         if not vision:
             emb = self.adapter.input_embeddings()
-            return torch.cat([emb(x_t), emb(x0)], dim=1)
-        feats = self.adapter.image_features(vision)  # [image tokens, D], computed once for both halves
-        both = self.adapter.embed(torch.cat([x_t, x0], dim=0), features=torch.cat([feats, feats]))  # [2N, L, D]
+            return torch.cat([emb(x_t), emb(x0)], dim=1), None
+        feats = self.adapter.image_features(vision)  # [image tokens, F], computed once for both halves
+        ids, feats2 = torch.cat([x_t, x0], dim=0), torch.cat([feats, feats])  # [2N, L], both halves' images
+        both = self.adapter.embed(ids, features=feats2)  # [2N, L, D]
+        residuals = self.adapter.layer_residuals(ids, feats2)  # [K, 2N, L, D] | None
         n = x0.shape[0]
-        return torch.cat([both[:n], both[n:]], dim=1)
+        if residuals is not None:
+            residuals = torch.cat([residuals[:, :n], residuals[:, n:]], dim=2)
+        return torch.cat([both[:n], both[n:]], dim=1), residuals
 
     # ---- generation ----------------------------------------------------------------------------------------------
     def _decode_config(self, config: DecodeConfig | None, kwargs: dict[str, Any]) -> DecodeConfig:
