@@ -48,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
             raise DiffusionVLError(f"--seed must be in 0..{2 ** 63 - 1}, got {args.seed}")
         hf_model, processor = make_tiny(args.tiny, seed=args.seed)
         model = wrap(hf_model, processor, block_size=args.block_size, mask_token=args.mask_token,
-                     prediction=args.prediction, eos_token=args.eos_token)
+                     prediction=args.prediction, eos_token=args.eos_token, new_conversion=True)
         path = save_atomic(model, args.dst, overwrite=args.overwrite)
     else:
         if args.src is None:

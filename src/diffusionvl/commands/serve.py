@@ -46,6 +46,9 @@ def run(args: argparse.Namespace) -> int:
         raise DiffusionVLError(f"serving needs the serve extra ({exc.name} is missing): "
                                "pip install 'diffusionvl[serve]'") from None
     model = load_model(args)
+    from diffusionvl.decoding import hint_untrained
+
+    hint_untrained(model, decode.decoder)  # at start-up, not at the first request
     name = config.model_name or (os.path.basename(os.path.normpath(args.model)) if args.model else None)
     app = create_app(model, config, decode, model_name=name)
     from diffusionvl.jobs.serve.config import limits_line

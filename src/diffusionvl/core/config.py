@@ -52,6 +52,9 @@ class DiffusionConfig:
     )
     noise_eps: float = option(1e-3, "Smallest masking rate t drawn in training (t ~ U[eps, 1]).")
     antithetic: bool = option(True, "Stratify the per-block masking rates over the batch (lower-variance loss).")
+    bd3_trained: bool = option(
+        True, "False on a fresh conversion of an AR model (recorded by convert), until BD3 training sets it: block "
+        "and full decoding of such a model print a one-line hint once per process.")
 
     def validate(self) -> "DiffusionConfig":
         check(isinstance(self.block_size, int) and self.block_size >= 1,

@@ -11,10 +11,13 @@ tokenize themselves).
 Speed stats are per sample: `tokens_per_sample` counts each sample's generated tokens up to and including its stop
 token, `forwards_per_sample` the forwards that had work for it (prefill included; state.py `charge`), and
 `tokens_per_forward` is the mean over samples of their ratio. `tokens` and `forwards` stay batch totals.
+Block or full decoding of a model that has not been BD3-finetuned (`DiffusionConfig.bd3_trained` False: a fresh
+conversion) logs `UNTRAINED_HINT` once per process (`hint_untrained`, also called by the server at start-up).
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field, replace
 from functools import partial
@@ -34,6 +37,11 @@ from diffusionvl.decoding.state import DecodeState
 from diffusionvl.decoding.static import open_static
 
 Tensor = torch.Tensor
+log = logging.getLogger("diffusionvl")
+
+UNTRAINED_HINT = ("block decoding needs BD3 finetuning first; use --decoder ar to check the conversion, or "
+                  "diffusionvl train")
+_hinted: list[bool] = []  # non-empty once the hint was given in this process
 
 DECODERS: dict[str, Callable[..., Iterator[DecodeState]]] = {
     "block": block_decode,
@@ -166,6 +174,15 @@ def _inference_steps(states: Iterator[DecodeState]) -> Iterator[DecodeState]:
         yield state
 
 
+def hint_untrained(model: DecoderModel, decoder: str) -> None:
+    """Log UNTRAINED_HINT (once per process) when `decoder` is block or full diffusion and the model is a fresh
+    conversion: its block predictions are still the AR head's, which gives empty or garbled answers."""
+    if _hinted or decoder == "ar" or model.config.bd3_trained or getattr(model, "autoregressive_only", False):
+        return
+    _hinted.append(True)
+    log.warning(UNTRAINED_HINT)
+
+
 def run(model: DecoderModel, conversations: list[Any], cfg: DecodeConfig) -> Iterator[StreamEvent]:
     cfg = cfg.resolved(model.config.block_size)
     encoded = model.adapter.encode(conversations)
@@ -178,6 +195,7 @@ def run_encoded(model: DecoderModel, encoded: Any, cfg: DecodeConfig) -> Iterato
     if getattr(model, "autoregressive_only", False) and cfg.decoder != "ar":
         cfg = replace(cfg, decoder="ar", block_size=None, steps=None)
     cfg = cfg.resolved(model.config.block_size)
+    hint_untrained(model, cfg.decoder)
     decoder, choice = select_decoder(cfg, model.device)
     model.check_prompt_lengths(encoded.input_ids, cfg.max_new_tokens, cfg.canvas_block)
     generator = None

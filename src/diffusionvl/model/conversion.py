@@ -119,5 +119,5 @@ def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], block_size
     else:
         hf_model, processor = load_hf(src, dev, dt or "auto")
     model = wrap(hf_model, processor, block_size=block_size, mask_token=mask_token, prediction=prediction,
-                 eos_token=eos_token)
+                 eos_token=eos_token, new_conversion=True)
     return save_atomic(model, dst, overwrite=overwrite)

@@ -149,6 +149,8 @@ class DiffusionVLModel(nn.Module):
         `rates` [N, L/B] and `draw` [N, L] (L = the batch length, a multiple of B) replace the random masking rates
         and masking uniforms drawn from `generator` (the trainer passes split-invariant ones)."""
         cfg = self.config
+        if self.training and torch.is_grad_enabled():
+            cfg.bd3_trained = True  # a BD3 training step: what is saved from now on is no fresh conversion
         prep = self.prepare_batch(batch)
         x0, labels = prep["x0"], prep["labels"]
         n, length = x0.shape

@@ -4,7 +4,8 @@ Contract: `wrap(model, tokenizer_or_processor, block_size=8, ...)` checks the ar
 mask token by name (or adds `<|mask|>` as a special token, growing the embeddings when the vocabulary has no spare
 row, and initializing its input/output rows to the mean embedding), records the DiffusionConfig in
 `model.config.diffusionvl`, and returns a DiffusionVLModel. Weights are otherwise untouched. Arguments left None
-keep the model's recorded diffusion settings, else the defaults.
+keep the model's recorded diffusion settings, else the defaults. `new_conversion=True` (what `convert` passes)
+marks a model without recorded settings as not BD3-trained yet (`DiffusionConfig.bd3_trained`).
 """
 
 from __future__ import annotations
@@ -77,12 +78,12 @@ def _init_rows(model: Any, row: int, n_used: int) -> None:
 
 
 def wrap(model: Any, processor: Any, block_size: int | None = None, mask_token: str | None = None,
-         prediction: str | None = None, eos_token: str | None = None) -> DiffusionVLModel:
+         prediction: str | None = None, eos_token: str | None = None, new_conversion: bool = False) -> DiffusionVLModel:
     """In-memory conversion of a loaded AR model (see module docstring). Arguments left None keep the model's
     recorded diffusion settings, else the defaults."""
     adapter_class(model.config.model_type)  # fail early with the supported list
     recorded = getattr(model.config, "diffusionvl", None) or {}
-    cfg = DiffusionConfig.from_dict(recorded) if recorded else DiffusionConfig()
+    cfg = DiffusionConfig.from_dict(recorded) if recorded else DiffusionConfig(bd3_trained=not new_conversion)
     overrides = {k: v for k, v in dict(block_size=block_size, prediction=prediction, eos_token=eos_token).items()
                  if v is not None}
     cfg = DiffusionConfig(**{**cfg.to_dict(), **overrides}).validate()
