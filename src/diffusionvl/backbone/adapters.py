@@ -12,6 +12,8 @@ Contract: the engine (modeling.py, decoding/) never looks inside a Hugging Face 
   embedding; Qwen3-VL: (1 + K) D, the embedding then its K deepstack rows), read by `embed` and `layer_residuals`;
 - `layer_residuals(ids, features)`: [K, N, L, D] that `run_decoder(..., residuals=)` adds to the hidden states after
   decoder layers 0..K-1 (zero off image tokens: Qwen3-VL's deepstack), or None where a family adds nothing there;
+- `image_groups(ids)`: [N, L] long, tokens sharing a group g > 0 attend to each other both ways inside a clean
+  prompt (Gemma 3's image tokens), 0 elsewhere; None where attention is causal throughout;
 - `encode(conversations)`: chat template + tokenizer/processor -> unpadded ids per sample and vision tensors.
 Adapters are found by `config.model_type` in `ADAPTERS`; an unknown type raises a one-line error listing the
 supported ones.
@@ -127,6 +129,10 @@ class Adapter:
 
     def layer_residuals(self, input_ids: Tensor, features: Tensor | None) -> Tensor | None:
         """[K, N, L, D] added after decoder layers 0..K-1 (module docstring); None: this family adds none."""
+        return None
+
+    def image_groups(self, input_ids: Tensor) -> Tensor | None:
+        """[N, L] bidirectional groups (module docstring); None: attention is causal throughout."""
         return None
 
     def prompt_positions(self, ids: list[int], vision: dict[str, Tensor] | None, index: int) -> tuple[Tensor, int]:
@@ -262,6 +268,52 @@ class Qwen3VLAdapter(QwenVLAdapter):
         return {"visual_pos_masks": everywhere, "deepstack_visual_embeds": list(residuals.reshape(k, n * q, d))}
 
 
+class Gemma3VisionAdapter(VisionAdapter):
+    """Gemma 3 with its SigLIP tower (`gemma3`; the 1B text-only checkpoints are `gemma3_text`): each image is
+    image_seq_length soft tokens between <start_of_image> and <end_of_image>, pooled and projected by the model;
+    1-D positions; the soft tokens of one image attend to each other bidirectionally (`image_groups`), the rest
+    is causal, with sliding-window layers."""
+
+    model_types = ("gemma3",)
+    auto_class = "AutoModelForImageTextToText"
+
+    @property
+    def decoder(self) -> nn.Module:
+        return self.model.model.language_model
+
+    @property
+    def image_token_id(self) -> int:
+        return int(self.model.config.image_token_id)
+
+    def image_features(self, vision: dict[str, Tensor]) -> Tensor:
+        """[images x image_seq_length, D] in sample/image order."""
+        weight = self.input_embeddings().weight
+        pixels = vision["pixel_values"].to(device=weight.device, dtype=weight.dtype)
+        out = self.model.model.get_image_features(pixels)
+        out = getattr(out, "pooler_output", out)  # [images, T, D]
+        return out.reshape(-1, out.shape[-1])
+
+    def image_groups(self, input_ids: Tensor) -> Tensor:
+        """Runs of image soft tokens numbered 1, 2, ... along each row (transformers' token_type_ids groups)."""
+        image = input_ids == self.image_token_id  # [N, L]
+        starts = image & ~torch.nn.functional.pad(image, (1, 0))[:, :-1]
+        return torch.cumsum(starts.long(), dim=1) * image
+
+    def render(self, conv: Conversation, add_generation_prompt: bool = True) -> str:
+        return self.processor.apply_chat_template(conv.messages, add_generation_prompt=add_generation_prompt,
+                                                  tokenize=False)
+
+    def encode(self, conversations: list[Conversation]) -> Encoded:
+        return self.tokenize([self.render(c) for c in conversations], [c.images for c in conversations])
+
+    def tokenize(self, texts: list[str], images: list[list[Any]]) -> Encoded:
+        nested = [list(ims) for ims in images] if any(images) else None  # the processor pairs images per sample
+        out = self.processor(text=texts, images=nested, return_tensors="pt", padding=True)
+        ids = [row[m.bool()].tolist() for row, m in zip(out["input_ids"], out["attention_mask"])]
+        vision = {"pixel_values": out["pixel_values"]} if nested else {}
+        return Encoded(input_ids=ids, vision=vision, images_per_sample=[len(ims) for ims in images])
+
+
 class ComposedAdapter(VisionAdapter):
     """LLaVA-style VLMs composed by `diffusionvl.backbone.compose`: vision tower + projector + a causal LM, 1-D positions,
     `num_image_tokens` copies of the image token per image (expanded by the ComposedProcessor)."""
@@ -364,6 +416,7 @@ TEXT_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral", "gemma", "gemma2", "ge
 register_adapter(Adapter, TEXT_MODEL_TYPES)
 register_adapter(QwenVLAdapter)
 register_adapter(Qwen3VLAdapter)
+register_adapter(Gemma3VisionAdapter)
 register_adapter(ComposedAdapter)
 
 

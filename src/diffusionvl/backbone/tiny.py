@@ -3,7 +3,8 @@
 Contract: `make_tiny(arch, seed)` returns an untrained (random, seeded) transformers model and its tokenizer or
 processor, with no download: a byte-level BPE tokenizer trained on a built-in paragraph (deterministic), a ChatML
 chat template that also renders image parts, and for the Qwen-VL archs (Qwen2-VL, Qwen2.5-VL, Qwen3-VL dense
-and MoE) a PIL image processor sized so that a small image becomes a handful of visual tokens. Architectures: see `TINY_ARCHS`.
+and MoE) a PIL image processor sized so that a small image becomes a handful of visual tokens; `gemma3_vl` is Gemma 3
+with its vision tower, Gemma's own tokens and Gemma3Processor. Architectures: see `TINY_ARCHS`.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ CHATML_TEMPLATE = (
 )
 
 QWEN_VL_ARCHS = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe")
-TINY_ARCHS = ("llama", "qwen2", "gemma3", *QWEN_VL_ARCHS)
+TINY_ARCHS = ("llama", "qwen2", "gemma3", *QWEN_VL_ARCHS, "gemma3_vl")
 
 
 def tiny_tokenizer(vocab_size: int = 384) -> Any:
@@ -129,9 +130,62 @@ def _processor(arch: str, tok: Any) -> Any:
     return make_qwen_vl_processor(cls, images, tok, CHATML_TEMPLATE)
 
 
+GEMMA3_TEMPLATE = (
+    "{{ '<bos>' }}{%- for message in messages -%}"
+    "{{ '<start_of_turn>' + ('model' if message['role'] == 'assistant' else message['role']) + '\\n' }}"
+    "{%- if message['content'] is string -%}{{ message['content'] }}"
+    "{%- else -%}{%- for part in message['content'] -%}"
+    "{%- if part['type'] == 'image' -%}{{ '<start_of_image>' }}"
+    "{%- elif part['type'] == 'text' -%}{{ part['text'] }}{%- endif -%}"
+    "{%- endfor -%}{%- endif -%}"
+    "{{ '<end_of_turn>\\n' }}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<start_of_turn>model\\n' }}{%- endif -%}"
+)
+
+
+def _gemma3_vl(seed: int, dtype: torch.dtype) -> tuple[Any, Any]:
+    """Gemma 3 with a vision tower: Gemma's turn and image tokens (named on the tokenizer, where Gemma3Processor
+    reads them), 32x32 images in 8-px patches pooled to 4 soft tokens, sliding-window and global layers."""
+    import transformers as tf
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil
+
+    special = ["<pad>", "<bos>", "<eos>", "<start_of_turn>", "<end_of_turn>", "<start_of_image>",
+               "<image_soft_token>", "<end_of_image>"]
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=384, special_tokens=special, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    bpe.train_from_iterator([line for line in CORPUS if line.strip()], trainer)
+    named = {"boi_token": "<start_of_image>", "image_token": "<image_soft_token>", "eoi_token": "<end_of_image>"}
+    tok = tf.PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<bos>", eos_token="<end_of_turn>",
+                                     pad_token="<pad>", additional_special_tokens=special[3:],
+                                     extra_special_tokens=named)
+    text = dict(_text_kwargs(-(-(len(tok) + 1) // 64) * 64, tok), head_dim=16, sliding_window=12,
+                bos_token_id=tok.bos_token_id, layer_types=["sliding_attention", "full_attention"])
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32,
+                  patch_size=8)
+    config = tf.Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4,
+                             image_token_id=tok.image_token_id, boi_token_id=tok.boi_token_id,
+                             eoi_token_id=tok.convert_tokens_to_ids("<end_of_image>"))
+    torch.manual_seed(seed)
+    model = tf.AutoModelForImageTextToText.from_config(config, dtype=dtype)
+    with torch.no_grad():  # transformers starts the projector at zero: every image would embed the same
+        model.model.multi_modal_projector.mm_input_projection_weight.normal_(0.0, 1.0)
+    processor = tf.Gemma3Processor(image_processor=Gemma3ImageProcessorPil(size={"height": 32, "width": 32}),
+                                   tokenizer=tok, chat_template=GEMMA3_TEMPLATE, image_seq_length=4)
+    return model, processor
+
+
 def make_tiny(arch: str = "llama", seed: int = 0, dtype: torch.dtype = torch.float32) -> tuple[Any, Any]:
     """A tiny random AR model of `arch` and its tokenizer (text) or processor (VLM)."""
     import transformers as tf
+
+    if arch == "gemma3_vl":
+        model, processor = _gemma3_vl(seed, dtype)
+        return _generation_ready(model, processor.tokenizer), processor
 
     tok = tiny_tokenizer()
     config = _config(arch, tok)
@@ -140,7 +194,11 @@ def make_tiny(arch: str = "llama", seed: int = 0, dtype: torch.dtype = torch.flo
         model = tf.AutoModelForImageTextToText.from_config(config, dtype=dtype)
     else:
         model = tf.AutoModelForCausalLM.from_config(config, dtype=dtype)
+    return _generation_ready(model, tok), _processor(arch, tok)
+
+
+def _generation_ready(model: Any, tok: Any) -> Any:
     model.generation_config.eos_token_id = tok.eos_token_id
     model.generation_config.pad_token_id = tok.pad_token_id
     model.config.use_cache = True
-    return model.eval(), _processor(arch, tok)
+    return model.eval()

@@ -22,7 +22,7 @@ import torch
 from diffusionvl.core.cache import BlockKVCache
 from diffusionvl.decoding.layout import Layout
 from diffusionvl.decoding.protocol import DecoderModel, Window
-from diffusionvl.decoding.slots import prompt_images, slot_mask, with_images
+from diffusionvl.decoding.slots import prompt_images, slot_groups, slot_mask, with_images
 
 Tensor = torch.Tensor
 T = TypeVar("T")
@@ -41,6 +41,7 @@ class PlainForward:
         self.text_config = self.adapter.text_config  # looked up once: config access is slow in HF 5
         self.notes: list[str] = []
         self.images = prompt_images(self.adapter, self.tokens, layout, vision)
+        self.groups = slot_groups(self.adapter, self.tokens.clone(), layout, vision)  # [N, T] | None
         self._rows: tuple[int, int, int, Any] | None = None  # (first row, end row, kv_len, mask) last built
         self._plan: tuple[int, int] | None = None
 
@@ -103,7 +104,8 @@ class PlainForward:
 
     def _build_mask(self, q_start: int, q_end: int, kv_len: int) -> Any:
         q_slots = torch.arange(q_start, q_end, device=self.device)
-        return slot_mask(self.text_config, self.dtype, q_slots, kv_len, self.start, self.attention_block)
+        return slot_mask(self.text_config, self.dtype, q_slots, kv_len, self.start, self.attention_block,
+                         self.groups)
 
     def _mask(self, q_start: int, q_len: int, kv_len: int) -> Any:
         """Rows of the last built mask when they cover these queries with the same keys, else built now."""

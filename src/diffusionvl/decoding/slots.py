@@ -7,6 +7,9 @@ every forward holding those slots passes on (prefill, steps, recomputed prefixes
 into a forward's token embeddings. `slot_mask` builds the block-causal inference mask
 (masks.py) of query slots over the first `kv_len` slots in the form the backbone's attention expects
 (attention.py); `attention_block` = B gives block-causal attention, = T (the whole canvas) bidirectional.
+`slot_groups` gives the slots of the prefilled prompt blocks their bidirectional groups (adapter.image_groups:
+Gemma 3's images), which `slot_mask` opens both ways: the prefill forward (and a recomputed prefix) then sees what
+transformers' own prompt forward sees, and no later forward changes it (slots from the prefill on have no group).
 """
 
 from __future__ import annotations
@@ -45,11 +48,33 @@ def with_images(embeds: Tensor, image_embeds: Tensor, where: Tensor) -> Tensor:
     return torch.where(where.unsqueeze(-1), image_embeds, embeds)
 
 
+def slot_groups(adapter: Any, tokens: Tensor, layout: Layout, vision: dict[str, Any] | None) -> Tensor | None:
+    """[N, T] bidirectional groups of the canvas `tokens` (0 from slot `layout.prefill` on); None when the family has
+    none or the prompts have no images."""
+    groups = adapter.image_groups(tokens) if vision else None
+    if groups is None:
+        return None
+    groups[:, layout.prefill:] = 0
+    return groups
+
+
+def group_pairs(q_groups: Tensor, k_groups: Tensor) -> Tensor:
+    """[N, Q, K] True where query and key share a group g > 0 (q_groups [N, Q], k_groups [N, K])."""
+    return (q_groups[:, :, None] == k_groups[:, None, :]) & (k_groups[:, None, :] > 0)
+
+
 def slot_mask(text_config: Any, dtype: torch.dtype, q_slots: Tensor, kv_len: int, start: Tensor,
-              attention_block: int) -> Any:
-    """Mask of queries at `q_slots` [Q] over keys [0, kv_len); `start` [N] is each sample's first real slot."""
+              attention_block: int, groups: Tensor | None = None) -> Any:
+    """Mask of queries at `q_slots` [Q] over keys [0, kv_len); `start` [N] is each sample's first real slot;
+    `groups` [N, >= kv_len] (slot_groups) adds its pairs both ways, within the sliding window where a layer has one."""
 
     def rule(window: int | None) -> Tensor:
-        return masks.block_causal_dense_mask(q_slots, kv_len, start, attention_block, window)
+        mask = masks.block_causal_dense_mask(q_slots, kv_len, start, attention_block, window)  # [N, 1, Q, K]
+        if groups is None:
+            return mask
+        pairs = group_pairs(groups.index_select(1, q_slots), groups[:, :kv_len])  # [N, Q, K]
+        if window is not None:
+            pairs = pairs & (q_slots[:, None] - torch.arange(kv_len, device=q_slots.device)[None] < window)[None]
+        return mask | pairs[:, None]
 
     return attention.build(rule, text_config, text_config, dtype)

@@ -31,7 +31,7 @@ from diffusionvl.core.config import DecodeConfig
 from diffusionvl.decoding.backend import StepExecutor
 from diffusionvl.decoding.layout import Layout
 from diffusionvl.decoding.protocol import DecoderModel, Window
-from diffusionvl.decoding.slots import prompt_images, slot_mask, with_images
+from diffusionvl.decoding.slots import prompt_images, slot_groups, slot_mask, with_images
 
 Tensor = torch.Tensor
 T = TypeVar("T")
@@ -60,6 +60,7 @@ class StaticSession:
         self.image_embeds: Tensor | None = None  # [N, T, D], image rows filled (prompt region only)
         self.image_where: Tensor | None = None  # [N, T] bool, True at image-token slots
         self.image_residuals: Tensor | None = None  # [K, N, T, D] layer residuals (slots.PromptImages), zero off them
+        self.groups: Tensor | None = None  # [N, T] bidirectional groups of the prefilled prompt (slots.slot_groups)
         if has_vision:
             width = adapter.input_embeddings().weight.shape[1]
             self.image_embeds = torch.zeros(n, total, width, dtype=model.dtype, device=dev)
@@ -96,6 +97,11 @@ class StaticSession:
                     self.image_residuals = self.image_embeds.new_zeros(k, *self.image_embeds.shape)
                 self.image_residuals.zero_()
                 self.image_residuals[:, :, :region] = images.residuals
+            groups = slot_groups(self.adapter, self.tokens.clone(), layout, vision)
+            if groups is not None:
+                if self.groups is None:  # allocated at the session's first load, before any capture
+                    self.groups = torch.zeros_like(groups)
+                self.groups.copy_(groups)
 
     # ---- windows on the canvas: device slot buffers ------------------------------------------------------------
     def window(self, length: int) -> Window:
@@ -156,7 +162,8 @@ class StaticSession:
         if self.cache is not None:
             self.cache.slots = slots  # bind (not copy): a captured graph reads this very buffer
             self.cache.view_len = view_len
-        mask = slot_mask(self.text_config, self.dtype, slots, view_len, self.start, self.attention_block)
+        mask = slot_mask(self.text_config, self.dtype, slots, view_len, self.start, self.attention_block,
+                         self.groups)
         return self.adapter.run_decoder(embeds, mask, positions, self.cache, residuals)
 
 
