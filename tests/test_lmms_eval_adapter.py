@@ -1,9 +1,11 @@
 """The lmms-eval adapter: request conversion with small fakes of lmms-eval's `Instance` objects (lmms-eval itself is
 an optional extra), generate_until == our generate cut at `until`, in request order across gen_kwargs groups;
-loglikelihood == -NELBO; and, where lmms-eval is installed, its registry resolves our entry point."""
+loglikelihood == the NELBO as a loss, is_greedy == greedy decoding reproduces the continuation; and, where lmms-eval
+is installed, its registry resolves our entry point (the real harness: tests/test_lmms_eval_harness.py)."""
 
 from __future__ import annotations
 
+import dataclasses
 from types import SimpleNamespace
 
 import pytest
@@ -66,7 +68,8 @@ def test_generate_until_equals_generate_in_request_order():
         assert text == adapter.cut_until(ref, until)
 
 
-def test_loglikelihood_is_minus_nelbo():
+def test_loglikelihood_is_the_nelbo_as_a_loss():
+    """lmms-eval 0.7.x picks a choice by argmin: the score is the NELBO (nats, summed), lower is better."""
     from diffusionvl.jobs.evaluation.elbo import encode_scored, nelbo, noise_levels
     from diffusionvl.jobs.evaluation.tasks import Sample
 
@@ -79,8 +82,29 @@ def test_loglikelihood_is_minus_nelbo():
 
     batch = encode_scored(model, [Sample(0, "0", "Is the sky blue?", [" Yes"])], include_end=False)
     total, _ = nelbo(model, batch, noise_levels(2), torch.Generator().manual_seed(0))
-    assert out[0][0] == pytest.approx(-float(total[0])) and out[0][0] < 0
+    assert out[0][0] == pytest.approx(float(total[0])) and out[0][0] > 0
     assert out[1] == out[0] and isinstance(out[0][1], bool)  # same request, same score (seeded per request)
+    with pytest.raises(DiffusionVLError, match="acc_mutual_info"):  # its context-free requests have 2 args
+        runner.loglikelihood([SimpleNamespace(args=("", "Yes"))], {})
+
+
+def test_is_greedy_means_greedy_decoding_produces_the_continuation():
+    model = tiny_diffusion("llama", block_size=4)
+    decode = DecodeConfig(steps=2, temperature=0.0)
+    runner = adapter.GenerationRunner(model, decode)
+    prompt = "Say hello."
+    own = None
+    for n in range(6, 0, -1):  # the longest greedy answer whose text re-tokenizes to the tokens greedy chose
+        out = model.generate(prompt, config=dataclasses.replace(decode, max_new_tokens=n))
+        if model.tokenizer(out.texts[0], add_special_tokens=False)["input_ids"] == out.token_ids[0]:
+            own = out.texts[0]
+            break
+    assert own
+    long = " ".join(["a seventeenth-century nautical chart of the Baltic coast"] * 2)
+    out = runner.loglikelihood([SimpleNamespace(args=(prompt, own, None, 0, "t", "test")),
+                                SimpleNamespace(args=(prompt, long, None, 0, "t", "test"))], {})
+    assert out[0][1] is True and out[1][1] is False
+    assert out[0][0] < out[1][0]  # the model's own answer has the better (lower) bound
 
 
 def test_registered_with_lmms_eval_when_installed(tmp_path):

@@ -4,7 +4,7 @@ Contract:
 - Registration: lmms-eval (>= 0.7) reads the entry-point group `lmms_eval.models`; our `pyproject.toml` points
   `diffusionvl` there at `manifests()`, which returns a `ModelManifest` for the simple model class
   `DiffusionVLLmms`. Usage:
-      lmms-eval --model diffusionvl --model_args pretrained=out/dvl,steps=4,policy=threshold --tasks mme
+      lmms-eval eval --model diffusionvl --model_args pretrained=out/dvl,steps=4,policy=threshold --tasks mme
   `model_args` other than `pretrained`, `device`, `dtype`, `batch_size`, `system_prompt`, `elbo_levels` are
   `DecodeConfig` fields (decoder, block_size, steps, policy, threshold, max_new_tokens, ...); unknown ones fail.
 - Conversion (pure, no lmms-eval import, tested with fake requests): a `generate_until` request's args
@@ -12,10 +12,18 @@ Contract:
   in place of `<image>` placeholders, else in front of the text) and a `DecodeConfig` (`decode_options`:
   max_new_tokens, temperature / do_sample, top_p, top_k; beam search is refused), and the answer is cut at the
   first `until` string. Requests are grouped by identical gen_kwargs and decoded `batch_size` at a time; results
-  come back in request order. `loglikelihood` requests `(context, continuation, doc_to_visual, doc_id, task,
-  split)` return (-NELBO of the continuation as the assistant turn, whether greedy decoding produces it): a
-  diffusion model has no exact likelihood, and the ELBO is a lower bound on it (estimated at `elbo_levels` noise
-  levels with the same seeded masking draws for every request). Multi-round generation is refused.
+  come back in request order. Multi-round generation is refused.
+- Scores: a `loglikelihood` request `(context, continuation, doc_to_visual, doc_id, task, split)` returns
+  (loss, is_greedy) in lmms-eval's convention, lower is better (0.7.x picks a multiple-choice answer with
+  `np.argmin`): loss = the NELBO of the continuation as the assistant turn, in nats, summed over its tokens. A
+  diffusion model has no exact likelihood; NELBO >= -log p(continuation | context), so -loss is a lower bound on
+  the AR-style log-likelihood, and with B = 1 it estimates the AR negative log-likelihood itself. It is estimated
+  at `elbo_levels` noise levels with the same seeded masking draws for every request. is_greedy: greedy decoding
+  of the prompt reproduces the continuation.
+- Shims for lmms-eval 0.7.3 bugs, each removable when tests/test_lmms_eval_harness.py says the bug is gone:
+  its `unwrap_generation_output` turns a (loss, is_greedy) pair into a string, so `DiffusionVLLmms.loglikelihood`
+  hands the pairs over wrapped in `GenerationResult`s, which it unwraps untouched (`_survive_unwrap`);
+  `lmms-eval models` lists only its built-in table, so `manifests()` adds `diffusionvl` to that table too.
 - `GenerationRunner` does the work without lmms-eval; `DiffusionVLLmms` (defined only when lmms-eval is
   importable) is the thin `lmms` subclass lmms-eval instantiates.
 """
@@ -35,9 +43,18 @@ IMAGE_PLACEHOLDER = "<image>"
 
 
 def manifests() -> list[Any]:
-    """Entry-point payload for lmms-eval's model registry (group `lmms_eval.models`)."""
+    """Entry-point payload for lmms-eval's model registry (group `lmms_eval.models`).
+
+    lmms-eval calls this while `lmms_eval.models` initializes; `lmms-eval models` prints that module's built-in
+    `AVAILABLE_SIMPLE_MODELS` table, not the registry, so the model is listed there too (shim, module docstring).
+    """
+    import sys
+
     from lmms_eval.models.registry_v2 import ModelManifest
 
+    listing = getattr(sys.modules.get("lmms_eval.models"), "AVAILABLE_SIMPLE_MODELS", None)
+    if isinstance(listing, dict):
+        listing.setdefault(MODEL_ID, CLASS_PATH)
     return [ModelManifest(model_id=MODEL_ID, simple_class_path=CLASS_PATH)]
 
 
@@ -149,12 +166,16 @@ class GenerationRunner:
 
     def loglikelihood(self, requests: Sequence[Any], task_dict: dict[str, Any],
                       progress: bool = False) -> list[tuple[float, bool]]:
+        """(NELBO of the continuation in nats, whether greedy decoding produces it) per request: a loss."""
         import torch
         from tqdm.auto import tqdm
 
         from diffusionvl.jobs.evaluation.elbo import encode_scored, nelbo, noise_levels
         from diffusionvl.jobs.evaluation.tasks import Sample
 
+        if any(len(r.args) < 6 for r in requests):  # the unconditional (context-free) requests of acc_mutual_info
+            raise DiffusionVLError("the acc_mutual_info metric is not supported (lmms-eval 0.7 ranks its loss "
+                                   "differences with argmax, the wrong way round for a loss); use acc / acc_norm")
         levels = noise_levels(self.elbo_levels)
         generator = torch.Generator(device=self.model.device)
         out = []
@@ -169,7 +190,7 @@ class GenerationRunner:
             greedy = self.model.generate(to_messages(context, images, self.system_prompt),
                                          config=dataclasses.replace(self.decode, temperature=0.0,
                                                                     max_new_tokens=max(int(count[0]), 1)))
-            out.append((-float(total[0]), greedy.texts[0].strip() == continuation.strip()))
+            out.append((float(total[0]), greedy.texts[0].strip() == continuation.strip()))
         return out
 
 
@@ -183,9 +204,23 @@ def _decode_from_kwargs(kwargs: dict[str, Any]) -> DecodeConfig:
 
 
 try:  # the lmms class exists only where lmms-eval is installed (an optional extra, never vendored)
+    from lmms_eval.api.instance import GenerationResult, unwrap_generation_output
     from lmms_eval.api.model import lmms as _LmmsBase
 except ImportError:  # pragma: no cover - exercised when lmms-eval is absent
     _LmmsBase = None
+
+
+def unwrap_keeps_pairs() -> bool:
+    """Whether lmms-eval's evaluator passes a (loss, is_greedy) pair through to the task's scoring unchanged."""
+    return unwrap_generation_output((1.5, True))[0] == (1.5, True)
+
+
+def _survive_unwrap(pairs: list[tuple[float, bool]]) -> list[Any]:
+    """The pairs in a form lmms-eval's `unwrap_generation_output` returns untouched (shim, module docstring)."""
+    if unwrap_keeps_pairs():
+        return pairs
+    return [GenerationResult(text=pair) for pair in pairs]  # type: ignore[arg-type]  # .text is handed on as is
+
 
 if _LmmsBase is not None:
 
@@ -215,8 +250,8 @@ if _LmmsBase is not None:
         def generate_until(self, requests: list[Any]) -> list[str]:
             return self.runner.generate_until(requests, self.task_dict, progress=self.rank == 0)
 
-        def loglikelihood(self, requests: list[Any]) -> list[tuple[float, bool]]:
-            return self.runner.loglikelihood(requests, self.task_dict, progress=self.rank == 0)
+        def loglikelihood(self, requests: list[Any]) -> list[Any]:
+            return _survive_unwrap(self.runner.loglikelihood(requests, self.task_dict, progress=self.rank == 0))
 
         def generate_until_multi_round(self, requests: list[Any]) -> list[str]:
             raise NotImplementedError("diffusionvl does not support multi-round generation tasks yet")
