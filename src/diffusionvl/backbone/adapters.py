@@ -363,6 +363,92 @@ class ComposedAdapter(VisionAdapter):
         return Encoded(input_ids=ids, vision=vision, images_per_sample=[len(ims) for ims in images])
 
 
+class MultimodalAdapter(VisionAdapter):
+    """transformers VLMs of the LLaVA shape (InternVL, Mistral 3, Idefics3 / SmolVLM, LLaVA-OneVision): the model holds
+    a vision tower, a projector and `language_model` (1-D positions), the head holds `lm_head`, and the processor
+    expands each image placeholder into the family's layout (tiles, rows, newline tokens). `get_image_features` of
+    the inner model turns the processor's `feature_keys` tensors into the image tokens' features in prompt order, so
+    the family's own vision path (pixel shuffle, anyres packing with newline rows, Pixtral's 2-D patches) runs as is."""
+
+    auto_class = "AutoModelForImageTextToText"
+    feature_keys: ClassVar[tuple[str, ...]] = ("pixel_values",)  # processor outputs get_image_features reads
+    language_model: ClassVar[str] = "language_model"  # the inner model's attribute holding the decoder stack
+
+    @property
+    def decoder(self) -> nn.Module:
+        return getattr(self.model.model, self.language_model)
+
+    @property
+    def image_token_id(self) -> int:
+        return int(self.model.config.image_token_id)
+
+    def image_features(self, vision: dict[str, Tensor]) -> Tensor:
+        """[sum of image tokens, D] in sample/image order."""
+        weight = self.input_embeddings().weight
+        kwargs = {k: vision[k].to(weight.device) for k in self.feature_keys if vision.get(k) is not None}
+        kwargs["pixel_values"] = kwargs["pixel_values"].to(weight.dtype)
+        out = self.model.model.get_image_features(**kwargs)
+        out = getattr(out, "pooler_output", out)
+        parts = list(out) if isinstance(out, (list, tuple)) else [out]
+        return torch.cat([p.reshape(-1, p.shape[-1]) for p in parts], dim=0)
+
+    def render(self, conv: Conversation, add_generation_prompt: bool = True) -> str:
+        return self.processor.apply_chat_template(conv.messages, add_generation_prompt=add_generation_prompt,
+                                                  tokenize=False)
+
+    def encode(self, conversations: list[Conversation]) -> Encoded:
+        return self.tokenize([self.render(c) for c in conversations], [c.images for c in conversations])
+
+    def processor_images(self, images: list[list[Any]]) -> Any:
+        """Per-sample image lists -> the processor's `images` argument (a flat list in sample order)."""
+        return [im for ims in images for im in ims] or None
+
+    def tokenize(self, texts: list[str], images: list[list[Any]]) -> Encoded:
+        has_images = any(images)
+        out = self.processor(text=texts, images=self.processor_images(images) if has_images else None,
+                             return_tensors="pt", padding=True)
+        ids = [row[m.bool()].tolist() for row, m in zip(out["input_ids"], out["attention_mask"])]
+        vision = {k: out[k] for k in self.feature_keys if k in out} if has_images else {}
+        return Encoded(input_ids=ids, vision=vision, images_per_sample=[len(ims) for ims in images])
+
+
+class InternVLAdapter(MultimodalAdapter):
+    """InternVL (transformers' `internvl`): each image is cropped into tiles plus a thumbnail by its processor, and
+    every tile gives image_seq_length tokens after the pixel shuffle, between <img> and </img>."""
+
+    model_types = ("internvl",)
+
+
+class Mistral3Adapter(MultimodalAdapter):
+    """Mistral 3 (Pixtral vision): images keep their aspect ratio; rows of [IMG] tokens end in [IMG_BREAK], the
+    last in [IMG_END]; the vision tower needs each image's size to cut its patches out of the padded batch."""
+
+    model_types = ("mistral3",)
+    feature_keys = ("pixel_values", "image_sizes")
+
+
+class Idefics3Adapter(MultimodalAdapter):
+    """Idefics3 and SmolVLM: the processor splits an image into a grid of tiles plus a global view, each tile one
+    run of <image> tokens framed by <fake_token_around_image> and its <row_r_col_c> tag; the connector's pixel
+    shuffle makes each tile image_seq_len tokens. The processor takes images nested per sample."""
+
+    model_types = ("idefics3", "smolvlm")
+    feature_keys = ("pixel_values", "pixel_attention_mask")
+    language_model = "text_model"
+
+    def processor_images(self, images: list[list[Any]]) -> Any:
+        return [list(ims) for ims in images]
+
+
+class LlavaOnevisionAdapter(MultimodalAdapter):
+    """LLaVA-OneVision: anyres tiles of a single image (the base view plus the best grid for its size), features
+    unpadded to the image's aspect ratio with an image_newline token's feature after each row; several images in one
+    prompt take the base view only (`batch_num_images`)."""
+
+    model_types = ("llava_onevision",)
+    feature_keys = ("pixel_values", "image_sizes", "batch_num_images")
+
+
 def scatter_image_features(embeds: Tensor, input_ids: Tensor, image_token_id: int, features: Tensor) -> Tensor:
     """embeds [N, L, D] with `features` [M, D] written, in order, at the M image-token positions of input_ids."""
     where = (input_ids == image_token_id).unsqueeze(-1)  # [N, L, 1]
@@ -418,6 +504,8 @@ register_adapter(QwenVLAdapter)
 register_adapter(Qwen3VLAdapter)
 register_adapter(Gemma3VisionAdapter)
 register_adapter(ComposedAdapter)
+for _family in (InternVLAdapter, Mistral3Adapter, Idefics3Adapter, LlavaOnevisionAdapter):
+    register_adapter(_family)
 
 
 def adapter_class(model_type: str) -> type[Adapter]:

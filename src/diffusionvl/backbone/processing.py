@@ -8,11 +8,22 @@ grid_t * grid_h * grid_w / merge^2 copies; `apply_chat_template`, `tokenizer`, `
 `save_pretrained`/`from_pretrained` (standard tokenizer + preprocessor_config.json files, so the real processor
 loads the same folder). `load_processor` prefers the transformers processor and falls back to this one; a folder
 saved by `diffusionvl.backbone.compose.ComposedProcessor` (its `processor_config.json` names the class) loads as that.
+
+`image_only(cls)`: a transformers processor class whose family also takes video (InternVL, LLaVA-OneVision, SmolVLM)
+without its video processor, which needs torchvision: the family's own `__call__`, token layout, chat template and
+saved files (`processor_class` is the family's name, so a machine with torchvision loads the full class).
+`load_processor` builds a folder's named processor class from its saved parts (`saved_family_processor`: the PIL
+image processor, image_only where the class takes video) when AutoProcessor cannot build it here.
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
+import json
 import os
+import re
+from pathlib import Path
 from typing import Any
 
 from diffusionvl.backbone.tokens import find_token_id
@@ -90,7 +101,62 @@ def load_processor(path: str | os.PathLike[str], vision: bool, **kwargs: Any) ->
     try:
         return AutoProcessor.from_pretrained(path, **kwargs)
     except (AttributeError, TypeError, ValueError, ImportError, OSError):
-        return ImagePadProcessor.from_pretrained(path, **kwargs)
+        return saved_family_processor(path, **kwargs) or ImagePadProcessor.from_pretrained(path, **kwargs)
+
+
+def saved_family_processor(path: str | os.PathLike[str], **kwargs: Any) -> Any | None:
+    """The transformers processor class named in the folder's processor_config.json, built from its saved parts when
+    AutoProcessor cannot build it here (its video processor or its image processor's fast variant needs
+    torchvision): the tokenizer, the PIL variant of the saved image processor, the saved settings; a class that
+    also takes video goes through `image_only`. None when the folder names no such class or image processor."""
+    import transformers
+    from transformers import AutoTokenizer
+
+    config = Path(path) / "processor_config.json"
+    saved = json.loads(config.read_text(encoding="utf-8")) if config.is_file() else {}
+    cls = getattr(transformers, str(saved.get("processor_class")), None)
+    images = saved.get("image_processor")
+    images = pil_image_processor(images) if isinstance(images, dict) and "image_processor_type" in images else None
+    if cls is None or images is None:
+        return None
+    if "video_processor" in inspect.signature(cls.__init__).parameters:
+        cls = image_only(cls)
+    known = set(inspect.signature(cls.__init__).parameters) - {"self", "image_processor", "tokenizer"}
+    settings = {k: v for k, v in saved.items() if k in known}
+    tok = AutoTokenizer.from_pretrained(path, **kwargs)
+    settings.setdefault("chat_template", getattr(tok, "chat_template", None))
+    return cls(images, tok, **settings)
+
+
+def pil_image_processor(saved: dict[str, Any]) -> Any | None:
+    """The PIL (torchvision-free) variant of a saved image processor, `XImageProcessor` -> `XImageProcessorPil` from
+    transformers.models.x.image_processing_pil_x, imported directly (some releases mark the PIL class as needing
+    torchvision in the package index although its module does not); None where there is no such module."""
+    import importlib
+
+    name = str(saved["image_processor_type"]).removesuffix("Pil").removesuffix("Fast")
+    family = re.sub(r"(?<!^)(?=[A-Z])", "_", name.removesuffix("ImageProcessor")).lower()
+    try:
+        module = importlib.import_module(f"transformers.models.{family}.image_processing_pil_{family}")
+    except ImportError:
+        return None
+    pil = getattr(module, name + "Pil", None)
+    return pil.from_dict({k: v for k, v in saved.items() if k != "image_processor_type"}) if pil else None
+
+
+@functools.lru_cache(maxsize=None)
+def image_only(cls: type) -> type:
+    """`cls` (a transformers ProcessorMixin taking image_processor, tokenizer, video_processor) without the video
+    processor. transformers reads a processor's parts, and the settings it saves, from its `__init__` signature: the
+    subclass's signature is `cls`'s without `video_processor`."""
+    sig = inspect.signature(cls.__init__)
+
+    def __init__(self: Any, image_processor: Any, tokenizer: Any, *args: Any, **kwargs: Any) -> None:
+        cls.__init__(self, image_processor, tokenizer, None, *args, **kwargs)
+
+    __init__.__signature__ = sig.replace(  # type: ignore[attr-defined]
+        parameters=[p for p in sig.parameters.values() if p.name != "video_processor"])
+    return type(cls.__name__, (cls,), {"__init__": __init__, "__module__": cls.__module__})
 
 
 def make_qwen_vl_processor(cls: Any, image_processor: Any, tokenizer: Any, chat_template: str | None) -> Any:

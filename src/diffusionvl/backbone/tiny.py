@@ -4,7 +4,9 @@ Contract: `make_tiny(arch, seed)` returns an untrained (random, seeded) transfor
 processor, with no download: a byte-level BPE tokenizer trained on a built-in paragraph (deterministic), a ChatML
 chat template that also renders image parts, and for the Qwen-VL archs (Qwen2-VL, Qwen2.5-VL, Qwen3-VL dense
 and MoE) a PIL image processor sized so that a small image becomes a handful of visual tokens; `gemma3_vl` is Gemma 3
-with its vision tower, Gemma's own tokens and Gemma3Processor. Architectures: see `TINY_ARCHS`.
+with its vision tower, Gemma's own tokens and Gemma3Processor; the VLM families InternVL, Mistral 3, Idefics3 and
+LLaVA-OneVision come from `tiny_families.FAMILIES`, each with its own tokens, chat template and processor class.
+Architectures: see `TINY_ARCHS`.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from typing import Any
 
 import torch
 
+from diffusionvl.backbone.tiny_families import FAMILIES, Family
 from diffusionvl.core.errors import DiffusionVLError
 
 CORPUS = """
@@ -40,23 +43,27 @@ CHATML_TEMPLATE = (
 )
 
 QWEN_VL_ARCHS = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe")
-TINY_ARCHS = ("llama", "qwen2", "gemma3", *QWEN_VL_ARCHS, "gemma3_vl")
+TINY_ARCHS = ("llama", "qwen2", "gemma3", *QWEN_VL_ARCHS, "gemma3_vl", *FAMILIES)
 
 
-def tiny_tokenizer(vocab_size: int = 384) -> Any:
-    """Deterministic byte-level BPE tokenizer with ChatML special tokens and chat template."""
+def tiny_tokenizer(vocab_size: int = 384, family: Family | None = None) -> Any:
+    """Deterministic byte-level BPE tokenizer with ChatML special tokens and chat template, or with the special
+    tokens, end of turn and chat template of a `tiny_families` family."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
+    special = family.special_tokens if family else SPECIAL_TOKENS
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False,
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=special, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     bpe.train_from_iterator([line for line in CORPUS if line.strip()], trainer)
-    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                                  additional_special_tokens=SPECIAL_TOKENS[1:])
-    tok.chat_template = CHATML_TEMPLATE
+    named = {"extra_special_tokens": family.named_tokens} if family and family.named_tokens else {}
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token=family.eos if family else "<|im_end|>",
+                                  pad_token=family.pad if family else "<|endoftext|>",
+                                  additional_special_tokens=special[1:], **named)
+    tok.chat_template = family.template if family else CHATML_TEMPLATE
     return tok
 
 
@@ -187,14 +194,15 @@ def make_tiny(arch: str = "llama", seed: int = 0, dtype: torch.dtype = torch.flo
         model, processor = _gemma3_vl(seed, dtype)
         return _generation_ready(model, processor.tokenizer), processor
 
-    tok = tiny_tokenizer()
-    config = _config(arch, tok)
+    family = FAMILIES.get(arch)
+    tok = tiny_tokenizer(family=family)
+    config = family.config(tok) if family else _config(arch, tok)
     torch.manual_seed(seed)
-    if arch in QWEN_VL_ARCHS:
+    if family or arch in QWEN_VL_ARCHS:
         model = tf.AutoModelForImageTextToText.from_config(config, dtype=dtype)
     else:
         model = tf.AutoModelForCausalLM.from_config(config, dtype=dtype)
-    return _generation_ready(model, tok), _processor(arch, tok)
+    return _generation_ready(model, tok), family.processor(tok) if family else _processor(arch, tok)
 
 
 def _generation_ready(model: Any, tok: Any) -> Any:
