@@ -4,8 +4,10 @@ Contract: builds a random model of the given shape from its config (no download;
 hidden 1536, 28 layers, 12 heads / 2 KV heads, vocab 151936), converts it in memory (mask token, block size B),
 and for every (backend, sequence length) times full training steps: the 2L-long [x_t ; x0] forward, backward and
 an AdamW step, with fp32 weights and bf16 autocast as `diffusionvl train` uses on GPU. Half of each sequence is
-prompt, half answer (loss tokens). Prints a table and writes JSON (--out). `--tiny` runs a tiny Qwen2 on CPU
-(SDPA only: FlexAttention has no backward on CPU) as a smoke test.
+prompt, half answer (loss tokens). Prints a table and writes JSON (--out, atomically after every case, so a run
+cut short keeps what it measured). A case that fails (out of memory, a FlexAttention compile error) is recorded
+with its error, its traceback goes to stderr, and the next case runs. `--tiny` runs a tiny Qwen2 on CPU (SDPA only:
+FlexAttention has no backward on CPU) as a smoke test.
 
     python scripts/bench_train_attention.py --out bench_train_attention.json          # on a GPU
     python scripts/bench_train_attention.py --tiny --lengths 64 128 --steps 2         # CPU smoke test
@@ -17,9 +19,12 @@ import argparse
 import json
 import sys
 import time
+import traceback
 from typing import Any
 
 import torch
+
+from diffusionvl.core.atomic import write_json
 
 QWEN25_15B = dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
                   num_key_value_heads=2, vocab_size=151936, max_position_embeddings=32768, rope_theta=1e6,
@@ -95,6 +100,19 @@ def run_case(model: Any, backend: str, length: int, args: argparse.Namespace, de
             "tokens_per_s": args.batch * length / (ms / 1000), "peak_gib": peak}
 
 
+def safe_case(model: Any, backend: str, length: int, args: argparse.Namespace, device: torch.device) -> dict:
+    """run_case, or the case with its error (its traceback on stderr) so that the next case still runs."""
+    try:
+        return run_case(model, backend, length, args, device)
+    except torch.OutOfMemoryError:
+        torch.cuda.empty_cache()
+        error = "out of memory"
+    except Exception as exc:  # noqa: BLE001 - recorded in the results, never silent
+        traceback.print_exc()
+        error = f"{type(exc).__name__}: {str(exc)[:200]}".replace("\n", " ")
+    return {"backend": backend, "length": length, "batch": args.batch, "error": error}
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--tiny", action="store_true", help="tiny Qwen2 (CPU smoke test) instead of the 1.5B shape")
@@ -117,12 +135,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
     results = []
     for backend in backends:
         for length in lengths:
-            try:
-                results.append(run_case(model, backend, length, args, device))
-            except torch.OutOfMemoryError:
-                torch.cuda.empty_cache()
-                results.append({"backend": backend, "length": length, "batch": args.batch, "error": "out of memory"})
+            results.append(safe_case(model, backend, length, args, device))
             print(json.dumps(results[-1]), file=sys.stderr)
+            if args.out:  # after every case: a run cut short keeps what it measured
+                write_json(args.out, {"device": str(device), "torch": torch.__version__, "shape": "tiny" if args.tiny
+                                      else "qwen2.5-1.5b", "block_size": args.block_size, "bf16": args.bf16,
+                                      "results": results})
     print(f"{'backend':<16}{'L':>6}{'step ms':>10}{'tokens/s':>11}{'peak GiB':>10}")
     for r in results:
         if "error" in r:
@@ -130,11 +148,6 @@ def main(argv: list[str] | None = None) -> list[dict]:
             continue
         peak = f"{r['peak_gib']:.2f}" if r["peak_gib"] is not None else "-"
         print(f"{r['backend']:<16}{r['length']:>6}{r['step_ms']:>10.1f}{r['tokens_per_s']:>11.0f}{peak:>10}")
-    if args.out:
-        with open(args.out, "w", encoding="utf-8") as fh:
-            json.dump({"device": str(device), "torch": torch.__version__, "shape": "tiny" if args.tiny else
-                       "qwen2.5-1.5b", "block_size": args.block_size, "bf16": args.bf16, "results": results}, fh,
-                      indent=2)
     return results
 
 

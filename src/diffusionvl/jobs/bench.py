@@ -427,14 +427,16 @@ def render_table(result: dict[str, Any]) -> Any:
 
 
 def markdown_table(result: dict[str, Any]) -> str:
-    """The same rows as a Markdown table (for docs/performance.md)."""
-    head = "| batch | prompt | decoder | tok/s | forwards | tok/fwd | ms/fwd | 1st block ms | x HF tok/s | x HF /fwd |"
-    lines = [head, "|" + "---|" * 10]
+    """The same rows and columns as a Markdown table (for docs/performance.md)."""
+    head = ("| batch | prompt | decoder | tok/s | forwards | tok/fwd | ms/fwd | 1st block ms | peak GiB | x HF tok/s "
+            "| x HF /fwd | backend |")
+    lines = [head, "|" + "---|" * 12]
     for r in result["results"]:
         lines.append(f"| {r['batch']} | {r['prompt']} | {r['decoder']} | {_fmt(r['tokens_per_second'], '.1f')} | "
                      f"{r['forwards']} | {_fmt(r['tokens_per_forward'], '.2f')} | {_fmt(r['ms_per_forward'], '.2f')} | "
-                     f"{_fmt(r['first_block_ms'], '.1f')} | {_fmt(r['tokens_per_second_vs_hf'], '.2f')} | "
-                     f"{_fmt(r['per_forward_speed_vs_hf'], '.2f')} |")
+                     f"{_fmt(r['first_block_ms'], '.1f')} | {_fmt(r['peak_memory_gib'], '.2f')} | "
+                     f"{_fmt(r['tokens_per_second_vs_hf'], '.2f')} | {_fmt(r['per_forward_speed_vs_hf'], '.2f')} | "
+                     f"{r['backend']} |")
     return "\n".join(lines)
 
 
