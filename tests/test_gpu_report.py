@@ -1,7 +1,7 @@
 """`scripts/gpu_report.sh` runs as the GPU machines are: a clean checkout with no .venv, no package index, and a
 Python that has torch and transformers but neither this package nor the extras that image lacks.
 
-The Python is a throwaway virtual environment (no pip) whose site-packages links every package of the interpreter
+The Python is a throwaway virtual environment whose site-packages links every package of the interpreter
 running the tests except diffusionvl itself (no .pth file is linked, so the editable install's hook is not either)
 and the packages the GPU image does not hold: fastapi, starlette, uvicorn, gguf, lmms-eval, openai and the asset
 packages. `bash scripts/gpu_report.sh --smoke` must pick it as `python3`, run the copied checkout from source, install
