@@ -248,6 +248,9 @@ def _assert_same_weights(a: nn.Module, b: nn.Module) -> None:
 def test_ar_folder_round_trip_and_convert_load(tmp_path, arch, vision):
     from transformers import AutoModelForImageTextToText
 
+    from diffusionvl.backbone.compose import register_auto_classes
+
+    register_auto_classes()  # what the loaders do first (the test must not depend on an earlier test's load)
     model, proc = composed(arch, vision)
     model.save_pretrained(tmp_path / "ar")
     proc.save_pretrained(tmp_path / "ar")

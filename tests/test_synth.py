@@ -368,3 +368,33 @@ def test_real_photographs_are_partitioned_without_loss(n_names, counts):
     assert all(not pools[s] for s, n in zip(("train", "val", "test"), counts) if n == 0)
     if n_names >= 3 and all(counts):
         assert all(pools.values())
+
+
+# ---------------------------------------------------------------------------------------------- no leaks
+
+
+def _words(text: str) -> str:
+    return " " + " ".join(re.findall(r"[a-z0-9]+", text.lower())) + " "
+
+
+def test_no_turn_can_be_answered_from_the_turns_before_it():
+    """1,000 generated multi-question conversations (every type, descriptions included in the mix): no answer
+    appears, as whole words, in the text (questions and answers) of the turns before it, and a description is
+    always a sample of its own (it would answer every later question)."""
+    mix = {t: 1.0 for t in ("shape", "colour", "count", "position", "relation", "exist", "text", "describe")}
+    plan = make_plan(5, 96, mix, 0.0, 0.0, 1.0, questions_per_image=8)
+    multi = 0
+    for index in range(1000):
+        qas = make_sample(plan, "train", index).qas
+        multi += len(qas) > 1
+        assert all(q.type != "describe" for q in qas) or len(qas) == 1
+        for k, qa in enumerate(qas):
+            earlier = "".join(_words(q.question) + _words(q.answer) for q in qas[:k])
+            for answer in qa.answers:
+                assert _words(answer) not in earlier, (index, [(q.question, q.answer) for q in qas[: k + 1]])
+    assert multi > 500  # most samples still carry several questions
+
+
+def test_recognition_scenes_hold_one_object():
+    plan = make_plan(1, 96, {"shape": 1, "colour": 1}, 0.0, 0.0, 1.0, questions_per_image=4, max_objects=1)
+    assert all(len(make_sample(plan, "train", i).meta["scene"]["objects"]) == 1 for i in range(50))

@@ -74,22 +74,25 @@ def training_backend(device: torch.device) -> str:
     return "sdpa"
 
 
-def flex_block_mask(valid: Tensor, block_size: int, window: int | None = None) -> Any:
-    """BD3 training BlockMask for FlexAttention. valid: [N, L] bool."""
+def flex_block_mask(valid: Tensor, block_size: int, window: int | None = None, segment: Tensor | None = None,
+                    context: Tensor | None = None) -> Any:
+    """BD3 training BlockMask for FlexAttention. valid: [N, L] bool; segment, context: packed rows (masks.py)."""
     from torch.nn.attention.flex_attention import create_block_mask
 
     n, length = valid.shape
-    mod = masks.bd3_mask_mod(valid, block_size, window)
+    mod = masks.bd3_mask_mod(valid, block_size, window, segment, context)
     return create_block_mask(mod, B=n, H=None, Q_LEN=2 * length, KV_LEN=2 * length, device=valid.device)
 
 
-def bd3_training_masks(valid: Tensor, block_size: int, config: Any, text_config: Any, dtype: torch.dtype) -> Any:
-    """The [x_t ; x0] training mask in the form the model's attention implementation takes."""
+def bd3_training_masks(valid: Tensor, block_size: int, config: Any, text_config: Any, dtype: torch.dtype,
+                       segment: Tensor | None = None, context: Tensor | None = None) -> Any:
+    """The [x_t ; x0] training mask in the form the model's attention implementation takes (segment, context:
+    packed rows, masks.py)."""
     implementation = attn_implementation(config)
     per_layer, window = sliding_layout(text_config)
     if implementation == "flex_attention":
         if per_layer:
-            return {"full_attention": flex_block_mask(valid, block_size, None),
-                    "sliding_attention": flex_block_mask(valid, block_size, window)}
-        return flex_block_mask(valid, block_size, window)
-    return build(lambda w: masks.bd3_dense_mask(valid, block_size, w), config, text_config, dtype)
+            return {"full_attention": flex_block_mask(valid, block_size, None, segment, context),
+                    "sliding_attention": flex_block_mask(valid, block_size, window, segment, context)}
+        return flex_block_mask(valid, block_size, window, segment, context)
+    return build(lambda w: masks.bd3_dense_mask(valid, block_size, w, segment, context), config, text_config, dtype)

@@ -12,6 +12,13 @@ Index conventions
   B, so slot blocks and position blocks coincide). Rule: key slot k visible to query slot q iff
   start[n] <= k and k // B <= q // B (block-causal; bidirectional inside a block), and within the sliding
   window when the layer has one.
+- Packed rows (training): a row may hold several independent *segments* and optional shared prefixes. Each token
+  carries `segment` (its own segment's id) and `context` (the id of the prefix it may also read; its own id when it
+  has none). Key k is visible to query q only if segment[k] == segment[q] or segment[k] == context[q]; this term is
+  ANDed onto the block rules, so a segment sees itself and its prefix and nothing else. With every token in one
+  segment (segment == context == 1, the default when none is given) the rules are the plain ones. The packer lays
+  the prefix and every segment out in whole blocks (train/packing.py), so the index-based block rules above give
+  each segment exactly the attention it gets alone.
 - Every query may always attend to itself, so padding rows never become all-masked (which would turn into NaN
   in SDPA and leak through 0 * NaN into valid rows).
 """
@@ -52,30 +59,47 @@ def block_causal_rule(q: Tensor, k: Tensor, block_size: int, start: Tensor | int
     return allowed
 
 
-def bd3_dense_mask(valid: Tensor, block_size: int, window: int | None = None) -> Tensor:
+def segment_rule(q_segment: Tensor, q_context: Tensor, k_segment: Tensor) -> Tensor:
+    """Packed rows: a key is visible iff it lies in the query's own segment or in the query's prefix."""
+    return (k_segment == q_segment) | (k_segment == q_context)
+
+
+def default_segments(valid: Tensor, segment: Tensor | None, context: Tensor | None) -> tuple[Tensor, Tensor]:
+    """(segment, context) [N, L] long; one segment per row when none is given."""
+    if segment is None:
+        segment = valid.long()
+    return segment, segment if context is None else context
+
+
+def bd3_dense_mask(valid: Tensor, block_size: int, window: int | None = None, segment: Tensor | None = None,
+                   context: Tensor | None = None) -> Tensor:
     """Dense BD3 training mask.
 
-    valid: [N, L] bool, True on real tokens (False on batch padding).
-    Returns [N, 1, 2L, 2L] bool.
+    valid: [N, L] bool, True on real tokens (False on batch padding); segment, context: optional [N, L] long
+    (packed rows, module docstring). Returns [N, 1, 2L, 2L] bool.
     """
     n, length = valid.shape
+    segment, context = default_segments(valid, segment, context)
     idx = torch.arange(2 * length, device=valid.device)
     allowed = bd3_rule(idx[:, None], idx[None, :], length, block_size, window)  # [2L, 2L]
     valid2 = torch.cat([valid, valid], dim=1)  # [N, 2L]
+    seg2, ctx2 = torch.cat([segment, segment], dim=1), torch.cat([context, context], dim=1)  # [N, 2L]
     allowed = allowed[None] & valid2[:, :, None] & valid2[:, None, :]  # [N, 2L, 2L]
+    allowed = allowed & segment_rule(seg2[:, :, None], ctx2[:, :, None], seg2[:, None, :])
     allowed = allowed | torch.eye(2 * length, dtype=torch.bool, device=valid.device)[None]
     return allowed[:, None]
 
 
-def bd3_mask_mod(valid: Tensor, block_size: int,
-                 window: int | None = None) -> Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]:
-    """FlexAttention `mask_mod` of the same BD3 rule (valid: [N, L] bool)."""
+def bd3_mask_mod(valid: Tensor, block_size: int, window: int | None = None, segment: Tensor | None = None,
+                 context: Tensor | None = None) -> Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]:
+    """FlexAttention `mask_mod` of the same BD3 rule (valid: [N, L] bool; segment, context as in bd3_dense_mask)."""
     length = valid.shape[1]
+    segment, context = default_segments(valid, segment, context)
 
     def mask_mod(b: Tensor, h: Tensor, q: Tensor, k: Tensor) -> Tensor:
-        qv = valid[b, torch.where(q >= length, q - length, q)]
-        kv = valid[b, torch.where(k >= length, k - length, k)]
-        return (bd3_rule(q, k, length, block_size, window) & qv & kv) | (q == k)
+        qi, ki = torch.where(q >= length, q - length, q), torch.where(k >= length, k - length, k)
+        same = segment_rule(segment[b, qi], context[b, qi], segment[b, ki])
+        return (bd3_rule(q, k, length, block_size, window) & valid[b, qi] & valid[b, ki] & same) | (q == k)
 
     return mask_mod
 
@@ -95,11 +119,15 @@ def block_causal_dense_mask(q_slots: Tensor, kv_len: int, start: Tensor, block_s
     return allowed[:, None]
 
 
-def causal_dense_mask(valid: Tensor, window: int | None = None) -> Tensor:
-    """Plain causal mask of a right-padded batch (AR training). valid: [N, L] bool -> [N, 1, L, L] bool."""
+def causal_dense_mask(valid: Tensor, window: int | None = None, segment: Tensor | None = None,
+                      context: Tensor | None = None) -> Tensor:
+    """Plain causal mask of a right-padded batch (AR training). valid: [N, L] bool -> [N, 1, L, L] bool.
+    segment, context: optional [N, L] long (packed rows, module docstring)."""
     length = valid.shape[1]
+    segment, context = default_segments(valid, segment, context)
     idx = torch.arange(length, device=valid.device)
     allowed = block_causal_rule(idx[:, None], idx[None, :], 1, 0, window)[None] & valid[:, None, :]  # [N, L, L]
+    allowed = allowed & segment_rule(segment[:, :, None], context[:, :, None], segment[:, None, :])
     allowed = allowed | torch.eye(length, dtype=torch.bool, device=valid.device)[None]
     return allowed[:, None]
 

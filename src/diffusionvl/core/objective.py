@@ -72,6 +72,43 @@ def prediction_index(length: int, block_size: int, prediction: str, device: torc
     return prev
 
 
+LOSS_NORMS = ("sample", "segment", "token")
+
+
+def unit_losses(values: Tensor, rows: Tensor, segs: Tensor, labels: Tensor, segment: Tensor) -> tuple[Tensor, Tensor]:
+    """Sum of per-token losses and number of loss tokens of every (row, segment) unit: two [N, L + 1] tensors.
+
+    values: [M] per-token losses at positions (rows [M], with segment ids segs [M]); labels, segment: [N, L]
+    (segment ids lie in [0, L]). A unit's loss-token count is taken from `labels`, not from the M positions, so a
+    BD3 unit divides by all its loss tokens, masked or not (the NELBO bound of that segment)."""
+    n, length = labels.shape
+    k = length + 1
+    sums = values.new_zeros(n * k).index_add(0, rows * k + segs, values)
+    has_loss = labels != IGNORE_INDEX  # [N, L]
+    keys = (torch.arange(n, device=labels.device)[:, None] * k + segment)[has_loss]
+    counts = values.new_zeros(n * k).index_add(0, keys, torch.ones_like(keys, dtype=values.dtype))
+    return sums.view(n, k), counts.view(n, k)
+
+
+def reduce_units(sums: Tensor, counts: Tensor, norm: str) -> tuple[Tensor, Tensor, Tensor]:
+    """(loss, per-sample [N], per-segment [N, L + 1]) from `unit_losses`.
+
+    norm: 'sample' = mean over samples (rows) of each row's mean over its loss tokens; 'segment' = mean over
+    segments of each segment's mean (packed rows: every segment counts as the sample it would be alone);
+    'token' = mean over all loss tokens of the batch (the transformers Trainer convention)."""
+    per_segment = sums / counts.clamp(min=1)  # [N, L + 1]
+    per_sample = sums.sum(1) / counts.sum(1).clamp(min=1)  # [N]
+    if norm == "sample":
+        loss = per_sample.mean()
+    elif norm == "segment":
+        loss = per_segment.sum() / (counts > 0).sum().clamp(min=1)
+    elif norm == "token":
+        loss = sums.sum() / counts.sum().clamp(min=1)
+    else:
+        raise ValueError(f"unknown loss norm {norm!r}; choose one of {', '.join(LOSS_NORMS)}")
+    return loss, per_sample, per_segment
+
+
 def bd3_sample_losses(logits: Tensor, x0: Tensor, masked: Tensor, t: Tensor, labels: Tensor) -> Tensor:
     """Per-sample 1/t-weighted masked cross entropy: [N].
 

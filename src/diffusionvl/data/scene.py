@@ -145,14 +145,16 @@ def font_name() -> str:
 
 
 def sample_scene(rng: random.Random, size: int, text_probability: float = 0.35,
-                 force_text: bool | None = None, repeat_probability: float = 0.0) -> Scene:
+                 force_text: bool | None = None, repeat_probability: float = 0.0,
+                 max_objects: int = MAX_OBJECTS) -> Scene:
     """Sample a scene description.
 
     `force_text` True/False overrides the text coin flip; `repeat_probability` is the chance that an object after
     the first copies an earlier object's shape (and, half of those times, its colour too), which spreads the
-    answers of counting questions beyond 1.
+    answers of counting questions beyond 1. `max_objects` (1..MAX_OBJECTS) caps the number of objects (1: the
+    one-object scenes of a recognition curriculum).
     """
-    n_objects = rng.randint(1, MAX_OBJECTS)
+    n_objects = rng.randint(1, max(1, min(max_objects, MAX_OBJECTS)))
     wants_text = rng.random() < text_probability if force_text is None else force_text
     background = rng.choice(sorted(BACKGROUNDS))
     texture = rng.choice(TEXTURES)

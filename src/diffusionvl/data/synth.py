@@ -5,7 +5,10 @@ Contract:
   `images/<split>-<index>.png`; `train.json` and `val.json` (LLaVA: a list of `{"id", "image", "conversations"}`,
   the first human turn starts with `"<image>\\n"`, turns alternate human / gpt; with `multi_turn_fraction` of the
   train samples asking up to `questions_per_image` questions about the same image, no two with the same type and
-  answer); `test.jsonl` (one
+  answer, and none whose answer can be read from the text of the turns before it (`leaks`): a later question never
+  names what an earlier turn answered, so a model cannot copy instead of looking; descriptions, which answer
+  everything, are always samples of their own); `val.jsonl` (the val split's first questions in the eval format,
+  for watching accuracy per type while training); `test.jsonl` (one
   `{"id", "image", "question", "answers", "type"}` per line, `answers[0]` canonical); `scenes.jsonl` (the scene
   description or real-image source behind every image, for checking answers and error analysis); `summary.json`
   (what was written, counts per split and question type). It returns the summary dict. Text-only samples (a
@@ -40,7 +43,7 @@ from diffusionvl.core.atomic import write_bytes, write_json
 from diffusionvl.core.errors import DiffusionVLError, check
 from diffusionvl.data.questions import DEFAULT_TYPES, QA, QUESTION_TYPES, SCENE_HINTS, ask
 from diffusionvl.data.real import BY_NAME, available_real_images, load_real_image, real_qa, real_view
-from diffusionvl.data.scene import check_image_size, font_name, render_scene, sample_scene
+from diffusionvl.data.scene import MAX_OBJECTS, check_image_size, font_name, render_scene, sample_scene
 from diffusionvl.data.textonly import TEXT_TYPES, text_qa
 
 SPLITS = ("train", "val", "test")
@@ -63,6 +66,7 @@ class Plan:
     text_only_fraction: float  # share of samples without an image
     multi_turn_fraction: float  # share of train samples with more questions about the same image
     questions_per_image: int = 2  # questions of a multi-turn train sample (distinct; fewer when the scene runs out)
+    max_objects: int = 4  # most objects per synthetic scene (1: one-object recognition scenes)
 
 
 @dataclass(frozen=True)
@@ -85,7 +89,8 @@ class Sample:
 
 
 def make_plan(seed: int, image_size: int, task_mix: Mapping[str, float] | None, real_fraction: float,
-              text_only_fraction: float, multi_turn_fraction: float, questions_per_image: int = 2) -> Plan:
+              text_only_fraction: float, multi_turn_fraction: float, questions_per_image: int = 2,
+              max_objects: int = MAX_OBJECTS) -> Plan:
     check(isinstance(seed, int) and not isinstance(seed, bool), f"seed must be an integer, got {seed!r}")
     check_image_size(image_size)
     for name, value in (("real_fraction", real_fraction), ("text_only_fraction", text_only_fraction),
@@ -93,9 +98,11 @@ def make_plan(seed: int, image_size: int, task_mix: Mapping[str, float] | None, 
         check(_is_number(value) and 0.0 <= value <= 1.0, f"{name} must be a number in [0, 1], got {value!r}")
     check(isinstance(questions_per_image, int) and not isinstance(questions_per_image, bool)
           and 1 <= questions_per_image <= 32, f"questions_per_image must be an integer in 1..32, got {questions_per_image!r}")
+    check(isinstance(max_objects, int) and not isinstance(max_objects, bool) and 1 <= max_objects <= MAX_OBJECTS,
+          f"max_objects must be an integer in 1..{MAX_OBJECTS}, got {max_objects!r}")
     mix = normalize_task_mix(task_mix)
     return Plan(seed, image_size, mix, float(real_fraction), float(text_only_fraction), float(multi_turn_fraction),
-                questions_per_image)
+                questions_per_image, max_objects)
 
 
 def normalize_task_mix(task_mix: Mapping[str, float] | None) -> dict[str, float]:
@@ -156,20 +163,32 @@ def make_sample(plan: Plan, split: str, index: int, real_pool: Sequence[str] = (
 def _synthetic_sample(sid: str, rng: random.Random, plan: Plan, turns: int) -> Sample:
     qtype = weighted_choice(rng, plan.task_mix)
     for _ in range(200):
-        scene = sample_scene(rng, plan.image_size, **SCENE_HINTS.get(qtype, {}))
+        scene = sample_scene(rng, plan.image_size, max_objects=plan.max_objects, **SCENE_HINTS.get(qtype, {}))
         qa = ask(qtype, scene, rng)
         if qa is not None:
             break
     else:  # an internal bug: every type is answerable on a sizeable share of scenes
         raise RuntimeError(f"no scene supported a {qtype!r} question in 200 tries")
     qas = [qa]
-    for _ in range(20 * (turns - 1)):
+    follow_ups = {t: w for t, w in plan.task_mix.items() if t != "describe"}  # a description answers everything
+    for _ in range(20 * (turns - 1) if qtype != "describe" and follow_ups else 0):
         if len(qas) >= turns:
             break
-        more = ask(weighted_choice(rng, plan.task_mix), scene, rng)
-        if more is not None and all((more.type, more.answer) != (q.type, q.answer) for q in qas):
+        more = ask(weighted_choice(rng, follow_ups), scene, rng)
+        if more is not None and all((more.type, more.answer) != (q.type, q.answer) for q in qas) \
+                and not leaks(more, qas):
             qas.append(more)
     return Sample(sid, render_scene(scene), tuple(qas), {"scene": scene.to_dict()})
+
+
+def _words(text: str) -> str:
+    return " " + " ".join(re.findall(r"[a-z0-9]+", text.lower())) + " "
+
+
+def leaks(qa: QA, earlier: Sequence[QA]) -> bool:
+    """True when one of `qa`'s accepted answers appears, as whole words, in the questions or answers before it."""
+    seen = "".join(_words(q.question) + _words(q.answer) for q in earlier)
+    return any(_words(a) in seen for a in qa.answers if _words(a).strip())
 
 
 def _real_sample(sid: str, rng: random.Random, plan: Plan, pool: Sequence[str], turns: int) -> Sample:
@@ -279,7 +298,7 @@ def prepare_out_dir(out_dir: str | os.PathLike, overwrite: bool = False) -> Path
     return out
 
 
-DATASET_FILES = ("train.json", "val.json", "test.jsonl", "scenes.jsonl", "summary.json")
+DATASET_FILES = ("train.json", "val.json", "val.jsonl", "test.jsonl", "scenes.jsonl", "summary.json")
 
 
 def _is_dataset(out: Path) -> bool:
@@ -299,12 +318,13 @@ def generate_dataset(out_dir: str | os.PathLike, n_train: int = 1000, n_val: int
                      seed: int = 0, image_size: int = 224, task_mix: Mapping[str, float] | None = None,
                      real_images: bool = True, real_fraction: float = 0.05, text_only_fraction: float = 0.0,
                      multi_turn_fraction: float = 0.25, progress: bool = True,
-                     questions_per_image: int = 2, overwrite: bool = False) -> dict[str, Any]:
+                     questions_per_image: int = 2, overwrite: bool = False,
+                     max_objects: int = MAX_OBJECTS) -> dict[str, Any]:
     """Generate the dataset into `out_dir` (see the module contract) and return its summary."""
     counts = {"train": n_train, "val": n_val, "test": n_test}
     check_counts(counts)
     plan = make_plan(seed, image_size, task_mix, real_fraction, text_only_fraction, multi_turn_fraction,
-                     questions_per_image)
+                     questions_per_image, max_objects)
     out = prepare_out_dir(out_dir, overwrite)
     names, missing = available_real_images() if real_images and plan.real_fraction > 0 else ([], [])
     pools = partition_real(names, counts, seed)
@@ -312,6 +332,7 @@ def generate_dataset(out_dir: str | os.PathLike, n_train: int = 1000, n_val: int
     summary = build_summary(plan, counts, samples, pools, missing)
     write_bytes(out / "train.json", json_bytes([llava_record(s) for s in samples["train"]]))
     write_bytes(out / "val.json", json_bytes([llava_record(s) for s in samples["val"]]))
+    write_bytes(out / "val.jsonl", jsonl_bytes([eval_record(s) for s in samples["val"]]))
     write_bytes(out / "test.jsonl", jsonl_bytes([eval_record(s) for s in samples["test"]]))
     scenes = [scene_record(s) for split in SPLITS for s in samples[split] if s.has_image]
     write_bytes(out / "scenes.jsonl", jsonl_bytes(scenes))

@@ -12,6 +12,8 @@ Training batch (what the collator produces; all [N, L], right padded):
     pixel_values / image_grid_thw / image_grid_thw_per_sample   (vision models, images in sample order)
     image_sizes / image_tiles   (composed VLMs with variable-resolution images: (width, height), tiles per image)
     position_ids    optional [P, N, L]; computed by the adapter when absent
+    segment_ids / context_ids   optional [N, L] long: packed rows (several isolated segments and shared prefixes,
+                    core/masks.py; built by train/packing.py); absent = one segment per row
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from diffusionvl.backbone.adapters import Adapter, adapter_class
@@ -42,7 +45,8 @@ VISION_KEYS = ("pixel_values", "image_grid_thw", "image_grid_thw_per_sample", "i
 class LossOutput:
     loss: Tensor
     metrics: dict[str, float]
-    per_sample: Tensor | None = None  # [N] each sample's loss (loss = per_sample.mean())
+    per_sample: Tensor | None = None  # [N] each row's mean over its loss tokens
+    per_segment: Tensor | None = None  # [N, L + 1] each packed segment's mean, indexed by segment id
 
 
 class DiffusionVLModel(nn.Module):
@@ -128,26 +132,30 @@ class DiffusionVLModel(nn.Module):
         positions = batch.get("position_ids")
         if positions is None:
             positions = self.positions_for(x0, valid, vision)
-        x0, labels, valid, positions = _pad_to_multiple(x0, labels, valid, positions, self.config.block_size,
-                                                        self.pad_token_id)
+        segment, context = masks.default_segments(valid, batch.get("segment_ids"), batch.get("context_ids"))
+        x0, labels, valid, positions, segment, context = _pad_to_multiple(
+            x0, labels, valid, positions, segment, context, self.config.block_size, self.pad_token_id)
         if self.config.prediction == "shift":
             labels[:, 0] = objective.IGNORE_INDEX  # token 0 has no predecessor to predict it
-        return {"x0": x0, "labels": labels, "valid": valid, "positions": positions, "vision": vision}
+        return {"x0": x0, "labels": labels, "valid": valid, "positions": positions, "vision": vision,
+                "segment": segment, "context": context}
 
     def bd3_hidden(self, x_t: Tensor, prepared: dict[str, Any]) -> Tensor:
         """The 2L training forward: hidden states [N, 2L, D] of [x_t ; x0] under the BD3 mask."""
         x0, valid, positions = prepared["x0"], prepared["valid"], prepared["positions"]
         embeds, residuals = self.embed_pair(x_t, x0, prepared["vision"])  # [N, 2L, D], [K, N, 2L, D] | None
         text_cfg = self.adapter.text_config
-        mask = attention.bd3_training_masks(valid, self.config.block_size, text_cfg, text_cfg, embeds.dtype)
+        mask = attention.bd3_training_masks(valid, self.config.block_size, text_cfg, text_cfg, embeds.dtype,
+                                            prepared["segment"], prepared["context"])
         return self.adapter.run_decoder(embeds, mask, torch.cat([positions, positions], dim=-1), residuals=residuals)
 
     def training_loss(self, batch: dict[str, Any], generator: torch.Generator | None = None,
-                      rates: Tensor | None = None, draw: Tensor | None = None) -> LossOutput:
+                      rates: Tensor | None = None, draw: Tensor | None = None, norm: str = "sample") -> LossOutput:
         """One BD3 forward on a batch (module docstring) -> 1/t-weighted masked CE and metrics.
 
         `rates` [N, L/B] and `draw` [N, L] (L = the batch length, a multiple of B) replace the random masking rates
-        and masking uniforms drawn from `generator` (the trainer passes split-invariant ones)."""
+        and masking uniforms drawn from `generator` (the trainer passes split-invariant ones). `norm` is how token
+        losses are averaged (objective.reduce_units: per sample, per packed segment, or per token)."""
         cfg = self.config
         if self.training and torch.is_grad_enabled():
             cfg.bd3_trained = True  # a BD3 training step: what is saved from now on is no fresh conversion
@@ -163,31 +171,38 @@ class DiffusionVLModel(nn.Module):
         rows = objective.prediction_index(length, cfg.block_size, cfg.prediction, x0.device)  # [L]
         where = masked.nonzero()  # [M, 2]
         logits = self.adapter.head(hidden[where[:, 0], rows[where[:, 1]]])  # [M, V]: lm_head on masked rows only
-        per_sample = objective.bd3_sample_losses(logits, x0, masked, t, labels)  # [N]
-        n_loss = int((labels != objective.IGNORE_INDEX).sum())
-        metrics = {"loss_tokens": float(n_loss), "masked_tokens": float(where.shape[0]),
-                   "mask_rate": float(where.shape[0]) / max(n_loss, 1)}
-        return LossOutput(per_sample.mean(), metrics, per_sample)
+        ce = F.cross_entropy(logits.float(), x0[masked], reduction="none") / t[masked]  # [M]
+        out = self._reduce(ce, where, prep, norm)
+        n_loss = float(out.metrics["loss_tokens"])
+        out.metrics.update(masked_tokens=float(where.shape[0]), mask_rate=float(where.shape[0]) / max(n_loss, 1))
+        return out
 
-    def ar_loss(self, batch: dict[str, Any]) -> LossOutput:
-        """Next-token cross entropy of the same backbone (AR instruction tuning before translation): each sample's
-        mean over its loss tokens, averaged over the batch. Same batch format as `training_loss`."""
+    @staticmethod
+    def _reduce(values: Tensor, where: Tensor, prep: dict[str, Any], norm: str) -> LossOutput:
+        """Per-token losses at positions `where` [M, 2] -> LossOutput averaged as `norm` says."""
+        segment, labels = prep["segment"], prep["labels"]
+        sums, counts = objective.unit_losses(values, where[:, 0], segment[where[:, 0], where[:, 1]], labels, segment)
+        loss, per_sample, per_segment = objective.reduce_units(sums, counts, norm)
+        n_loss = int((labels != objective.IGNORE_INDEX).sum())
+        return LossOutput(loss, {"loss_tokens": float(n_loss)}, per_sample, per_segment)
+
+    def ar_loss(self, batch: dict[str, Any], norm: str = "sample") -> LossOutput:
+        """Next-token cross entropy of the same backbone (AR instruction tuning before translation), averaged as
+        `norm` says (objective.reduce_units; 'sample': each sample's mean over its loss tokens, averaged over the
+        batch). Same batch format as `training_loss`, packed rows included."""
         prep = self.prepare_batch(batch)
         x0, labels, valid, vision = prep["x0"], prep["labels"], prep["valid"], prep["vision"]
         feats = self.adapter.image_features(vision) if vision else None
         embeds = self.adapter.embed(x0, features=feats) if feats is not None else self.adapter.input_embeddings()(x0)
         text_cfg = self.adapter.text_config
-        mask = attention.build(lambda w: masks.causal_dense_mask(valid, w), text_cfg, text_cfg, embeds.dtype)
+        seg, ctx = prep["segment"], prep["context"]
+        mask = attention.build(lambda w: masks.causal_dense_mask(valid, w, seg, ctx), text_cfg, text_cfg, embeds.dtype)
         residuals = self.adapter.layer_residuals(x0, feats)  # [K, N, L, D] | None
         hidden = self.adapter.run_decoder(embeds, mask, prep["positions"], residuals=residuals)  # [N, L, D]
-        target = labels[:, 1:]  # token i+1 is predicted at position i
-        where = (target != objective.IGNORE_INDEX).nonzero()  # [M, 2]
+        where = (labels[:, 1:] != objective.IGNORE_INDEX).nonzero()  # [M, 2]: token i+1 is predicted at position i
         logits = self.adapter.head(hidden[where[:, 0], where[:, 1]])  # [M, V]
-        ce = torch.nn.functional.cross_entropy(logits.float(), target[where[:, 0], where[:, 1]], reduction="none")
-        n = x0.shape[0]
-        count = torch.zeros(n, device=ce.device).index_add_(0, where[:, 0], torch.ones_like(ce))
-        per_sample = torch.zeros(n, device=ce.device).index_add_(0, where[:, 0], ce) / count.clamp(min=1)  # [N]
-        return LossOutput(per_sample.mean(), {"loss_tokens": float(where.shape[0])}, per_sample)
+        ce = F.cross_entropy(logits.float(), labels[where[:, 0], where[:, 1] + 1], reduction="none")  # [M]
+        return self._reduce(ce, torch.stack([where[:, 0], where[:, 1] + 1], dim=1), prep, norm)
 
     def bd3_prediction_logits(self, x_t: Tensor, prepared: dict[str, Any]) -> Tensor:
         """Logits predicting every x_t position, [N, L, V] (for tests and likelihood evaluation)."""
@@ -285,14 +300,16 @@ def save_atomic(model: DiffusionVLModel, path: str | os.PathLike[str],
     return write_folder(path, write)
 
 
-def _pad_to_multiple(x0: Tensor, labels: Tensor, valid: Tensor, positions: Tensor, block: int,
-                     pad_id: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def _pad_to_multiple(x0: Tensor, labels: Tensor, valid: Tensor, positions: Tensor, segment: Tensor, context: Tensor,
+                     block: int, pad_id: int) -> tuple[Tensor, ...]:
     extra = (-x0.shape[1]) % block
     if extra == 0:
-        return x0, labels, valid, positions
+        return x0, labels, valid, positions, segment, context
     n = x0.shape[0]
     x0 = torch.cat([x0, x0.new_full((n, extra), pad_id)], dim=1)
     labels = torch.cat([labels, labels.new_full((n, extra), objective.IGNORE_INDEX)], dim=1)
     valid = torch.cat([valid, valid.new_zeros(n, extra)], dim=1)
     positions = torch.cat([positions, positions.new_zeros(*positions.shape[:2], extra)], dim=-1)
-    return x0, labels, valid, positions
+    segment = torch.cat([segment, segment.new_zeros(n, extra)], dim=1)
+    context = torch.cat([context, context.new_zeros(n, extra)], dim=1)
+    return x0, labels, valid, positions, segment, context

@@ -6,7 +6,10 @@ Contract: `Collator(pad_id, block_size, adapter)(items)` returns
     position [N] (each sample's place in its global batch: keys the masking noise),
     the processor's vision tensors (Qwen-VL: pixel_values, image_grid_thw), images of all samples in order, and
     image_grid_thw_per_sample (one [k, 3] per sample, k = 0 for text-only samples), only when the batch has images,
-    meta: plain-Python bookkeeping (dataset indices, skipped / truncated samples, token counts) for the trainer.
+    segment_ids, context_ids [N, L] long, only when a sample is a packed row (train/packing.py): each piece of a
+      packed row gets the positions it has alone (the prefix's, then its own restarting after the prefix),
+    meta: plain-Python bookkeeping (dataset indices, skipped / truncated samples, token counts, segments) for the
+      trainer.
 L is the longest sample rounded up to a multiple of the block size. Runs on CPU in the DataLoader workers, so the
 per-sample work (positions) stays off the training step.
 """
@@ -41,15 +44,28 @@ class Collator:
         batch: dict[str, Any] = {"input_ids": ids, "labels": labels, "attention_mask": mask,
                                  "position": torch.tensor([it["position"] for it in items], dtype=torch.long)}
         batch.update(self._vision(samples))
+        if any(s.segment is not None for s in samples):
+            batch.update(self._segments(samples, lengths, length))
         if self.adapter is not None:
-            batch["position_ids"] = self._positions(ids, lengths, batch)
+            batch["position_ids"] = self._positions(ids, lengths, batch, samples)
         batch["meta"] = {
             "indices": [it["index"] for it in items],
             "skipped": [s for it in items for s in it["skipped"]],
             "truncated": [it["index"] for it, s in zip(items, samples) if s.truncated],
             "tokens": int(sum(lengths)),
+            "segments": sum(max(1, len(s.pieces)) for s in samples),
         }
         return batch
+
+    @staticmethod
+    def _segments(samples: list[Any], lengths: list[int], length: int) -> dict[str, Tensor]:
+        """segment_ids / context_ids [N, L]: a packed row's own, 1 on an unpacked sample, 0 on padding."""
+        seg = torch.zeros(len(samples), length, dtype=torch.long)
+        ctx = torch.zeros_like(seg)
+        for i, s in enumerate(samples):
+            seg[i, : lengths[i]] = s.segment if s.segment is not None else 1
+            ctx[i, : lengths[i]] = s.context if s.context is not None else 1
+        return {"segment_ids": seg, "context_ids": ctx}
 
     @staticmethod
     def _vision(samples: list[Any]) -> dict[str, Any]:
@@ -63,11 +79,16 @@ class Collator:
                                                 for s in samples]
         return out
 
-    def _positions(self, ids: Tensor, lengths: list[int], batch: dict[str, Any]) -> Tensor:
-        """[P, N, L] positions from the adapter, sample by sample (0 on padding)."""
+    def _positions(self, ids: Tensor, lengths: list[int], batch: dict[str, Any], samples: list[Any]) -> Tensor:
+        """[P, N, L] positions from the adapter, sample by sample (0 on padding); each piece of a packed row gets
+        the positions of [prefix ; piece] laid out alone."""
         vision = {k: batch[k] for k in ("image_grid_thw_per_sample",) if k in batch}
         pos = torch.zeros(self.adapter.position_dims, *ids.shape, dtype=torch.long)
-        for i, n in enumerate(lengths):
-            p, _ = self.adapter.prompt_positions(ids[i, :n].tolist(), vision or None, i)
-            pos[:, i, :n] = p
+        for i, (n, s) in enumerate(zip(lengths, samples)):
+            pieces = s.pieces or [(0, n)]
+            for start, size in pieces:
+                alone = torch.cat([ids[i, : s.prefix], ids[i, start: start + size]]).tolist()
+                p, _ = self.adapter.prompt_positions(alone, vision or None, i)
+                pos[:, i, : s.prefix] = p[:, : s.prefix]
+                pos[:, i, start: start + size] = p[:, s.prefix:]
         return pos

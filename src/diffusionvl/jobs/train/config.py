@@ -74,6 +74,12 @@ class TrainConfig:
     overlong: Literal["truncate", "skip"] = option(
         "truncate", "Samples longer than --max-length: 'truncate' cuts them (never inside an image) and trains on "
         "what is left of the answer; 'skip' drops them. Both are counted and reported.")
+    packing: bool = option(False, "Pack each multi-question sample into one row of isolated segments: every "
+                           "question attends only to itself and to the shared image prefix (paid once), positions "
+                           "restart after the prefix, so no question reads another's answer (train/packing.py).")
+    loss_norm: Literal["sample", "segment", "token"] = option(
+        "sample", "How token losses are averaged: 'sample' = each row's mean, then the batch mean; 'segment' = each "
+        "packed question's mean, then the mean over questions; 'token' = the mean over the batch's loss tokens.")
     shuffle: bool = option(True, "Shuffle the training data every epoch (seeded).")
     num_workers: int = option(2, "DataLoader worker processes that load images and tokenize (0 = in the main "
                               "process).")
@@ -91,6 +97,13 @@ class TrainConfig:
     log_every: int = option(10, "Log loss, tokens/s and learning rate every N optimizer steps.")
     eval_every: int = option(0, "Compute the eval loss every N optimizer steps (0 = only at the end).")
     eval_batch_size: int | None = option(None, "Samples per process per eval forward (default: --batch-size).")
+    grounding_data: str | None = option(None, "Held-out questions (an eval JSONL: image, question, answers, type) "
+                                        "answered at every eval: accuracy per question type goes to the log.")
+    grounding_samples: int = option(64, "How many --grounding-data questions each eval answers.")
+    min_image_dependence: float = option(0.0, "Stop when, after --grounding-patience-s seconds, the eval loss with "
+                                         "the images rolled across the batch exceeds the loss with the right images "
+                                         "by less than this (the model ignores the picture; 0 = never stop).")
+    grounding_patience_s: float = option(600.0, "Seconds of training before --min-image-dependence is enforced.")
     save_every: int = option(500, "Write a resumable checkpoint every N optimizer steps (and at the end; "
                              "0 = only the final model).")
     keep_checkpoints: int = option(2, "Keep only the newest N periodic checkpoints (0 = keep all).")
@@ -135,6 +148,11 @@ class TrainConfig:
         check(0.0 <= self.lora_dropout < 1.0, f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
         check(self.lr_scheduler in ("cosine", "linear", "constant"), f"unknown lr_scheduler {self.lr_scheduler!r}")
         check(self.objective in ("bd3", "ar"), f"objective must be bd3 or ar, got {self.objective!r}")
+        check(self.loss_norm in ("sample", "segment", "token"),
+              f"loss_norm must be sample, segment or token, got {self.loss_norm!r}")
+        check(self.grounding_samples >= 1, f"grounding_samples must be >= 1, got {self.grounding_samples}")
+        check(self.min_image_dependence >= 0 and self.grounding_patience_s >= 0,
+              "min_image_dependence and grounding_patience_s must be >= 0")
         check(self.overlong in ("truncate", "skip"), f"overlong must be truncate or skip, got {self.overlong!r}")
         check(self.attention in ("auto", "sdpa", "flex_attention", "eager"),
               f"attention must be auto, sdpa, flex_attention or eager, got {self.attention!r}")

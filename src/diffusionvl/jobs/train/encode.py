@@ -8,8 +8,10 @@ Contract (`SampleEncoder(model, max_length, overlong)(record) -> EncodedSample`)
   render of the turns up to it. Tokens overlapping a span (fast-tokenizer offsets) are loss tokens; everything
   else is -100: system/user text, image tokens, the template's role headers. Text after the final end-of-turn
   token (e.g. "\\n") is dropped. A template whose prefixes are not prefixes of the full render is a SampleError.
-- A sample whose answer does not end with the end-of-answer token gets one appended; then block-aligned EOS
-  (`objective.pad_to_block`: EOS as input and label up to a multiple of the block size B).
+- A sample whose answer does not end with the end-of-answer token gets one appended; then, for the BD3 objective,
+  block-aligned EOS (`objective.pad_to_block`: EOS as input and label up to a multiple of the block size B). The AR
+  objective gets no block padding (`objective="ar"`: alignment 1): padding EOS would be supervised tokens that carry
+  nothing, and a one-word answer would be 1/8 of its sample's loss.
 - Length: the limit is `max_length` rounded down to a multiple of B. Longer samples are either cut at the limit
   (`overlong="truncate"`; no EOS is added to a cut answer; a cut through an image, or no answer token left, is a
   SampleError) or are a SampleError (`overlong="skip"`).
@@ -39,6 +41,10 @@ class EncodedSample:
     labels: Tensor  # [L] long, -100 off the loss tokens
     vision: dict[str, Tensor] = field(default_factory=dict)  # e.g. pixel_values [P, C], image_grid_thw [k, 3]
     truncated: bool = False
+    segment: Tensor | None = None  # [L] long: packed rows only (train/packing.py), else one segment
+    context: Tensor | None = None  # [L] long: the prefix segment each token may read
+    prefix: int = 0  # packed rows: tokens of the shared prefix
+    pieces: list[tuple[int, int]] = field(default_factory=list)  # packed rows: (start, length) of each segment
 
 
 def assistant_spans(render: Any, conv: Conversation, eos_text: str) -> tuple[str, list[tuple[int, int]]]:
@@ -97,7 +103,7 @@ def expansion_counts(ids: Tensor, expanded: Tensor, image_token_id: int) -> Tens
 class SampleEncoder:
     """Record -> EncodedSample for one model (module docstring). Holds the model's template and tokenizer."""
 
-    def __init__(self, model: Any, max_length: int, overlong: str = "truncate"):
+    def __init__(self, model: Any, max_length: int, overlong: str = "truncate", objective: str = "bd3"):
         tok = model.tokenizer
         if not getattr(tok, "is_fast", False):
             raise DiffusionVLError("training needs a fast (Rust) tokenizer for exact assistant-token labels; "
@@ -109,6 +115,7 @@ class SampleEncoder:
         self.eos_id = model.eos_token_id
         self.eos_text = tok.decode([self.eos_id])
         self.block = model.config.block_size
+        self.align = self.block if objective == "bd3" else 1  # block-aligned EOS is for BD3 only
         self.limit = max(self.block, max_length // self.block * self.block)
         self.overlong = overlong
         self.add_special = not bool(getattr(tok, "chat_template", None))
@@ -141,7 +148,7 @@ class SampleEncoder:
         if labels[-1] != self.eos_id:  # a template without an end-of-turn token: end the answer explicitly
             eos = ids.new_tensor([self.eos_id])
             ids, labels = torch.cat([ids, eos]), torch.cat([labels, eos])
-        id_list, label_list = objective.pad_to_block(ids.tolist(), labels.tolist(), self.block, self.eos_id)
+        id_list, label_list = objective.pad_to_block(ids.tolist(), labels.tolist(), self.align, self.eos_id)
         ids, labels = torch.tensor(id_list), torch.tensor(label_list)
         if ids.numel() <= self.limit:
             return EncodedSample(ids, labels, vision)

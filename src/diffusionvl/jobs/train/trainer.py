@@ -11,6 +11,12 @@ Contract (`train(TrainConfig) -> summary dict`, `Trainer(cfg).fit()`):
   micro-steps, and a resumed run reproduces the uninterrupted one.
 - The step itself does no host sync of its own: losses and counters accumulate on the device and are reduced
   across processes every `log_every` steps (the model's loss gathers its masked rows with `nonzero`).
+- `packing` packs each multi-question record into one row of isolated segments (train/packing.py); `loss_norm`
+  says how token losses are averaged (per sample, per packed segment, or per token).
+- Every eval logs the eval loss, the eval loss with the images rolled across the batch and their difference (image
+  dependence), and, with `grounding_data`, accuracy per question type on held-out questions (train/grounding.py).
+  With `min_image_dependence`, a run whose image dependence is still below it after `grounding_patience_s`
+  seconds stops with one line (the model is not looking at the picture) instead of training on.
 - Logs go to OUTPUT/log.jsonl (+ TensorBoard), checkpoints to OUTPUT/checkpoint-STEP (checkpoint.py), the final
   model to OUTPUT/final, the run's summary to OUTPUT/summary.json. `resume` restores model, optimizer, scheduler,
   RNG (accelerate state) and the data position (epoch, step in epoch).
@@ -35,13 +41,15 @@ import torch
 from torch import nn
 
 from diffusionvl.core import atomic, attention
-from diffusionvl.core.errors import check
+from diffusionvl.core.errors import DiffusionVLError, check
 from diffusionvl.jobs.train import checkpoint as ckpt
 from diffusionvl.jobs.train import noise
 from diffusionvl.jobs.train.collator import Collator
 from diffusionvl.jobs.train.config import TrainConfig
 from diffusionvl.jobs.train.data import SFTDataset, read_records, split_records
 from diffusionvl.jobs.train.encode import SampleEncoder
+from diffusionvl.jobs.train.grounding import GroundingProbe, roll_images
+from diffusionvl.jobs.train.packing import PackingEncoder
 from diffusionvl.jobs.train.parts import apply_lora, configure_trainable, param_groups, trainable_counts
 from diffusionvl.jobs.train.sampler import EvalSampler, GlobalBatchSampler
 from diffusionvl.jobs.train.tracking import Tracker
@@ -54,10 +62,11 @@ MAX_REPORTED = 5
 class TrainModule(nn.Module):
     """What accelerate wraps: forward(batch, rates, draw) -> (mean loss, per-sample losses [N])."""
 
-    def __init__(self, model: nn.Module, objective: str = "bd3"):
+    def __init__(self, model: nn.Module, objective: str = "bd3", norm: str = "sample"):
         super().__init__()
         self.model = model
         self.objective = objective
+        self.norm = norm
 
     @property
     def _no_split_modules(self) -> list[str] | None:  # FSDP auto-wrap: the backbone's transformer blocks
@@ -65,9 +74,9 @@ class TrainModule(nn.Module):
 
     def forward(self, batch: dict[str, Any], rates: Tensor, draw: Tensor) -> tuple[Tensor, Tensor]:
         if self.objective == "ar":
-            out = self.model.ar_loss(batch)
+            out = self.model.ar_loss(batch, norm=self.norm)
         else:
-            out = self.model.training_loss(batch, rates=rates, draw=draw)
+            out = self.model.training_loss(batch, rates=rates, draw=draw, norm=self.norm)
         return out.loss, out.per_sample
 
 
@@ -241,7 +250,10 @@ class Trainer:
             check(bool(held), f"no usable eval samples in {cfg.eval_data} ({self.eval_report.summary()})")
         else:
             records, held = split_records(records, cfg.eval_size, cfg.seed)
-        encoder = SampleEncoder(model, cfg.max_length, cfg.overlong)
+        encoder: Any = SampleEncoder(model, cfg.max_length, cfg.overlong, cfg.objective)
+        if cfg.packing:
+            encoder = PackingEncoder(encoder)
+        self.grounding = GroundingProbe(cfg.grounding_data, cfg.grounding_samples) if cfg.grounding_data else None
         collator = Collator(model.pad_token_id, model.config.block_size, model.adapter)
         self.sampler = GlobalBatchSampler(len(records), cfg.batch_size, acc.num_processes, acc.process_index,
                                           cfg.grad_accum, cfg.seed, cfg.shuffle)
@@ -266,7 +278,7 @@ class Trainer:
             ds.deepspeed_config.update({"train_micro_batch_size_per_gpu": cfg.batch_size,
                                         "gradient_accumulation_steps": cfg.grad_accum,
                                         "gradient_clipping": cfg.max_grad_norm})
-        self.module, self.optimizer = acc.prepare(TrainModule(self.model, cfg.objective), optimizer)
+        self.module, self.optimizer = acc.prepare(TrainModule(self.model, cfg.objective, cfg.loss_norm), optimizer)
         acc.register_for_checkpointing(self.scheduler)
 
     def _resume(self) -> Path | None:
@@ -332,7 +344,7 @@ class Trainer:
 
     def _new_window(self) -> dict[str, Any]:
         return {"loss": torch.zeros((), device=self.accelerator.device), "micro": 0, "tokens": 0, "samples": 0,
-                "time": time.perf_counter()}
+                "segments": 0, "time": time.perf_counter()}
 
     def _noise(self, batch: dict[str, Any], step: int, group: int) -> tuple[Tensor, Tensor]:
         dcfg = self.model.config
@@ -358,6 +370,7 @@ class Trainer:
         w["micro"] += 1
         w["tokens"] += meta["tokens"]
         w["samples"] += len(meta["indices"])
+        w["segments"] += meta.get("segments", len(meta["indices"]))
         self._track(meta)
 
     def _track(self, meta: dict[str, Any]) -> None:
@@ -386,7 +399,8 @@ class Trainer:
 
     def _log_window(self) -> None:
         acc, w = self.accelerator, self._window
-        counts = torch.tensor([w["micro"], w["tokens"], w["samples"], len(self.bad), len(self.truncated)],
+        counts = torch.tensor([w["micro"], w["tokens"], w["samples"], len(self.bad), len(self.truncated),
+                               w["segments"]],
                               dtype=torch.float64, device=acc.device)
         loss_sum = acc.reduce(w["loss"].reshape(1).to(torch.float64), "sum")
         totals = acc.reduce(counts, "sum").tolist()
@@ -396,7 +410,8 @@ class Trainer:
                  "loss": float(loss_sum) / max(totals[0], 1), "lr": max(self.scheduler.get_last_lr()),
                  "grad_norm": float(self._grad_norm) if self._grad_norm is not None else None,
                  "tokens_per_s": totals[1] / seconds, "samples_per_s": totals[2] / seconds,
-                 "elapsed_s": time.perf_counter() - self._t0, "skipped": int(totals[3]), "truncated": int(totals[4])}
+                 "segments_per_s": totals[5] / seconds, "elapsed_s": time.perf_counter() - self._t0,
+                 "skipped": int(totals[3]), "truncated": int(totals[4])}
         self.tracker.log(entry)
         self.tracker.progress(0, loss=f"{entry['loss']:.4f}", tok_s=f"{entry['tokens_per_s']:.0f}",
                               lr=f"{entry['lr']:.2e}")
@@ -407,28 +422,56 @@ class Trainer:
 
     # ---- eval -----------------------------------------------------------------------------------------------
     @torch.no_grad()
-    def evaluate(self) -> float:
-        """Mean per-sample loss over the held-out set, with the same masks at every evaluation."""
+    def evaluate(self) -> dict[str, float]:
+        """Mean per-sample loss over the held-out set, with the same masks at every evaluation: `eval_loss`, and
+        `eval_loss_rolled` (the same batches with their images rolled, train/grounding.py) where defined."""
         acc = self.accelerator
         self.module.eval()
-        total = torch.zeros(2, dtype=torch.float64, device=acc.device)
+        total = torch.zeros(4, dtype=torch.float64, device=acc.device)
         for batch in self.eval_loader:
             batch.pop("meta")
             batch = to_device(batch, acc.device)
             rates, draw = self._noise(batch, EVAL_STEP, self.eval_group)
             _, per_sample = self.module(batch, rates, draw)
             weight = (batch["position"] < self.n_eval).to(torch.float64)  # repeats that pad the last batch: 0
-            total += torch.stack([(per_sample.double() * weight).sum(), weight.sum()])
+            rolled = roll_images(batch)
+            rolled_sum = torch.zeros((), dtype=torch.float64, device=acc.device)
+            if rolled is not None:
+                rolled_sum = (self.module(rolled, rates, draw)[1].double() * weight).sum()
+            total += torch.stack([(per_sample.double() * weight).sum(), weight.sum(), rolled_sum,
+                                  weight.sum() * (rolled is not None)])
         self.module.train()
-        total = acc.reduce(total, "sum")
-        return float(total[0] / total[1])
+        total = acc.reduce(total, "sum").tolist()
+        out = {"eval_loss": total[0] / total[1]}
+        if total[3] > 0:
+            out["eval_loss_rolled"] = total[2] / total[3]
+            out["image_dependence"] = out["eval_loss_rolled"] - total[0] / total[1]
+        return out
 
     def _log_eval(self) -> float:
-        value = self.evaluate()
-        self.tracker.log({"step": self.state.step, "eval_loss": value})
-        self.tracker.say(f"step {self.state.step}: eval loss {value:.4f}")
-        self.last["eval_loss"] = value
-        return value
+        entry = self.evaluate()
+        if self.grounding is not None and self.accelerator.is_main_process:
+            entry.update(self.grounding.probe(self.model, self.cfg.objective))
+        entry["elapsed_s"] = time.perf_counter() - self._t0
+        self.tracker.log({"step": self.state.step, **entry})
+        shown = ", ".join(f"{k.replace('accuracy/', '')} {v:.3f}" for k, v in entry.items() if k != "elapsed_s")
+        self.tracker.say(f"step {self.state.step}: {shown}")
+        self.last.update(entry)
+        self._check_looking(entry)
+        return entry["eval_loss"]
+
+    def _check_looking(self, entry: dict[str, float]) -> None:
+        """Stop a run that still ignores its images after the patience time (TrainConfig.min_image_dependence)."""
+        cfg = self.cfg
+        dependence = entry.get("image_dependence")
+        if not cfg.min_image_dependence or dependence is None or entry["elapsed_s"] < cfg.grounding_patience_s:
+            return
+        if dependence < cfg.min_image_dependence:
+            raise DiffusionVLError(
+                f"stopped at step {self.state.step}: after {entry['elapsed_s'] / 60:.0f} min the model still ignores "
+                f"its images (eval loss with rolled images - with the right ones = {dependence:.4f} < "
+                f"{cfg.min_image_dependence}); check the data for answers readable from the text, the vision tokens "
+                "and the learning rate (the last checkpoint is kept)")
 
     # ---- checkpoints ----------------------------------------------------------------------------------------
     def save_checkpoint(self) -> Path:
