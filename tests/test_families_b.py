@@ -1,12 +1,11 @@
 """The transformers VLM families InternVL, Idefics3 (SmolVLM's adapter), LLaVA-OneVision and Mistral 3, on their tiny
-random models (backbone/tiny_families.py) with their own processor classes and an image in the prompt:
+random models (backbone/tiny_families.py) with their own processor classes (Mistral 3: PixtralProcessor's
+torchvision-free stand-in where it cannot be imported, checked against it where it can) and an image in the prompt:
 B=1/S=1 block decoding == transformers greedy `generate` on the same processor output (cache and fast path on and
 off); a ragged batch (with and without images) == each sample alone; the 2L training forward == a brute-force
 forward of [clean blocks < k ; noisy block k]; convert -> save -> load; `serve` answers an image request."""
 
 from __future__ import annotations
-
-import importlib.util
 
 import pytest
 import torch
@@ -18,12 +17,7 @@ from diffusionvl.core import attention, masks, objective
 from diffusionvl.core.errors import DiffusionVLError
 from diffusionvl.model.wrapping import wrap
 
-NO_TORCHVISION = importlib.util.find_spec("torchvision") is None
-FAMILIES = [
-    "internvl", "idefics3", "llava_onevision",
-    pytest.param("mistral3", marks=pytest.mark.skipif(
-        NO_TORCHVISION, reason="transformers' PixtralProcessor (Mistral 3's processor) imports torchvision")),
-]
+FAMILIES = ["internvl", "idefics3", "llava_onevision", "mistral3"]
 PROMPT = "What shape is in the image? Answer in one short sentence."
 WIDE, TALL = red_square((112, 56)), red_square((40, 90), color="blue")  # several tiles / rows each
 
@@ -184,3 +178,25 @@ def test_unsupported_architecture_lists_the_families():
         adapter_class("no_such_vlm")
     for name in ("internvl", "idefics3", "smolvlm", "llava_onevision", "mistral3"):
         assert name in str(err.value)
+
+
+def test_pixtral_stand_in_lays_images_out_as_pixtral_processor(tmp_path):
+    """Where transformers' PixtralProcessor imports (torchvision present), the stand-in gives its exact output, and
+    each loads the other's saved folder."""
+    pytest.importorskip("torchvision", reason="transformers' PixtralProcessor imports torchvision")
+    from transformers import PixtralProcessor
+
+    from diffusionvl.backbone.processing import PixtralRowsProcessor, load_processor
+
+    real = tiny_ar("mistral3")[1]
+    assert isinstance(real, PixtralProcessor)
+    stand_in = PixtralRowsProcessor(real.image_processor, real.tokenizer, patch_size=real.patch_size,
+                                    spatial_merge_size=real.spatial_merge_size, chat_template=real.chat_template)
+    texts = ["<s>[INST][IMG]What is it?[/INST]", "<s>[INST][IMG][IMG]Two?[/INST]"]
+    images = [WIDE, TALL, red_square()]
+    ours, theirs = stand_in(text=texts, images=images), real(text=texts, images=images, return_tensors="pt",
+                                                             padding=True)
+    for key in ("input_ids", "attention_mask", "pixel_values", "image_sizes"):
+        torch.testing.assert_close(ours[key], theirs[key], rtol=0, atol=0, msg=key)
+    stand_in.save_pretrained(tmp_path / "a")
+    assert isinstance(load_processor(tmp_path / "a", True), PixtralProcessor)

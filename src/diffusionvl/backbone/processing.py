@@ -1,4 +1,5 @@
-"""A torchvision-free processor for Qwen-VL style models (image pad tokens expanded per image grid).
+"""Torchvision-free processors: Qwen-VL style (image pad tokens expanded per image grid), Pixtral's rows, and
+transformers' own processor classes without their video half.
 
 Contract: transformers' Qwen2-VL/Qwen2.5-VL processors require a video processor, which needs torchvision; on
 machines without it (CPU CI, minimal installs) `ImagePadProcessor` provides the part of the processor API the
@@ -8,6 +9,8 @@ grid_t * grid_h * grid_w / merge^2 copies; `apply_chat_template`, `tokenizer`, `
 `save_pretrained`/`from_pretrained` (standard tokenizer + preprocessor_config.json files, so the real processor
 loads the same folder). `load_processor` prefers the transformers processor and falls back to this one; a folder
 saved by `diffusionvl.backbone.compose.ComposedProcessor` (its `processor_config.json` names the class) loads as that.
+`PixtralRowsProcessor` is the same stand-in for Mistral 3's PixtralProcessor (whose module imports torchvision):
+its row layout, its saved settings; `STAND_INS` maps the class name a folder saves to the stand-in.
 
 `image_only(cls)`: a transformers processor class whose family also takes video (InternVL, LLaVA-OneVision, SmolVLM)
 without its video processor, which needs torchvision: the family's own `__call__`, token layout, chat template and
@@ -50,26 +53,37 @@ class ImagePadProcessor:
         texts = [text] if isinstance(text, str) else list(text)
         image_inputs: dict[str, Any] = {}
         if images:
-            image_inputs = dict(self.image_processor(images=images, return_tensors="pt"))
-            counts = (image_inputs["image_grid_thw"].prod(-1) // self.image_processor.merge_size ** 2).tolist()
-            texts = self._expand(texts, counts)
+            image_inputs = dict(self.image_processor(images=images, return_tensors="pt", **self.image_kwargs()))
+            texts = self._expand(texts, self.replacements(image_inputs))
         enc = dict(self.tokenizer(texts, padding=padding, return_tensors=return_tensors, **kwargs))
-        enc["mm_token_type_ids"] = (enc["input_ids"] == self.image_token_id).int()  # 1 = image token, as HF
+        if self.token_types:
+            enc["mm_token_type_ids"] = (enc["input_ids"] == self.image_token_id).int()  # 1 = image token, as HF
         return BatchFeature({**enc, **image_inputs})
 
-    def _expand(self, texts: list[str], counts: list[int]) -> list[str]:
-        out, k, placeholder = [], 0, "\x00IMG\x00"
+    token_types = True  # the output carries mm_token_type_ids, as the Qwen-VL processors' does
+
+    def image_kwargs(self) -> dict[str, Any]:
+        """Extra arguments of the image processor call."""
+        return {}
+
+    def replacements(self, image_inputs: dict[str, Any]) -> list[str]:
+        """Each image's text in place of its placeholder: grid_t * grid_h * grid_w / merge^2 pad tokens."""
+        counts = (image_inputs["image_grid_thw"].prod(-1) // self.image_processor.merge_size ** 2).tolist()
+        return [self.image_token * n for n in counts]
+
+    def _expand(self, texts: list[str], replacements: list[str]) -> list[str]:
+        out, k = [], 0
         for t in texts:
             pieces = t.split(self.image_token)
-            if k + len(pieces) - 1 > len(counts):
+            if k + len(pieces) - 1 > len(replacements):
                 raise DiffusionVLError("more image placeholders in the prompt than images")
             expanded = pieces[0]
             for piece in pieces[1:]:
-                expanded += placeholder * counts[k] + piece
+                expanded += replacements[k] + piece
                 k += 1
-            out.append(expanded.replace(placeholder, self.image_token))
-        if k != len(counts):
-            raise DiffusionVLError(f"{len(counts)} images given but the prompts have {k} image placeholders")
+            out.append(expanded)
+        if k != len(replacements):
+            raise DiffusionVLError(f"{len(replacements)} images given but the prompts have {k} image placeholders")
         return out
 
     def save_pretrained(self, path: str | os.PathLike[str], **kwargs: Any) -> None:
@@ -86,6 +100,49 @@ class ImagePadProcessor:
         tok = AutoTokenizer.from_pretrained(path, **kwargs)
         images = Qwen2VLImageProcessorPil.from_pretrained(path)
         return cls(images, tok)
+
+
+class PixtralRowsProcessor(ImagePadProcessor):
+    """A torchvision-free stand-in for transformers' PixtralProcessor (Mistral 3), with its token layout: each [IMG]
+    in the text becomes one row of [IMG] per patch_size * spatial_merge_size pixels of the resized image's width,
+    each row closed by [IMG_BREAK], the last by [IMG_END]; pixel_values and image_sizes from the PIL Pixtral image
+    processor. It saves what PixtralProcessor reads (processor_config.json with its settings)."""
+
+    token_types = False
+
+    def __init__(self, image_processor: Any, tokenizer: Any, patch_size: int = 16, spatial_merge_size: int = 1,
+                 chat_template: str | None = None, image_token: str = "[IMG]",
+                 image_break_token: str = "[IMG_BREAK]", image_end_token: str = "[IMG_END]"):
+        super().__init__(image_processor, tokenizer, chat_template, image_token)
+        self.settings = {"patch_size": patch_size, "spatial_merge_size": spatial_merge_size, "image_token": image_token,
+                         "image_break_token": image_break_token, "image_end_token": image_end_token}
+
+    def image_kwargs(self) -> dict[str, Any]:
+        return {"patch_size": self.settings["patch_size"] * self.settings["spatial_merge_size"]}
+
+    def replacements(self, image_inputs: dict[str, Any]) -> list[str]:
+        step = self.image_kwargs()["patch_size"]
+        brk, end = self.settings["image_break_token"], self.settings["image_end_token"]
+        rows = [(self.image_token * (w // step) + brk) * (h // step) for h, w in image_inputs["image_sizes"].tolist()]
+        return [r[: -len(brk)] + end for r in rows]
+
+    def save_pretrained(self, path: str | os.PathLike[str], **kwargs: Any) -> None:
+        super().save_pretrained(path)
+        config = {"processor_class": "PixtralProcessor", **self.settings}
+        (Path(path) / "processor_config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike[str], **kwargs: Any) -> "PixtralRowsProcessor":
+        from transformers import AutoTokenizer
+        from transformers.models.pixtral.image_processing_pil_pixtral import PixtralImageProcessorPil
+
+        saved = json.loads((Path(path) / "processor_config.json").read_text(encoding="utf-8"))
+        settings = {k: saved[k] for k in inspect.signature(cls.__init__).parameters if k in saved}
+        return cls(PixtralImageProcessorPil.from_pretrained(path), AutoTokenizer.from_pretrained(path, **kwargs),
+                   **settings)
+
+
+STAND_INS = {"PixtralProcessor": PixtralRowsProcessor}  # transformers processors that need torchvision
 
 
 def load_processor(path: str | os.PathLike[str], vision: bool, **kwargs: Any) -> Any:
@@ -115,6 +172,8 @@ def saved_family_processor(path: str | os.PathLike[str], **kwargs: Any) -> Any |
     config = Path(path) / "processor_config.json"
     saved = json.loads(config.read_text(encoding="utf-8")) if config.is_file() else {}
     cls = getattr(transformers, str(saved.get("processor_class")), None)
+    if saved.get("processor_class") in STAND_INS and (cls is None or getattr(cls, "is_dummy", False)):
+        return STAND_INS[saved["processor_class"]].from_pretrained(path, **kwargs)
     images = saved.get("image_processor")
     images = pil_image_processor(images) if isinstance(images, dict) and "image_processor_type" in images else None
     if cls is None or images is None:

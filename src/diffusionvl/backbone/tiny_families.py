@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from diffusionvl.backbone.processing import image_only
+from diffusionvl.backbone.processing import PixtralRowsProcessor, image_only
 
 
 def _chatml(image: str) -> str:
@@ -112,9 +112,11 @@ def _mistral3_config(tok: Any) -> Any:
     import transformers as tf
 
     vision = _vision(image_size=32, patch_size=4, head_dim=16, rope_theta=10000.0)
-    return tf.Mistral3Config(text_config=dict(_text(tok, _vocab(tok), head_dim=16), model_type="mistral"),
-                             vision_config=dict(vision, model_type="pixtral"),
-                             image_token_index=tok.convert_tokens_to_ids("[IMG]"), spatial_merge_size=2)
+    config = tf.Mistral3Config(text_config=dict(_text(tok, _vocab(tok), head_dim=16), model_type="mistral"),
+                               vision_config=dict(vision, model_type="pixtral"),
+                               image_token_index=tok.convert_tokens_to_ids("[IMG]"), spatial_merge_size=2)
+    config.initializer_range = config.text_config.initializer_range = 0.2  # as InternVL: 0.02 answers one token
+    return config
 
 
 def _mistral3_processor(tok: Any) -> Any:
@@ -122,7 +124,11 @@ def _mistral3_processor(tok: Any) -> Any:
     from transformers.models.pixtral.image_processing_pil_pixtral import PixtralImageProcessorPil
 
     images = PixtralImageProcessorPil(size={"longest_edge": 32}, patch_size=8)
-    return tf.PixtralProcessor(images, tok, patch_size=4, spatial_merge_size=2, chat_template=tok.chat_template)
+    kw = dict(patch_size=4, spatial_merge_size=2, chat_template=tok.chat_template)
+    try:
+        return tf.PixtralProcessor(images, tok, **kw)
+    except ImportError:  # its module imports torchvision: the stand-in with its layout
+        return PixtralRowsProcessor(images, tok, **kw)
 
 
 # ---- Idefics3: 16 px tiles of 4 px patches -> 16 patches -> pixel shuffle x2 -> 4 tokens; up to 2x2 tiles + global
