@@ -106,6 +106,43 @@ def test_cache_equals_no_cache_block_size_4(arch):
         dm.generate(prompts, images=images, use_cache=False, **kw).token_ids
 
 
+@pytest.mark.parametrize("arch", FAMILIES)
+def test_image_in_the_decoded_leftover_block(arch):
+    """An image that ends in the prompt's last, partial block is decoded with the first block: its rows (features,
+    deepstack residuals; no bidirectional group, as the prefill never held it) enter that block's steps. The static
+    forward's step == the plain one's there, beside a prompt whose image lies in the prefill; tokens agree with the
+    plain path and with no cache."""
+    from diffusionvl.core.config import DecodeConfig
+    from diffusionvl.decoding import _layout
+    from diffusionvl.decoding.plain import open_plain
+    from diffusionvl.decoding.static import clear_sessions, open_static
+
+    dm = tiny_diffusion(arch, block_size=4)
+    msgs = [{"role": "user", "content": [{"type": "text", "text": "Look:"}, {"type": "image"}]}]
+    convs = [to_conversation(msgs, [red_square()]), to_conversation(PROMPT, [red_square(color="blue")])]
+    encoded = dm.adapter.encode(convs)
+    ids = encoded.input_ids[0]
+    last_image = max(i for i, t in enumerate(ids) if t == dm.adapter.image_token_id)
+    bsz = next(b for b in range(4, 33) if (len(ids) // b) * b <= last_image)
+    cfg = DecodeConfig(block_size=bsz, steps=bsz // 2, max_new_tokens=9).resolved(bsz)
+    clear_sessions(dm)
+    with torch.no_grad():
+        layout = _layout(dm, encoded, cfg)
+        kw = dict(use_cache=True, attention_block=bsz)
+        with open_plain(dm, layout, encoded.vision, cfg, **kw) as plain, \
+                open_static(dm, layout, encoded.vision, cfg, mode="eager", **kw) as quick:
+            torch.testing.assert_close(quick.prefill(layout.prefill), plain.prefill(layout.prefill))
+            wins = [(fwd, fwd.window(bsz)) for fwd in (plain, quick)]
+            for fwd, win in wins:
+                fwd.aim(win, layout.prefill)
+            torch.testing.assert_close(wins[1][0].hidden(wins[1][1]), wins[0][0].hidden(wins[0][1]))
+    images = [[red_square()], [red_square(color="blue")]]
+    kw = dict(decoder="block", block_size=bsz, steps=bsz // 2, max_new_tokens=9)
+    ref = dm.generate([msgs, PROMPT], images=images, fast="off", **kw).token_ids
+    assert dm.generate([msgs, PROMPT], images=images, fast="on", **kw).token_ids == ref
+    assert dm.generate([msgs, PROMPT], images=images, use_cache=False, **kw).token_ids == ref
+
+
 def _sample(dm):
     """One image + question + answer sample, cut to whole blocks, answer tokens labelled."""
     msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Name a colour."}]},

@@ -60,6 +60,7 @@ class StaticSession:
         self.image_embeds: Tensor | None = None  # [N, T, D], image rows filled (prompt region only)
         self.image_where: Tensor | None = None  # [N, T] bool, True at image-token slots
         self.image_residuals: Tensor | None = None  # [K, N, T, D] layer residuals (slots.PromptImages), zero off them
+        self.step_residuals = False  # whether steps (not only the prefill) pass them: images in the slots they read
         self.groups: Tensor | None = None  # [N, T] bidirectional groups of the prefilled prompt (slots.slot_groups)
         if has_vision:
             width = adapter.input_embeddings().weight.shape[1]
@@ -97,11 +98,21 @@ class StaticSession:
                     self.image_residuals = self.image_embeds.new_zeros(k, *self.image_embeds.shape)
                 self.image_residuals.zero_()
                 self.image_residuals[:, :, :region] = images.residuals
+                self._aim_residuals(images.where, layout.prefill if self.cache is not None else 0)
             groups = slot_groups(self.adapter, self.tokens.clone(), layout, vision)
             if groups is not None:
                 if self.groups is None:  # allocated at the session's first load, before any capture
                     self.groups = torch.zeros_like(groups)
                 self.groups.copy_(groups)
+
+    def _aim_residuals(self, where: Tensor, first: int) -> None:
+        """Steps read slots from `first` on (the prefill's end; 0 without a cache): they pass the layer residuals only
+        when an image token lies there (a prompt's leftover tokens), since the model's deepstack add indexes by a
+        boolean mask, which a CUDA graph cannot capture. A change of that choice re-captures the steps."""
+        needed = bool(where[:, first:].any())
+        if needed != self.step_residuals:
+            self.executor.reset()
+            self.step_residuals = needed
 
     # ---- windows on the canvas: device slot buffers ------------------------------------------------------------
     def window(self, length: int) -> Window:
@@ -130,7 +141,7 @@ class StaticSession:
 
     # ---- forwards ----------------------------------------------------------------------------------------------
     def prefill(self, length: int) -> Tensor:
-        return self._forward(self.arange[:length], length)
+        return self._forward(self.arange[:length], length, prefill=True)
 
     def hidden(self, window: Window) -> Tensor:
         assert window.slots is not None
@@ -150,14 +161,16 @@ class StaticSession:
     def forget_captures(self) -> None:
         self.executor.reset()
 
-    def _forward(self, slots: Tensor, view_len: int) -> Tensor:
+    def _forward(self, slots: Tensor, view_len: int, prefill: bool = False) -> Tensor:
         """Canvas tokens at `slots` [Q] -> hidden [N, Q, D]; writes their keys/values at those cache slots."""
         ids = self.tokens.index_select(1, slots)  # [N, Q]
         embeds = self.adapter.input_embeddings()(ids)  # [N, Q, D]
         if self.image_embeds is not None and self.image_where is not None:
             embeds = with_images(embeds, self.image_embeds.index_select(1, slots),
                                  self.image_where.index_select(1, slots))
-        residuals = None if self.image_residuals is None else self.image_residuals.index_select(2, slots)
+        residuals = None
+        if self.image_residuals is not None and (prefill or self.step_residuals):
+            residuals = self.image_residuals.index_select(2, slots)  # [K, N, Q, D]
         positions = self.positions.index_select(2, slots)  # [P, N, Q]
         if self.cache is not None:
             self.cache.slots = slots  # bind (not copy): a captured graph reads this very buffer
