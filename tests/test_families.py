@@ -159,11 +159,13 @@ def _sample(dm):
     return {"input_ids": x0, "labels": labels, "attention_mask": torch.ones_like(x0), **enc.vision}, prompt_len
 
 
-@pytest.mark.parametrize("arch", FAMILIES[:2])
+@pytest.mark.parametrize("arch", FAMILIES)
 @pytest.mark.parametrize("prediction", ["shift", "same"])
 def test_training_forward_equals_per_block_forward(arch, prediction):
     """The x_t half of [x_t ; x0] for every block holding answer tokens == a plain forward of [clean blocks < k ;
-    noisy block k] under the inference mask, images (and their layer residuals) where that sequence holds them."""
+    noisy block k] under the inference mask, images (and their layer residuals) where that sequence holds them,
+    image groups open both ways in the prompt's complete blocks (the decoders' prefill, slots.slot_groups)."""
+    from diffusionvl.decoding.slots import slot_mask
     bsz = 4
     dm = tiny_diffusion(arch, block_size=bsz, prediction=prediction).eval()
     batch, prompt_len = _sample(dm)
@@ -181,18 +183,43 @@ def test_training_forward_equals_per_block_forward(arch, prediction):
             s, e = k * bsz, (k + 1) * bsz
             ids = torch.cat([x0[:, :s], x_t[:, s:e]], dim=1)  # clean blocks < k ; noisy block k
             emb = dm.adapter.embed(ids, features=feats)
-            q = torch.arange(e)
-
-            def rule(window):
-                return masks.block_causal_dense_mask(q, e, torch.zeros(1, dtype=torch.long), bsz, window)
-
-            mask = attention.build(rule, text_cfg, text_cfg, emb.dtype)
+            groups = dm.adapter.image_groups(ids)
+            if groups is not None:
+                groups[:, (prompt_len // bsz) * bsz:] = 0  # what the prefill of this prompt holds
+            mask = slot_mask(text_cfg, emb.dtype, torch.arange(e), e, torch.zeros(1, dtype=torch.long), bsz, groups)
             hidden = dm.adapter.run_decoder(emb, mask, prep["positions"][:, :, :e],
                                             residuals=dm.adapter.layer_residuals(ids, feats))
             rows = slice(s - 1, e - 1) if prediction == "shift" else slice(s, e)
             torch.testing.assert_close(train_logits[:, s:e], dm.adapter.head(hidden[:, rows]), rtol=1e-4, atol=1e-4)
             checked += 1
     assert checked >= 2
+
+
+def test_gemma3_training_mask_opens_image_groups():
+    """The AR loss's forward is transformers' own (bidirectional images); the BD3 mask opens an image both ways in
+    the clean half only, and only in blocks before the answer's first block."""
+    dm = tiny_diffusion("gemma3_vl", block_size=4).eval()
+    batch, prompt_len = _sample(dm)
+    prep = dm.prepare_batch(batch)
+    groups = dm.adapter.image_groups(prep["x0"])
+    opened = masks.open_groups(groups, prep["labels"], 4)
+    assert groups.any() and torch.equal(opened, groups * (torch.arange(groups.shape[1]) < (prompt_len // 4) * 4))
+    pairs = masks.group_pairs(opened, None, clean_half=True)[0, 0]  # [2L, 2L]
+    length = groups.shape[1]
+    assert not pairs[:length].any() and not pairs[:, :length].any() and pairs[length:, length:].any()
+    idx = torch.arange(2 * length)
+    for window in (None, 3):  # the FlexAttention form of the same pairs
+        flex = masks.bd3_group_mod(opened, window)(torch.tensor(0), torch.tensor(0), idx[:, None], idx[None, :])
+        assert torch.equal(flex, masks.group_pairs(opened, window, clean_half=True)[0, 0])
+    with torch.no_grad():
+        ours = dm.ar_loss(batch).loss
+        labels = batch["labels"].clone()
+        labels[:, 0] = -100
+        inputs = {"input_ids": batch["input_ids"], "pixel_values": batch["pixel_values"],
+                  "token_type_ids": (batch["input_ids"] == dm.adapter.image_token_id).long()}
+        logits = dm.hf_model(**inputs).logits[0, :-1]
+        ref = torch.nn.functional.cross_entropy(logits, labels[0, 1:], ignore_index=-100)
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("arch", FAMILIES[:2])

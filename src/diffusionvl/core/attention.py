@@ -75,24 +75,33 @@ def training_backend(device: torch.device) -> str:
 
 
 def flex_block_mask(valid: Tensor, block_size: int, window: int | None = None, segment: Tensor | None = None,
-                    context: Tensor | None = None) -> Any:
-    """BD3 training BlockMask for FlexAttention. valid: [N, L] bool; segment, context: packed rows (masks.py)."""
-    from torch.nn.attention.flex_attention import create_block_mask
+                    context: Tensor | None = None, groups: Tensor | None = None) -> Any:
+    """BD3 training BlockMask for FlexAttention. valid: [N, L] bool; segment, context: packed rows; groups: the
+    clean half's bidirectional groups (masks.py)."""
+    from torch.nn.attention.flex_attention import create_block_mask, or_masks
 
     n, length = valid.shape
     mod = masks.bd3_mask_mod(valid, block_size, window, segment, context)
+    if groups is not None:
+        mod = or_masks(mod, masks.bd3_group_mod(groups, window))
     return create_block_mask(mod, B=n, H=None, Q_LEN=2 * length, KV_LEN=2 * length, device=valid.device)
 
 
 def bd3_training_masks(valid: Tensor, block_size: int, config: Any, text_config: Any, dtype: torch.dtype,
-                       segment: Tensor | None = None, context: Tensor | None = None) -> Any:
+                       segment: Tensor | None = None, context: Tensor | None = None,
+                       groups: Tensor | None = None) -> Any:
     """The [x_t ; x0] training mask in the form the model's attention implementation takes (segment, context:
-    packed rows, masks.py)."""
+    packed rows; groups [N, L]: bidirectional groups of the clean half, masks.open_groups)."""
     implementation = attn_implementation(config)
     per_layer, window = sliding_layout(text_config)
     if implementation == "flex_attention":
         if per_layer:
-            return {"full_attention": flex_block_mask(valid, block_size, None, segment, context),
-                    "sliding_attention": flex_block_mask(valid, block_size, window, segment, context)}
-        return flex_block_mask(valid, block_size, window, segment, context)
-    return build(lambda w: masks.bd3_dense_mask(valid, block_size, w, segment, context), config, text_config, dtype)
+            return {"full_attention": flex_block_mask(valid, block_size, None, segment, context, groups),
+                    "sliding_attention": flex_block_mask(valid, block_size, window, segment, context, groups)}
+        return flex_block_mask(valid, block_size, window, segment, context, groups)
+
+    def rule(w: int | None) -> Tensor:
+        mask = masks.bd3_dense_mask(valid, block_size, w, segment, context)
+        return mask if groups is None else mask | masks.group_pairs(groups, w, clean_half=True)
+
+    return build(rule, config, text_config, dtype)

@@ -136,3 +136,47 @@ def to_additive(mask: Tensor, dtype: torch.dtype) -> Tensor:
     """Boolean mask -> additive float mask (0 where allowed, the dtype's minimum elsewhere) for eager attention."""
     out = torch.zeros(mask.shape, dtype=dtype, device=mask.device)
     return out.masked_fill_(~mask, torch.finfo(dtype).min)
+
+
+def group_rule(q_group: Tensor, k_group: Tensor) -> Tensor:
+    """Bidirectional groups (Gemma 3's images): query and key share a group g > 0 (0 = in none). Broadcasts."""
+    return (q_group == k_group) & (k_group > 0)
+
+
+def open_groups(groups: Tensor, labels: Tensor, block_size: int, ignore_index: int = -100) -> Tensor:
+    """What a decoder's prefill holds of the groups [N, L] of training rows: the ids of tokens whose block lies
+    wholly before the block of the next answer token (labels [N, L] != ignore_index), i.e. a prompt's complete
+    blocks; 0 elsewhere. The BD3 mask opens only these, so training sees what decoding computes."""
+    n, length = groups.shape
+    pos = torch.arange(length, device=groups.device).expand(n, length)
+    answer = torch.where(labels != ignore_index, pos, length)  # [N, L]
+    next_answer = answer.flip(1).cummin(1).values.flip(1)  # the first answer position at or after each token
+    return groups * (next_answer // block_size > pos // block_size)
+
+
+def group_pairs(groups: Tensor, window: int | None = None, clean_half: bool = False) -> Tensor:
+    """[N, 1, M, M] the pairs of groups [N, L] (both ways, within the sliding window), to OR onto a mask: over the
+    L tokens (M = L, causal_dense_mask), or over [x_t ; x0] where only the clean half takes part (M = 2L,
+    bd3_dense_mask)."""
+    length = groups.shape[1]
+    pos = torch.arange(length, device=groups.device)
+    if clean_half:
+        groups, pos = torch.cat([torch.zeros_like(groups), groups], dim=1), pos.repeat(2)  # [N, 2L], [2L]
+    pairs = group_rule(groups[:, :, None], groups[:, None, :])
+    if window is not None:
+        pairs = pairs & (pos[:, None] - pos[None, :] < window)[None]
+    return pairs[:, None]
+
+
+def bd3_group_mod(groups: Tensor, window: int | None = None) -> Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]:
+    """FlexAttention `mask_mod` of group_pairs(groups, window, clean_half=True), to or_masks onto bd3_mask_mod."""
+    length = groups.shape[1]
+
+    def mask_mod(b: Tensor, h: Tensor, q: Tensor, k: Tensor) -> Tensor:
+        qi, ki = q - length, k - length
+        clean = (qi >= 0) & (ki >= 0)
+        qi, ki = qi.clamp(min=0), ki.clamp(min=0)
+        pairs = clean & group_rule(groups[b, qi], groups[b, ki])
+        return pairs & (qi - ki < window) if window is not None else pairs
+
+    return mask_mod

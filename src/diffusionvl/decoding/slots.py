@@ -58,11 +58,6 @@ def slot_groups(adapter: Any, tokens: Tensor, layout: Layout, vision: dict[str, 
     return groups
 
 
-def group_pairs(q_groups: Tensor, k_groups: Tensor) -> Tensor:
-    """[N, Q, K] True where query and key share a group g > 0 (q_groups [N, Q], k_groups [N, K])."""
-    return (q_groups[:, :, None] == k_groups[:, None, :]) & (k_groups[:, None, :] > 0)
-
-
 def slot_mask(text_config: Any, dtype: torch.dtype, q_slots: Tensor, kv_len: int, start: Tensor,
               attention_block: int, groups: Tensor | None = None) -> Any:
     """Mask of queries at `q_slots` [Q] over keys [0, kv_len); `start` [N] is each sample's first real slot;
@@ -72,7 +67,7 @@ def slot_mask(text_config: Any, dtype: torch.dtype, q_slots: Tensor, kv_len: int
         mask = masks.block_causal_dense_mask(q_slots, kv_len, start, attention_block, window)  # [N, 1, Q, K]
         if groups is None:
             return mask
-        pairs = group_pairs(groups.index_select(1, q_slots), groups[:, :kv_len])  # [N, Q, K]
+        pairs = masks.group_rule(groups.index_select(1, q_slots)[:, :, None], groups[:, None, :kv_len])  # [N, Q, K]
         if window is not None:
             pairs = pairs & (q_slots[:, None] - torch.arange(kv_len, device=q_slots.device)[None] < window)[None]
         return mask | pairs[:, None]

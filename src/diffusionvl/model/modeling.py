@@ -145,8 +145,11 @@ class DiffusionVLModel(nn.Module):
         x0, valid, positions = prepared["x0"], prepared["valid"], prepared["positions"]
         embeds, residuals = self.embed_pair(x_t, x0, prepared["vision"])  # [N, 2L, D], [K, N, 2L, D] | None
         text_cfg = self.adapter.text_config
+        groups = self.adapter.image_groups(x0) if prepared["vision"] else None  # [N, L] | None
+        if groups is not None:  # open only what a decoder's prefill holds: a prompt's complete blocks
+            groups = masks.open_groups(groups, prepared["labels"], self.config.block_size)
         mask = attention.bd3_training_masks(valid, self.config.block_size, text_cfg, text_cfg, embeds.dtype,
-                                            prepared["segment"], prepared["context"])
+                                            prepared["segment"], prepared["context"], groups)
         return self.adapter.run_decoder(embeds, mask, torch.cat([positions, positions], dim=-1), residuals=residuals)
 
     def training_loss(self, batch: dict[str, Any], generator: torch.Generator | None = None,
@@ -196,7 +199,13 @@ class DiffusionVLModel(nn.Module):
         embeds = self.adapter.embed(x0, features=feats) if feats is not None else self.adapter.input_embeddings()(x0)
         text_cfg = self.adapter.text_config
         seg, ctx = prep["segment"], prep["context"]
-        mask = attention.build(lambda w: masks.causal_dense_mask(valid, w, seg, ctx), text_cfg, text_cfg, embeds.dtype)
+        groups = self.adapter.image_groups(x0) if vision else None  # one full forward: every group, as transformers
+
+        def rule(w: int | None) -> Tensor:
+            mask = masks.causal_dense_mask(valid, w, seg, ctx)
+            return mask if groups is None else mask | masks.group_pairs(groups, w)
+
+        mask = attention.build(rule, text_cfg, text_cfg, embeds.dtype)
         residuals = self.adapter.layer_residuals(x0, feats)  # [K, N, L, D] | None
         hidden = self.adapter.run_decoder(embeds, mask, prep["positions"], residuals=residuals)  # [N, L, D]
         where = (labels[:, 1:] != objective.IGNORE_INDEX).nonzero()  # [M, 2]: token i+1 is predicted at position i
