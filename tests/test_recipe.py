@@ -52,7 +52,7 @@ def test_config_validation_is_one_line():
 
 def test_diffusion_fraction_is_of_the_ar_samples_actually_used(tmp_path):
     cfg = TinyVLMConfig(out=str(tmp_path), n_train=6000, stage2_samples=4000, diffusion_fraction=0.05,
-                        thresholds=[0.9])
+                        thresholds=[0.9], stage2_epochs=1)
     assert cfg.ar_samples == 4000
     facts = json.loads(write_results(cfg, _rows(cfg), tmp_path)["json"].read_text())["facts"]
     assert facts["n_ar"] == 4000 and facts["n_diffusion"] == 200 and abs(facts["fraction"] - 0.05) < 1e-9

@@ -96,6 +96,9 @@ class ComposedVLMConfig(PretrainedConfig):
         ...] grid resolutions for anyres; patch_merge: "flat" | "spatial_unpad" (unpadded tile grid + a learned
         `image_newline` vector after each row); multi_image_aspect_ratio: the aspect for each image of a prompt
         with several images. num_image_tokens is then the tokens of one tile (side x side).
+        vision_weights: where the frozen tower's weights come from at load: "checkpoint" (saved with the model) or
+        "asset" (not saved: read from the offline asset package of `vision["kind"]`, which keeps a shipped model
+        folder small; only towers with such a package, e.g. efficientnet_lite0).
     """
 
     model_type = MODEL_TYPE
@@ -107,7 +110,7 @@ class ComposedVLMConfig(PretrainedConfig):
                  image_size: int = 224, image_mean: Any = (0.5, 0.5, 0.5), image_std: Any = (0.5, 0.5, 0.5),
                  image_crop_pct: float | None = None, image_aspect_ratio: str = "square",
                  image_grid_pinpoints: Any = None, patch_merge: str = "flat", multi_image_aspect_ratio: str = "pad",
-                 **kwargs: Any):
+                 vision_weights: str = "checkpoint", **kwargs: Any):
         if isinstance(text_config, dict):
             data = dict(text_config)
             text_config = AutoConfig.for_model(data.pop("model_type"), **data)
@@ -128,6 +131,7 @@ class ComposedVLMConfig(PretrainedConfig):
         self.image_grid_pinpoints = [list(p) for p in parse_pinpoints(image_grid_pinpoints, image_size)] or None
         self.patch_merge = patch_merge
         self.multi_image_aspect_ratio = multi_image_aspect_ratio
+        self.vision_weights = vision_weights
         kwargs.setdefault("tie_word_embeddings", False)  # tying lives inside the language model's own config
         super().__init__(**kwargs)
 
@@ -170,6 +174,40 @@ class ComposedVLM(PreTrainedModel, GenerationMixin):
         if config.patch_merge == "spatial_unpad":  # a learned token closing each row of an image's token grid
             self.image_newline = nn.Parameter(torch.empty(text.hidden_size))
         self.post_init()
+
+    @classmethod
+    def from_pretrained(cls, *args: Any, **kwargs: Any) -> Any:
+        """transformers' loader; a folder saved without its tower (config.vision_weights == "asset") gets the tower's
+        weights from the offline asset package (`load_asset_tower`)."""
+        from transformers.utils import logging as hf_logging
+
+        config = kwargs.get("config")
+        if isinstance(config, ComposedVLMConfig):
+            asset = config.vision_weights == "asset"
+        else:
+            file = os.path.join(str(args[0] if args else kwargs.get("pretrained_model_name_or_path", "")), "config.json")
+            asset = os.path.isfile(file) and json.loads(open(file, encoding="utf-8").read()).get("vision_weights") == "asset"
+        if not asset:
+            return super().from_pretrained(*args, **kwargs)
+        level = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()  # the tower's weights are missing on purpose
+        try:
+            model = super().from_pretrained(*args, **kwargs)
+        finally:
+            hf_logging.set_verbosity(level)
+        model.load_asset_tower()
+        return model
+
+    @torch.no_grad()
+    def load_asset_tower(self) -> None:
+        """Fill the vision tower from its offline asset package (one-line error naming the pip command if absent)."""
+        kind = self.config.vision.get("kind")
+        check(kind == "efficientnet_lite0", f"vision_weights='asset' needs a tower with an asset package "
+                                            f"(efficientnet_lite0), not {kind!r}")
+        source = resolve_vision(kind)
+        ref = next(self.vision_tower.parameters())
+        state = self.vision_tower.loadable_state(source.state)
+        self.vision_tower.encoder.load_state_dict({k: v.to(ref.device) for k, v in state.items()})
 
     def _init_weights(self, module: nn.Module) -> None:
         """Only the projector (and the newline vector) are ours to initialize; tower and LM come with weights."""

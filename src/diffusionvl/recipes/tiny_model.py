@@ -28,7 +28,26 @@ class TinyVLMConfig:
 
     out: str = option("runs/tiny-vlm", "Output folder of every stage (a rerun resumes finished stages).")
     seed: int = option(0, "Seed of the data, the projector initialization and the training noise.")
-    n_train: int = option(6000, "AR instruction-tuning samples (synthetic training split size).")
+    lm: str = option("tiny", "Language model: 'tiny' = a small Llama-architecture LM with SmolLM2's tokenizer and chat "
+                     "template, trained in full by the recipe (fits two CPU cores); 'smollm2' = pretrained "
+                     "SmolLM2-135M-Instruct + LoRA (the GPU path).")
+    lm_init: str = option("scratch", "How the tiny LM starts: 'scratch' (random) or 'smollm2' (its token embeddings "
+                          "are SmolLM2-135M-Instruct's, projected to --lm-width by PCA).")
+    lm_width: int = option(256, "Hidden size of the tiny LM.")
+    lm_layers: int = option(4, "Decoder layers of the tiny LM.")
+    n_train: int = option(20000, "Images of the main AR instruction-tuning stage (1-4 objects; each carries up to "
+                          "--questions-per-image independent questions, or one description).")
+    recognition_images: int = option(6000, "Images of the recognition stage that comes first (one-object scenes: "
+                                     "shape, colour, position, exist; 0 = skip it).")
+    recognition_epochs: int = option(1, "Epochs of the recognition stage.")
+    lr_full: float = option(1e-3, "Learning rate of the tiny LM's full-weight AR stages.")
+    loss_norm: str = option("segment", "How the AR stages average token losses: 'segment' (each question counts "
+                            "once, whatever its answer's length) or 'token' (descriptions outweigh one-word answers).")
+    eval_every: int = option(150, "Eval loss, image dependence and per-type accuracy on 64 validation questions "
+                             "every N steps of each training stage (the grounding curves).")
+    min_image_dependence: float = option(0.01, "A parent stage whose image dependence (eval loss with rolled minus "
+                                         "right images) is still below this after --grounding-patience-s stops.")
+    grounding_patience_s: float = option(900.0, "Seconds before --min-image-dependence is enforced.")
     stage2_samples: int | None = option(None, "Use only the first N training samples in stage 2 (default: all).")
     n_val: int = option(200, "Validation samples (eval loss).")
     n_test: int = option(400, "Held-out test questions for the accuracy table.")
@@ -43,8 +62,9 @@ class TinyVLMConfig:
                                       "of 256 synthetic probe scenes), so the projector starts from well-scaled inputs.")
     questions_per_image: int = option(8, "Question/answer turns per training image (one forward pays the image "
                                       "and template tokens once).")
-    task_mix: dict[str, float] = option({"shape": 1.0, "colour": 1.0, "count": 1.0, "position": 1.0, "relation": 1.0,
-                                         "exist": 1.0, "describe": 1.0}, "Question type -> weight.")
+    task_mix: dict[str, float] = option({"shape": 1.0, "colour": 1.5, "count": 1.0, "position": 1.0, "relation": 1.0,
+                                         "exist": 1.0, "describe": 1.5}, "Question type -> weight of an image's "
+                                        "first question (main stage; colour, the slowest to bind, gets more).")
     gate_scenes: int = option(2400, "Synthetic scenes of the vision gate (linear probes on the frozen tower's tokens, "
                               "half held out).")
     gate_strict: bool = option(True, "Stop before any LM training when the tower fails the vision gate.")
@@ -55,13 +75,14 @@ class TinyVLMConfig:
     stage1_samples: int = option(0, "Samples of the projector-alignment stage (0: skip it; stage 2 trains the "
                                  "projector with the LoRA adapters).")
     stage1_lr: float = option(1e-3, "Learning rate of stage 1 (projector).")
-    stage2_epochs: int = option(1, "Epochs of AR instruction tuning.")
+    stage2_epochs: int = option(2, "Epochs of AR instruction tuning (main stage).")
     lr: float = option(1e-3, "Learning rate of the LoRA stages.")
     lr_projector: float = option(2e-3, "Learning rate of the projector in stage 2 (a fresh module: faster than the "
                                  "adapters).")
     lora_r: int = option(16, "LoRA rank of the language model adapters.")
-    diffusion_fraction: float = option(0.05, "Share of stage 2's samples the translation may use (the paper: < 5%).")
-    diffusion_epochs: int = option(4, "Epochs over the translation subset.")
+    diffusion_fraction: float = option(0.15, "Share of stage 2's samples the translation may use (the paper: < 5% "
+                                       "of a far larger set).")
+    diffusion_epochs: int = option(3, "Epochs over the translation subset.")
     direct: bool = option(False, "Also train the direct AR-LM -> diffusion-VLM path (costly on CPU).")
     direct_epochs: int = option(1, "Epochs of the direct path over its data.")
     direct_samples: int | None = option(None, "Direct path on the first N training samples only (default: stage 2's "
@@ -82,11 +103,19 @@ class TinyVLMConfig:
 
     def validate(self) -> "TinyVLMConfig":
         check(0.0 < self.diffusion_fraction <= 1.0, f"diffusion_fraction must be in (0, 1], got {self.diffusion_fraction}")
-        for name in ("n_train", "n_test", "batch_size", "block_size", "pool", "lora_r", "questions_per_image"):
+        for name in ("n_train", "n_test", "batch_size", "block_size", "pool", "lora_r", "questions_per_image",
+                     "recognition_epochs", "stage2_epochs", "diffusion_epochs"):
             check(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
         check(self.stage1_samples >= 0, f"stage1_samples must be >= 0, got {self.stage1_samples}")
         check(self.threads is None or self.threads >= 1, f"threads must be >= 1, got {self.threads}")
         check(all(0.0 < t <= 1.0 for t in self.thresholds), "thresholds must be in (0, 1]")
+        check(self.lm in ("tiny", "smollm2"), f"lm must be tiny or smollm2, got {self.lm!r}")
+        check(self.lm_init in ("scratch", "smollm2"), f"lm_init must be scratch or smollm2, got {self.lm_init!r}")
+        check(self.lm_width >= 64 and self.lm_width % 64 == 0, f"lm_width must be a multiple of 64, got {self.lm_width}")
+        check(self.lm_layers >= 1, f"lm_layers must be >= 1, got {self.lm_layers}")
+        check(self.recognition_images >= 0, f"recognition_images must be >= 0, got {self.recognition_images}")
+        check(self.loss_norm in ("segment", "token", "sample"), f"loss_norm must be segment, token or sample, "
+                                                                f"got {self.loss_norm!r}")
         return self
 
 
@@ -119,6 +148,30 @@ def tower_standardization(cfg: TinyVLMConfig) -> dict[str, list[float]]:
     return token_statistics(tower, transform, probe_scenes(256, cfg.seed + 1, cfg.image_size).images)
 
 
+def tiny_lm(cfg: TinyVLMConfig, smollm2: Any, tokenizer: Any) -> Any:
+    """A small Llama-architecture causal LM over SmolLM2's vocabulary (tied embeddings), random or with SmolLM2's
+    token embeddings projected to `lm_width` dimensions (PCA), scaled to the usual 0.02 init spread."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    width = cfg.lm_width
+    config = LlamaConfig(vocab_size=smollm2.config.vocab_size, hidden_size=width, intermediate_size=4 * width,
+                         num_hidden_layers=cfg.lm_layers, num_attention_heads=max(1, width // 64),
+                         num_key_value_heads=max(1, width // 64), max_position_embeddings=1024, rope_theta=10000.0,
+                         tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    config._attn_implementation = "sdpa"
+    lm = LlamaForCausalLM(config)
+    if cfg.lm_init == "smollm2":
+        source = smollm2.get_input_embeddings().weight.detach().float()  # [V, 576]
+        centred = source - source.mean(0, keepdim=True)
+        _, _, v = torch.pca_lowrank(centred, q=width, center=False, niter=4)
+        projected = centred @ v[:, :width]  # [V, width]
+        with torch.no_grad():
+            lm.get_input_embeddings().weight.copy_(projected * (0.02 / projected.std()))
+    return lm.eval()
+
+
 def build_init(cfg: TinyVLMConfig, standardize: dict[str, list[float]] | None = None) -> Any:
     """SmolLM2-135M-Instruct + EfficientNet-Lite0 + projector, wrapped for diffusion (the mask token is
     added, mean-initialized). Deterministic given the config (and `standardize`, the tower's token statistics, which
@@ -130,6 +183,8 @@ def build_init(cfg: TinyVLMConfig, standardize: dict[str, list[float]] | None = 
         options["standardize"] = standardize or tower_standardization(cfg)
     lm, tok = assets.load_smollm2(progress=False)
     torch.manual_seed(cfg.seed)
+    if cfg.lm == "tiny":
+        lm = tiny_lm(cfg, lm, tok)
     model, processor = compose(lm, tok, vision="efficientnet_lite0", projector="mlp2x_gelu", pool=cfg.pool,
                                vision_options=options or None, chat_template=CHATML,
                                transform_options={"crop_pct": None})

@@ -2,14 +2,23 @@
 
 Contract (`run_recipe(TinyVLMConfig)`; every stage writes into its own folder under `out` and is skipped when that
 folder is complete, so an interrupted recipe resumes where it stopped):
-  data        synthetic visual QA (train/val/test splits, LLaVA JSON + eval JSONL), data.synth
+  data        synthetic visual QA (train/val/test splits, LLaVA JSON + eval JSONL), data.synth: 1-4 objects per
+              image, each image with up to `questions_per_image` independent questions (none answerable from the
+              others' text) or one description
+  data-recognition   one-object scenes (shape, colour, position, exist): the curriculum's first stage
   gate        probes on the frozen tower's tokens (recipes/vision_gate.py); a failing tower stops the recipe;
               `gate_only` runs this stage alone and returns its table (gate/gate.md) as the result
-  init        SmolLM2-135M-Instruct + EfficientNet-Lite0 (frozen) + MLP projector -> an AR VLM (compose.py),
-              wrapped with the mask token so every stage is a diffusionvl checkpoint
-  stage1      projector alignment: AR loss, projector only
-  stage2      AR instruction tuning: AR loss, LoRA on the LM + projector -> the AR VLM
-  translate   AR VLM -> diffusion VLM: BD3 loss with at most `diffusion_fraction` of stage 2's samples
+  init        (`lm="tiny"`) a small Llama-architecture LM with SmolLM2's tokenizer and chat template, or
+              (`lm="smollm2"`) SmolLM2-135M-Instruct; + EfficientNet-Lite0 (frozen) + MLP projector -> an AR VLM
+              (compose.py), wrapped with the mask token so every stage is a diffusionvl checkpoint
+  stage1      projector alignment: AR loss, projector only (off by default)
+  recognition AR loss on the one-object scenes (tiny LM: full weights; smollm2: LoRA + projector)
+  stage2      AR instruction tuning on the main data, from the recognition stage -> the AR VLM (the parent)
+  translate   AR VLM -> diffusion VLM: BD3 loss, LoRA on the LM, with `diffusion_fraction` of stage 2's images
+All training stages pack each image's questions into one row of isolated segments (train/packing.py), average
+losses per question (`loss_norm`), and log the grounding curves (image dependence, accuracy per type on held-out
+validation questions) every `eval_every` steps; a parent stage that still ignores the images after
+`grounding_patience_s` stops with one line.
   direct      (optional) AR LM -> diffusion VLM directly: BD3 loss from the stage-1 model on stage 2's data
   eval        AR VLM vs diffusion VLM on the held-out test split: accuracy, tokens/forward, tokens/s for the
               ar / static / threshold (several tau) / full decoders -> results.json, results.md, a plot
@@ -25,6 +34,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from diffusionvl.core.atomic import write_file, write_json, write_text
+from diffusionvl.recipes.curves import STAGES, curriculum, curriculum_markdown, grounding_points, plot_grounding
 from diffusionvl.recipes.tiny_model import TinyVLMConfig, build_init, tower_candidate
 
 
@@ -41,15 +51,21 @@ def _subset(src: Path, dst: Path, n: int) -> Path:
 
 
 # ---------------------------------------------------------------------------------------------------- stages
-def stage_data(cfg: TinyVLMConfig, out: Path) -> Path:
+RECOGNITION_MIX = {"shape": 1.0, "colour": 2.0, "position": 1.0, "exist": 1.0}
+
+
+def stage_data(cfg: TinyVLMConfig, out: Path, name: str = "data", n_train: int | None = None,
+               max_objects: int = 4, task_mix: dict[str, float] | None = None, seed_offset: int = 0) -> Path:
     from diffusionvl.data import generate_dataset
 
-    folder = out / "data"
+    folder = out / name
+    n_train = cfg.n_train if n_train is None else n_train
     if not (folder / "summary.json").is_file():
-        _say(f"generating {cfg.n_train} train / {cfg.n_val} val / {cfg.n_test} test samples")
-        generate_dataset(folder, n_train=cfg.n_train, n_val=cfg.n_val, n_test=cfg.n_test, seed=cfg.seed,
-                         image_size=cfg.image_size, progress=cfg.progress, task_mix=cfg.task_mix, real_images=False,
-                         multi_turn_fraction=1.0, questions_per_image=cfg.questions_per_image, overwrite=True)
+        _say(f"{name}: generating {n_train} train / {cfg.n_val} val / {cfg.n_test} test images")
+        generate_dataset(folder, n_train=n_train, n_val=cfg.n_val, n_test=cfg.n_test, seed=cfg.seed + seed_offset,
+                         image_size=cfg.image_size, progress=cfg.progress, task_mix=task_mix or cfg.task_mix,
+                         real_images=False, multi_turn_fraction=1.0, questions_per_image=cfg.questions_per_image,
+                         overwrite=True, max_objects=max_objects)
     return folder
 
 
@@ -80,7 +96,8 @@ def stage_init(cfg: TinyVLMConfig, out: Path) -> Path:
 
     path = out / "init"
     if not (path / "diffusionvl.json").is_file():
-        _say("composing SmolLM2-135M-Instruct + EfficientNet-Lite0 + projector")
+        lm = "SmolLM2-135M-Instruct" if cfg.lm == "smollm2" else f"a {cfg.lm_layers}-layer, {cfg.lm_width}-wide LM"
+        _say(f"composing {lm} + EfficientNet-Lite0 + projector")
         save_atomic(build_init(cfg), path)
     return path
 
@@ -91,12 +108,13 @@ def _train(cfg: TinyVLMConfig, name: str, out: Path, model: Path, data: Path, va
     final = out / name / "final"
     if (final / "diffusionvl.json").is_file():
         return final
-    _say(f"stage {name}: {kw.get('objective', 'bd3')} objective on {data.name}")
+    _say(f"stage {name}: {kw.get('objective', 'bd3')} objective on {data.parent.name}/{data.name}")
+    kw.setdefault("image_folder", str(data.parent))
     tc = TrainConfig(model=str(model), data=str(data), output=str(out / name), eval_data=str(val), seed=cfg.seed,
-                     image_folder=str(out / "data"), token_cache=str(out / "tower_tokens.pt"),
-                     batch_size=cfg.batch_size, num_workers=0, save_every=50, keep_checkpoints=1, log_every=10,
-                     progress=cfg.progress, tensorboard=False, resume="auto", max_length=MAX_LENGTH,
-                     warmup_ratio=0.05, **kw)
+                     token_cache=str(out / "tower_tokens.pt"), batch_size=cfg.batch_size, num_workers=1,
+                     save_every=100, keep_checkpoints=1, log_every=10, progress=cfg.progress, tensorboard=False,
+                     resume="auto", max_length=MAX_LENGTH, warmup_ratio=0.05, packing=True,
+                     grounding_data=str(val.parent / "val.jsonl"), eval_every=cfg.eval_every, **kw)
     summary = train(tc)
     _say(f"stage {name} done: {json.dumps({k: summary.get(k) for k in ('steps', 'eval_loss', 'tokens_per_s')})}")
     return final
@@ -104,6 +122,15 @@ def _train(cfg: TinyVLMConfig, name: str, out: Path, model: Path, data: Path, va
 
 def _lora(cfg: TinyVLMConfig, **kw: Any) -> dict[str, Any]:
     return dict(lora=True, lora_r=cfg.lora_r, lora_alpha=2.0 * cfg.lora_r, lora_dropout=0.0, lr=cfg.lr, **kw)
+
+
+def _parent(cfg: TinyVLMConfig) -> dict[str, Any]:
+    """How the AR parent stages train: the tiny LM in full (vision frozen), SmolLM2 with LoRA + projector."""
+    watch = dict(objective="ar", loss_norm=cfg.loss_norm, min_image_dependence=cfg.min_image_dependence,
+                 grounding_patience_s=cfg.grounding_patience_s)
+    if cfg.lm == "tiny":
+        return dict(lr=cfg.lr_full, freeze=["vision"], **watch)
+    return dict(lr_projector=cfg.lr_projector, **_lora(cfg, lora_modules_to_save=["projector"]), **watch)
 
 
 def run_stages(cfg: TinyVLMConfig) -> dict[str, Path]:
@@ -114,23 +141,28 @@ def run_stages(cfg: TinyVLMConfig) -> dict[str, Path]:
     init = stage_init(cfg, out)
     s1 = init
     if cfg.stage1_samples:
-        stage1_data = _subset(data / "train.json", out / "stage1.json", cfg.stage1_samples)
+        stage1_data = _subset(data / "train.json", data / "stage1.json", cfg.stage1_samples)
         s1 = _train(cfg, "stage1", out, init, stage1_data, val, objective="ar", lr=cfg.stage1_lr,
                     freeze=["vision", "language"], epochs=1)
+    if cfg.recognition_images:
+        rec = stage_data(cfg, out, "data-recognition", cfg.recognition_images, max_objects=1,
+                         task_mix=RECOGNITION_MIX, seed_offset=1)
+        s1 = _train(cfg, "recognition", out, s1, rec / "train.json", val, epochs=cfg.recognition_epochs,
+                    **_parent(cfg))
     stage2_data = data / "train.json"
     if cfg.stage2_samples is not None:
-        stage2_data = _subset(stage2_data, out / "stage2.json", cfg.stage2_samples)
-    s2 = _train(cfg, "stage2", out, s1, stage2_data, val, objective="ar", epochs=cfg.stage2_epochs,
-                lr_projector=cfg.lr_projector, **_lora(cfg, lora_modules_to_save=["projector"]))
+        stage2_data = _subset(stage2_data, data / "stage2.json", cfg.stage2_samples)
+    s2 = _train(cfg, "stage2", out, s1, stage2_data, val, epochs=cfg.stage2_epochs, **_parent(cfg))
     n_diff = max(1, int(cfg.diffusion_fraction * cfg.ar_samples))
-    diff_data = _subset(data / "train.json", out / "translate.json", n_diff)
-    tr = _train(cfg, "translate", out, s2, diff_data, val, objective="bd3", epochs=cfg.diffusion_epochs, **_lora(cfg))
+    diff_data = _subset(data / "train.json", data / "translate.json", n_diff)
+    tr = _train(cfg, "translate", out, s2, diff_data, val, objective="bd3", epochs=cfg.diffusion_epochs,
+                loss_norm=cfg.loss_norm, **_lora(cfg))
     paths = {"data": data, "stage1": s1, "ar_vlm": s2, "dvlm": tr}
     if cfg.direct:
         direct_data = stage2_data
         if cfg.direct_samples is not None:
-            direct_data = _subset(data / "train.json", out / "direct.json", cfg.direct_samples)
-        paths["direct"] = _train(cfg, "direct", out, s1, direct_data, val, objective="bd3",
+            direct_data = _subset(data / "train.json", data / "direct.json", cfg.direct_samples)
+        paths["direct"] = _train(cfg, "direct", out, s1, direct_data, val, objective="bd3", loss_norm=cfg.loss_norm,
                                  epochs=cfg.direct_epochs, **_lora(cfg, lora_modules_to_save=["projector"]))
     return paths
 
@@ -379,7 +411,7 @@ def _description_panel(ax: Any, desc: list[dict[str, Any]]) -> None:
 def stage_summaries(out: Path) -> dict[str, dict[str, Any]]:
     """Each finished training stage's summary.json (steps, batch, wall seconds, tokens/s), in recipe order."""
     found = {}
-    for name in ("stage1", "stage2", "translate", "direct"):
+    for name in STAGES:
         path = out / name / "summary.json"
         if path.is_file():
             summary = json.loads(path.read_text())
@@ -398,13 +430,19 @@ def write_results(cfg: TinyVLMConfig, rows: list[dict[str, Any]], out: Path,
     facts = {"n_ar": cfg.ar_samples * cfg.stage2_epochs, "n_diffusion": n_diff, "fraction": n_diff / cfg.ar_samples,
              "n_direct": min(cfg.direct_samples or cfg.ar_samples, cfg.n_train), "threads": torch.get_num_threads()}
     stages = stage_summaries(out)
+    taught = curriculum(cfg, out)
+    points = grounding_points(out)
     payload = {"config": dataclasses.asdict(cfg), "facts": facts, "rows": rows, "description": desc or [],
                "stages": {k: {f: v.get(f) for f in ("steps", "global_batch", "seconds", "tokens_per_s", "objective")}
-                          for k, v in stages.items()}, "targets": check_bars(rows, desc or [])}
-    paths = {"json": out / "results.json", "markdown": out / "results.md", "plot": out / "accuracy_vs_parallelism.png"}
+                          for k, v in stages.items()}, "targets": check_bars(rows, desc or []),
+               "curriculum": taught, "grounding": points}
+    paths = {"json": out / "results.json", "markdown": out / "results.md", "plot": out / "accuracy_vs_parallelism.png",
+             "grounding": out / "grounding_curves.png"}
     write_json(paths["json"], payload)
-    write_text(paths["markdown"], results_markdown(cfg, rows, facts, desc, stages))
+    write_text(paths["markdown"], results_markdown(cfg, rows, facts, desc, stages) +
+               "\n".join(curriculum_markdown(taught)) + "\n")
     plot_threshold_curve(rows, paths["plot"], desc)
+    plot_grounding(points, paths["grounding"])
     return paths
 
 

@@ -1,11 +1,17 @@
 """The embedded default model: a tiny pretrained diffusion VLM that runs right after `pip install`, offline, on CPU.
 
-Contract: the package ships only what training changed, in fp16 (a few MB): the LoRA factors of the AR
-instruction-tuning stage and of the translation to diffusion, and the projector. `load_default()` rebuilds the
-exact starting point of the tiny-VLM recipe from the offline assets (SmolLM2-135M-Instruct + EfficientNet-Lite0 +
-projector, mask token added; `recipes.tiny_model.build_init`), then merges the shipped adapters in recipe order
-(W += alpha / r * B @ A; saved modules replace their weights). `export_default` writes those files from a finished
-recipe run. A missing asset package raises a one-line error naming the pip command.
+Contract: `default_folder()` (this package's `model/`, or $DIFFUSIONVL_DEFAULT_DIR) holds what
+`diffusionvl recipe tiny-vlm --export-to DIR` wrote, in one of two formats, named by its manifest.json:
+- "plain" (the recipe's tiny LM, trained in full): an ordinary diffusionvl model folder (config, fp16 weights,
+  tokenizer, processor) that `diffusionvl.load(folder)` reads like any other, saved without the frozen vision
+  tower (config `vision_weights="asset"`: the tower's weights come from the EfficientNet asset package), plus
+  `parent.safetensors`, the translation's LoRA factors: the AR parent is the same folder with them subtracted
+  (W -= alpha / r * B @ A).
+- "adapters" (SmolLM2 + LoRA): only what training changed, in fp16: the LoRA factors of the AR stage and of the
+  translation, and the projector; `load_default` rebuilds the recipe's starting point from the offline assets
+  (`recipes.tiny_model.build_init`) and merges them in recipe order (W += alpha / r * B @ A).
+`load_default(parent=True)` is the AR parent, marked `autoregressive_only`. Files are checked against the manifest's
+checksums; a missing asset package raises a one-line error naming the pip command.
 """
 
 from __future__ import annotations
@@ -23,11 +29,12 @@ from diffusionvl.core.errors import DiffusionVLError, check
 
 HERE = Path(__file__).resolve().parent
 MANIFEST = "manifest.json"
+PARENT_FILE = "parent.safetensors"
 PEFT_PREFIX = "base_model.model."
 
 
 def default_folder() -> Path:
-    return Path(os.environ.get("DIFFUSIONVL_DEFAULT_DIR", HERE))
+    return Path(os.environ.get("DIFFUSIONVL_DEFAULT_DIR", HERE / "model"))
 
 
 def _sha256(path: Path) -> str:
@@ -89,20 +96,80 @@ def load_default(device: str | torch.device | None = None, dtype: str | torch.dt
 
     folder = folder or default_folder()
     manifest = read_manifest(folder)
+    if manifest.get("format") == "plain":
+        return _load_plain(folder, manifest, device, dtype, parent)
     recipe = manifest["recipe"]
     model = build_init(config_from_dict(recipe), manifest.get("vision_standardize"))
     stages = manifest["adapters"][:1] if parent else manifest["adapters"]
     for stage in stages:
-        path = folder / stage["file"]
-        check(path.is_file(), f"embedded default model is incomplete: {path} is missing (reinstall diffusionvl)")
-        if _sha256(path) != stage["sha256"]:
-            raise DiffusionVLError(f"embedded default model file {path.name} is corrupt (checksum mismatch); "
-                                   "reinstall diffusionvl")
-        merge_compact(model.hf_model, load_file(path), stage["scale"])
+        merge_compact(model.hf_model, load_file(_checked(folder, stage)), stage["scale"])
     dev = default_device(device)
     model.hf_model.to(device=dev, dtype=default_dtype(dtype, dev)).eval()
     model.autoregressive_only = parent
     return model
+
+
+def _checked(folder: Path, entry: dict[str, Any]) -> Path:
+    path = folder / entry["file"]
+    check(path.is_file(), f"embedded default model is incomplete: {path} is missing (reinstall diffusionvl)")
+    if _sha256(path) != entry["sha256"]:
+        raise DiffusionVLError(f"embedded default model file {path.name} is corrupt (checksum mismatch); "
+                               "reinstall diffusionvl")
+    return path
+
+
+def _load_plain(folder: Path, manifest: dict[str, Any], device: Any, dtype: Any, parent: bool) -> Any:
+    """The plain format: load() the folder; the parent subtracts the translation's LoRA factors."""
+    from safetensors.torch import load_file
+
+    from diffusionvl.model.conversion import load
+
+    weights = manifest["weights"]
+    _checked(folder, weights)
+    model = load(folder, device="cpu", dtype="float32")
+    if parent:
+        entry = manifest["parent"]
+        merge_compact(model.hf_model, load_file(_checked(folder, entry)), -entry["scale"])
+    from diffusionvl.core.devices import default_device, default_dtype
+
+    dev = default_device(device)
+    model.hf_model.to(device=dev, dtype=default_dtype(dtype, dev)).eval()
+    model.autoregressive_only = parent
+    return model
+
+
+def export_plain(paths: dict[str, Path], dst: Path, cfg: Any, results: dict[str, Any]) -> Path:
+    """The plain format (module docstring) from a finished recipe run whose translation trained LoRA adapters."""
+    from dataclasses import asdict
+
+    from safetensors.torch import save_file
+
+    from diffusionvl.model.conversion import load
+    from diffusionvl.model.modeling import save_atomic
+
+    model = load(paths["dvlm"], device="cpu", dtype="float32")
+    model.hf_model.config.vision_weights = "asset"
+    state = {k: v.detach().half().contiguous() for k, v in model.hf_model.state_dict().items()
+             if not k.startswith("vision_tower.")}
+    save_atomic(model, dst, state_dict=state, overwrite=True)
+    tensors, meta = compact_adapter(paths["dvlm"].parent / "final-adapter")
+    contiguous = {k: v.contiguous() for k, v in tensors.items()}
+    write_file(dst / PARENT_FILE, lambda tmp: save_file(contiguous, str(tmp), metadata={"format": "pt"}))
+    weights = dst / "model.safetensors"
+    manifest = {"format": "plain",
+                "description": f"a {cfg.lm_layers}-layer, {cfg.lm_width}-wide Llama-architecture LM with SmolLM2's "
+                               "tokenizer and chat template, trained from scratch on synthetic scenes only + "
+                               "EfficientNet-Lite0 (frozen, from its asset package) + projector; AR-tuned, then "
+                               "translated to block diffusion by `diffusionvl recipe tiny-vlm`. It knows only "
+                               "the synthetic scenes (shapes, colours, counts, positions).",
+                "recipe": asdict(cfg), "weights": {"file": weights.name, "sha256": _sha256(weights),
+                                                   "bytes": weights.stat().st_size},
+                "parent": {"file": PARENT_FILE, "scale": meta["scale"], "sha256": _sha256(dst / PARENT_FILE),
+                           "tensors": len(tensors), "bytes": (dst / PARENT_FILE).stat().st_size},
+                "results": {k: results.get(k) for k in ("facts", "rows", "description", "stages", "targets",
+                                                         "curriculum")}}
+    write_json(dst / MANIFEST, manifest)
+    return dst
 
 
 def export_default(paths: dict[str, Path], dst: Path, cfg: Any, results: dict[str, Any]) -> Path:
@@ -112,6 +179,8 @@ def export_default(paths: dict[str, Path], dst: Path, cfg: Any, results: dict[st
 
     from safetensors.torch import save_file
 
+    if getattr(cfg, "lm", "smollm2") == "tiny":
+        return export_plain(paths, dst, cfg, results)
     adapters = []
     for name, run in (("stage2", paths["ar_vlm"]), ("translate", paths["dvlm"])):
         tensors, meta = compact_adapter(run.parent / "final-adapter")
@@ -122,7 +191,7 @@ def export_default(paths: dict[str, Path], dst: Path, cfg: Any, results: dict[st
                          "tensors": len(tensors), "bytes": file.stat().st_size})
     recipe = asdict(cfg)
     vision = json.loads((paths["ar_vlm"] / "config.json").read_text()).get("vision", {})
-    manifest = {"description": "SmolLM2-135M-Instruct + EfficientNet-Lite0, AR-tuned then translated to "
+    manifest = {"format": "adapters", "description": "SmolLM2-135M-Instruct + EfficientNet-Lite0, AR-tuned then translated to "
                 "block diffusion on synthetic visual QA by `diffusionvl recipe tiny-vlm`",
                 "recipe": recipe, "adapters": adapters, "vision_standardize": vision.get("standardize"),
                 "results": {k: results.get(k) for k in ("facts", "rows", "description", "stages", "targets")}}

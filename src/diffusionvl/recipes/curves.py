@@ -1,0 +1,111 @@
+"""The tiny-VLM recipe's training record: what each stage showed the model and how its grounding grew.
+
+Contract (all read from a recipe folder `out`, nothing recomputed):
+- `curriculum(cfg, out)`: one row per finished training stage with its images, epochs and question presentations
+  per type (the data split's question counts x epochs; the translation's subset is counted from its file).
+- `grounding_points(out)`: every eval a stage logged (train/grounding.py) as {stage, step, minutes, ...} with
+  minutes counted from the first stage's start (each stage's wall time added to the next).
+- `plot_grounding(points, path)`: image dependence and accuracy per question type against minutes of training,
+  stage boundaries marked (a PNG; None without matplotlib). `curriculum_markdown(rows)`: the table.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from diffusionvl.core.atomic import write_file
+
+STAGES = ("stage1", "recognition", "stage2", "translate", "direct")
+DATA_OF = {"recognition": ("data-recognition", "recognition_epochs"), "stage2": ("data", "stage2_epochs")}
+SHOWN_TYPES = ("shape", "colour", "count", "position", "exist", "relation", "describe")
+
+
+def _json(path: Path) -> Any:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def curriculum(cfg: Any, out: Path) -> list[dict[str, Any]]:
+    rows = []
+    for stage, (folder, epochs_field) in DATA_OF.items():
+        summary = _json(out / folder / "summary.json")
+        if summary is None or not (out / stage / "summary.json").is_file():
+            continue
+        epochs = getattr(cfg, epochs_field)
+        share = cfg.ar_samples / max(cfg.n_train, 1) if stage == "stage2" else 1.0
+        per_type = {t: round(n * epochs * share) for t, n in summary["questions"]["train"].items() if n}
+        rows.append({"stage": stage, "images": round(summary["images"]["train"] * share), "epochs": epochs,
+                     "presentations": per_type, "total": sum(per_type.values())})
+    records = _json(out / "data" / "translate.json")
+    if records is not None and (out / "translate" / "summary.json").is_file():
+        questions = sum(len(r["conversations"]) // 2 for r in records)
+        rows.append({"stage": "translate", "images": len(records), "epochs": cfg.diffusion_epochs,
+                     "presentations": {}, "total": questions * cfg.diffusion_epochs})
+    return rows
+
+
+def curriculum_markdown(rows: list[dict[str, Any]]) -> list[str]:
+    if not rows:
+        return []
+    types = [t for t in SHOWN_TYPES if any(t in r["presentations"] for r in rows)]
+    lines = ["", "What each stage showed the model (question presentations = questions in its data x epochs):", "",
+             "| stage | images | epochs | " + " | ".join(types) + " | all questions |",
+             "|---|---|---|" + "---|" * len(types) + "---|"]
+    for r in rows:
+        cells = " | ".join(f"{r['presentations'].get(t, 0):,}" if r["presentations"] else "-" for t in types)
+        lines.append(f"| {r['stage']} | {r['images']:,} | {r['epochs']} | {cells} | {r['total']:,} |")
+    return lines
+
+
+def grounding_points(out: Path) -> list[dict[str, Any]]:
+    points, offset = [], 0.0
+    for stage in STAGES:
+        log = out / stage / "log.jsonl"
+        if not log.is_file():
+            continue
+        for line in log.read_text().splitlines():
+            entry = json.loads(line)
+            if "eval_loss" in entry and "elapsed_s" in entry:
+                points.append({"stage": stage, "minutes": (offset + entry["elapsed_s"]) / 60, **entry})
+        summary = _json(out / stage / "summary.json")
+        offset += summary["seconds"] if summary else 0.0
+    return points
+
+
+def plot_grounding(points: list[dict[str, Any]], path: Path, title: str = "tiny-VLM") -> Path | None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    if not points:
+        return None
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4))
+    minutes = [p["minutes"] for p in points]
+    left.plot(minutes, [p.get("image_dependence", float("nan")) for p in points], "o-", ms=3)
+    left.set_ylabel("eval loss, rolled images - right images")
+    left.set_title(f"{title}: image dependence")
+    for t in SHOWN_TYPES:
+        key = f"accuracy/{t}"
+        if any(key in p for p in points):
+            right.plot(minutes, [100 * p.get(key, float("nan")) for p in points], "o-", ms=3, label=t)
+    right.set_ylabel("accuracy on held-out validation questions (%)")
+    right.set_title(f"{title}: accuracy per question type")
+    right.legend(fontsize=8, ncol=2)
+    for ax in (left, right):
+        ax.set_xlabel("minutes of training (2 CPU threads)")
+        ax.grid(alpha=0.3)
+        starts = {}
+        for p in points:
+            starts.setdefault(p["stage"], p["minutes"])
+        for stage, start in starts.items():
+            ax.axvline(start, color="grey", lw=0.8, ls="--")
+            ax.annotate(stage, (start, 1), xycoords=("data", "axes fraction"), fontsize=7, rotation=90, va="top")
+    try:
+        write_file(path, lambda tmp: fig.savefig(tmp, dpi=110, bbox_inches="tight", format="png"))
+    finally:
+        plt.close(fig)
+    return path
