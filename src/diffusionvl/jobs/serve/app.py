@@ -6,9 +6,11 @@ per finished block, then `data: [DONE]`), `GET /v1/models`, `GET /v1/models/{id}
 socket: tests drive it with `fastapi.testclient` or an httpx ASGI transport; `diffusionvl serve` runs it with
 uvicorn. Every error is OpenAI-shaped JSON (`{"error": {"message", "type", "param", "code"}}`): 400 for malformed
 JSON, invalid parameters, bad image data, refused image sources and too-long prompts; 404 for an unknown model
-or route; 413 for an oversized body; 429 when the decode queue is full; 503 while shutting down; 500 for bugs.
-Decoding happens on one thread owned by `DecodeEngine` (engine.py); request handlers only validate, load images
-(in a worker thread) and relay messages.
+or route; 413 for an oversized body; 429 when the decode queue, the tokenizer queue or the pixel budget's waiting
+line is full; 503 while shutting down; 500 for bugs. Request handlers validate, load images (in a worker thread,
+under the global pixel budget, reduced to the model's size at once), have the prompt rendered and tokenized on the
+tokenizer threads (prepare.py), check its length, and relay messages; decoding happens on one thread owned by
+`DecodeEngine` (engine.py), which only sees token ids.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from typing import Any, AsyncIterator
 from starlette.requests import Request
 
 from diffusionvl.backbone.prompts import Conversation, to_conversation
-from diffusionvl.backbone.tokens import special_tokens
+from diffusionvl.backbone.tokens import MAX_CHARS_PER_TOKEN, control_tokens, refuse_control_tokens
 from diffusionvl.core.config import DecodeConfig
 from diffusionvl.core.errors import DiffusionVLError, check
 from diffusionvl.core.version import __version__
@@ -42,6 +44,7 @@ from diffusionvl.jobs.serve.engine import (
     ShuttingDown,
 )
 from diffusionvl.jobs.serve.images import ImagePolicy
+from diffusionvl.jobs.serve.prepare import PixelBudget, Preparer, image_fit
 
 log = logging.getLogger("diffusionvl.jobs.serve")
 
@@ -61,14 +64,8 @@ def default_model_name(model: Any) -> str:
     return os.path.basename(path) or "diffusionvl"
 
 
-# No tokenizer packs this many characters into one token on average over a whole prompt (SmolLM2's longest tokens
-# are runs of 64-81 spaces): a request whose text is longer than max_prompt_tokens * this cannot fit, and is
-# refused before it costs any tokenizing.
-MAX_CHARS_PER_TOKEN = 128
-
-
 def check_prompt_size(messages: list[schema.Message], max_prompt_tokens: int | None) -> None:
-    """Cheap bounds before tokenizing (which runs where decoding runs): message count and text length."""
+    """Cheap bounds before tokenizing: message count and text length."""
     if max_prompt_tokens is None:
         return
     check(len(messages) <= max_prompt_tokens, f"too many messages: {len(messages)} (this server allows at most "
@@ -80,16 +77,15 @@ def check_prompt_size(messages: list[schema.Message], max_prompt_tokens: int | N
           f"at most {max_prompt_tokens} prompt tokens per request)")
 
 
-def check_no_control_tokens(messages: list[schema.Message], control: Any) -> None:
-    if control is None:
-        return
+def message_texts(messages: list[schema.Message]) -> list[tuple[str, str]]:
+    """(where, text) of every text in the request, named by the field the client wrote."""
+    out = []
     for i, m in enumerate(messages):
-        texts = [m.content] if isinstance(m.content, str) else [p.text for p in m.content if p.type == "text"]
-        for text in texts:
-            found = control.search(text)
-            if found is not None:
-                raise DiffusionVLError(f"messages.{i}: the text holds the model's control token {found.group(0)!r} "
-                                       "(it would be read as chat structure, not as text); remove it")
+        if isinstance(m.content, str):
+            out.append((f"messages.{i}.content", m.content))
+        else:
+            out.extend((f"messages.{i}.content.{j}.text", p.text) for j, p in enumerate(m.content) if p.type == "text")
+    return out
 
 
 def build_conversation(messages: list[schema.Message], policy: ImagePolicy, max_images: int,
@@ -189,6 +185,7 @@ def create_app(model: Any, config: ServeConfig | None = None, decode: DecodeConf
     async def lifespan(app: Any) -> AsyncIterator[None]:
         state.engine.start()
         yield
+        state.prep.close()
         await asyncio.get_running_loop().run_in_executor(None, state.engine.shutdown)
 
     app = FastAPI(title="diffusionvl", version=_version(), lifespan=lifespan)
@@ -207,35 +204,16 @@ class _State:
     def __init__(self, model: Any, config: ServeConfig, decode: DecodeConfig, name: str):
         self.model, self.config, self.decode, self.name = model, config, decode, name
         self.engine = DecodeEngine(model, max_batch=config.max_batch, max_queue=config.max_queue,
-                                   batch_wait_s=config.batch_wait_ms / 1000.0,
-                                   max_prompt_tokens=config.max_prompt_tokens,
-                                   max_active=config.max_active_batches)
-        self.images = ImagePolicy.create(config.allow_local_images, config.allow_remote_images,
-                                         config.max_image_pixels)
+                                   batch_wait_s=config.batch_wait_ms / 1000.0, max_active=config.max_active_batches)
         self.has_vision = bool(getattr(model.adapter, "has_vision", False))
+        self.pixels = PixelBudget(int(config.max_decoded_megapixels * 1e6), max_waiting=config.max_queue)
+        fit = image_fit(model.processor) if self.has_vision else None
+        self.images = ImagePolicy.create(config.allow_local_images, config.allow_remote_images,
+                                         config.max_image_pixels, fit=fit, hold=self.pixels.hold)
+        self.prep = Preparer(model.adapter, threads=config.tokenizer_threads, max_waiting=config.max_queue,
+                             max_tokens=config.max_prompt_tokens)
         self.control = control_tokens(model)
         self.created = int(time.time())
-
-
-def control_tokens(model: Any) -> Any:
-    """A pattern matching, as spelled in text, the special tokens that carry chat structure: those the chat template
-    writes (<|im_start|>, <|im_end|>, <|vision_start|><|image_pad|>...), end of text, the mask token and the image
-    placeholder; or None. The rendered prompt is tokenized with special tokens parsed, so a client's text holding one
-    would forge turns or image slots: such text is refused. Leftover specials with no role (SmolLM2's <filename>,
-    <jupyter_code>...) stay ordinary text."""
-    import re
-
-    tok = model.tokenizer
-    templates = " ".join(t for t in (getattr(tok, "chat_template", None),
-                                     getattr(getattr(model, "processor", None), "chat_template", None))
-                         if isinstance(t, str))
-    roles = {name for name in special_tokens(tok) if name in templates}
-    roles |= {getattr(tok, "eos_token", None), getattr(model.config, "mask_token", None)}
-    image_id = getattr(model.adapter, "image_token_id", None) if getattr(model.adapter, "has_vision", False) else None
-    if isinstance(image_id, int):
-        roles.add(tok.convert_ids_to_tokens(image_id))
-    names = sorted((n for n in roles if isinstance(n, str) and n), key=len, reverse=True)
-    return re.compile("|".join(map(re.escape, names))) if names else None
 
 
 def _json_error(status: int, message: str, kind: str = "invalid_request_error", param: str | None = None,
@@ -245,13 +223,30 @@ def _json_error(status: int, message: str, kind: str = "invalid_request_error", 
     return JSONResponse(schema.error_body(message, kind, param, code), status_code=status, headers=headers)
 
 
-def _validation_message(errors: list[dict[str, Any]]) -> tuple[str, str | None]:
-    """First pydantic error -> (one-line message, dotted parameter path)."""
+def _user_path(loc: list[Any], body: Any) -> list[str]:
+    """pydantic's error location -> the path of fields the client wrote: union branch labels ("str",
+    "list[tagged-union[...]]") and discriminator tags are dropped by walking the body along the location."""
+    path, node = [], body
+    for k, key in enumerate(loc):
+        if isinstance(node, list) and isinstance(key, int) and 0 <= key < len(node):
+            node = node[key]
+        elif isinstance(node, dict) and key in node:
+            node = node[key]
+        elif k < len(loc) - 1 or not isinstance(node, dict):  # a branch label, or a field below a wrong type
+            continue
+        path.append(str(key))
+    return path
+
+
+def _validation_message(errors: list[dict[str, Any]], body: Any = None) -> tuple[str, str | None]:
+    """The most specific pydantic error -> (one-line message, dotted parameter path the client wrote)."""
     if not errors:
         return "invalid request body", None
-    err = errors[0]
-    loc = [str(x) for x in err.get("loc", ()) if x != "body"]
-    param = ".".join(loc) or None
+    located = [(_user_path([x for x in e.get("loc", ()) if x != "body"], body), e) for e in errors]
+    depth = max(len(p) for p, _ in located)
+    deepest = [(p, e) for p, e in located if len(p) == depth]
+    path, err = deepest[0]
+    param = ".".join(path) or None
     if err.get("type") == "json_invalid":
         return f"malformed JSON body: {err.get('ctx', {}).get('error', err.get('msg', ''))}", None
     if err.get("type") == "extra_forbidden":
@@ -260,7 +255,9 @@ def _validation_message(errors: list[dict[str, Any]]) -> tuple[str, str | None]:
         if param is None:
             return "empty request body: send a JSON object with model and messages", None
         return f"missing required parameter: {param}", param
-    message = str(err.get("msg", "invalid value")).removeprefix("Value error, ")
+    messages = list(dict.fromkeys(str(e.get("msg", "invalid value")).removeprefix("Value error, ")
+                                  for p, e in deepest if p == path))
+    message = messages[0] + "".join(" or " + m.removeprefix("Input should be ") for m in messages[1:])
     return (f"{param}: {message}" if param else f"request body: {message}"), param
 
 
@@ -270,7 +267,7 @@ def _install_error_handlers(app: Any) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Any, exc: RequestValidationError) -> Any:
-        message, param = _validation_message(list(exc.errors()))
+        message, param = _validation_message(list(exc.errors()), exc.body)
         return _json_error(400, message, param=param)
 
     @app.exception_handler(ApiError)
@@ -327,19 +324,33 @@ def _model_card(state: _State) -> dict[str, Any]:
                             "max_positions": state.model.max_positions}}
 
 
-async def _chat(state: _State, body: schema.ChatRequest, http: Any = None) -> Any:
+async def _prepare(state: _State, body: schema.ChatRequest, cfg: DecodeConfig) -> PendingRequest:
+    """Validated body -> a tokenized request, checked against the prompt limits (module docstring)."""
     from starlette.concurrency import run_in_threadpool
 
+    check_prompt_size(body.messages, state.config.max_prompt_tokens)
+    texts = message_texts(body.messages)
+    refuse_control_tokens(state.control, texts)
+    args = (body.messages, state.images, state.config.max_images, state.has_vision)
+    has_images = any(p.type == "image_url" for m in body.messages if not isinstance(m.content, str)
+                     for p in m.content)
+    conversation = await run_in_threadpool(build_conversation, *args) if has_images else build_conversation(*args)
+    encoded = await state.prep.encode(conversation, cost=sum(len(text) for _, text in texts))
+    n_prompt = len(encoded.input_ids[0])
+    limit = state.config.max_prompt_tokens
+    check(n_prompt <= limit, f"the prompt is {n_prompt} tokens (text, images and chat template); this server allows "
+                             f"at most {limit} per request")
+    state.model.check_prompt_lengths(encoded.input_ids, cfg.max_new_tokens, cfg.canvas_block)
+    return PendingRequest(encoded, n_prompt, cfg, list(body.stop or []), asyncio.get_running_loop())
+
+
+async def _chat(state: _State, body: schema.ChatRequest, http: Any = None) -> Any:
     if body.model != state.name:
         raise ApiError(404, f"model {body.model!r} not found; this server serves {state.name!r}", param="model",
                        code="model_not_found")
     cfg = resolve_decode(state.decode, body, state.model.config.block_size, state.config)
-    check_prompt_size(body.messages, state.config.max_prompt_tokens)
-    check_no_control_tokens(body.messages, state.control)
-    conversation = await run_in_threadpool(build_conversation, body.messages, state.images,
-                                           state.config.max_images, state.has_vision)
-    request = PendingRequest(conversation, cfg, list(body.stop or []), asyncio.get_running_loop())
     try:
+        request = await _prepare(state, body, cfg)
         state.engine.submit(request)
     except QueueFull as exc:
         raise ApiError(429, str(exc), "rate_limit_error", code="queue_full", headers={"Retry-After": "1"}) from None

@@ -33,6 +33,12 @@ class ServeConfig:
     max_images: int = option(8, "Most images in one request.")
     max_image_pixels: int = option(MAX_IMAGE_PIXELS, "Largest image (width x height, read from its header before "
                                    "decoding) a request may send; at most the loader's own limit.")
+    max_decoded_megapixels: float = option(
+        32.0, "Most image pixels decoded at full size at once, over all requests, in megapixels (each image is "
+        "reduced to the size the model uses as soon as it is decoded); more wait, at most --max-queue of them (then "
+        "HTTP 429). At least --max-image-pixels.")
+    tokenizer_threads: int = option(2, "Threads that render and tokenize prompts (each with its own tokenizer copy), "
+                                    "shortest prompt first; the decode thread only sees token ids.")
     max_prompt_tokens: int = option(8192, "Most prompt tokens (text and image tokens, after the chat template) in "
                                     "one request; the model's context bounds it too.")
     max_block_size: int = option(64, "Largest block_size a request may ask for (the request's max_tokens rounded up "
@@ -55,6 +61,10 @@ class ServeConfig:
         check(self.max_images >= 0, f"max_images must be >= 0, got {self.max_images}")
         check(1 <= self.max_image_pixels <= MAX_IMAGE_PIXELS,
               f"max_image_pixels must be in 1..{MAX_IMAGE_PIXELS}, got {self.max_image_pixels}")
+        check(self.max_image_pixels <= self.max_decoded_megapixels * 1e6 <= 1e11,
+              f"max_decoded_megapixels must be at least max_image_pixels / 1e6 ({self.max_image_pixels / 1e6:g}: one "
+              f"allowed image must fit) and at most 100000, got {self.max_decoded_megapixels}")
+        check(self.tokenizer_threads >= 1, f"tokenizer_threads must be >= 1, got {self.tokenizer_threads}")
         check(self.max_prompt_tokens >= 1, f"max_prompt_tokens must be >= 1, got {self.max_prompt_tokens}")
         check(self.max_block_size >= 1, f"max_block_size must be >= 1, got {self.max_block_size}")
         check(self.max_steps >= 1, f"max_steps must be >= 1, got {self.max_steps}")
@@ -70,7 +80,9 @@ def limits_line(config: ServeConfig) -> str:
     return (f"limits per request: max_tokens <= {config.max_tokens_limit}, block_size <= {config.max_block_size} "
             f"(and <= max_tokens rounded up to the model's block size), steps <= {config.max_steps}, images <= "
             f"{config.max_images}, image pixels <= {config.max_image_pixels}, prompt tokens <= "
-            f"{config.max_prompt_tokens}, body <= {config.max_request_mb:g} MiB")
+            f"{config.max_prompt_tokens}, body <= {config.max_request_mb:g} MiB; over all requests: decoded image "
+            f"pixels <= {config.max_decoded_megapixels:g} megapixels at once, {config.tokenizer_threads} tokenizer "
+            "threads")
 
 
 def is_loopback(host: str) -> bool:

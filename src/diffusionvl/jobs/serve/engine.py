@@ -11,14 +11,16 @@ Contract:
   requests; each request is cut at its own budget (block and AR decoding fill whole blocks, so a sample's first m
   tokens do not depend on the budget; the full-diffusion baseline's canvas does, so there the budget is part of
   the key). By invariant 5 (docs/design.md) a batch gives every request the same greedy tokens as decoding it alone.
-- Each request gets, on its own asyncio queue (posted thread-safely to its event loop): `Accepted` (or `Failed`
-  when the prompt is too long / bad), then `Delta`s of text as blocks finish, then `Finished` or `Failed`.
+- A request arrives tokenized (`PendingRequest.encoded`, one sample; prepare.py renders and tokenizes it off this
+  thread and checks its length): the decode thread never runs a tokenizer on a prompt, so no prompt can hold it.
+- Each request gets, on its own asyncio queue (posted thread-safely to its event loop): `Accepted`, then `Delta`s
+  of text as blocks finish, then `Finished` or `Failed`.
   `TextAssembler` turns a request's token ids into text deltas: its own token budget, stop strings (the text is
   cut at the first one and the request finishes, even though its batch row may continue), no half characters,
   and nothing streamed that a stop string could still remove.
-- The batch is tokenized once on the decode thread (tokenizers are not shared across threads) and decoded with
-  `decoding.run_encoded`. Requests whose longest prompt + largest budget would not fit the model's context
-  together are split: the ones that do not fit go back to the front of the queue for the next batch.
+- The batch's encodings are joined (`concat_encoded`) and decoded with `decoding.run_encoded`. Requests
+  whose longest prompt + largest budget would not fit the model's context together are split: the ones that do
+  not fit go back to the front of the queue for the next batch.
 - A batch stops decoding as soon as every request in it has finished or was cancelled (client gone).
 - Fair share: up to `max_active` batches are open at once and the thread advances them in turn, one block (event)
   each, so a request arriving while a long answer decodes starts at the next block instead of waiting for the
@@ -37,6 +39,9 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+
+from diffusionvl.backbone.adapters import Encoded
 from diffusionvl.backbone.tokens import Detokenizer
 from diffusionvl.core.config import DecodeConfig
 from diffusionvl.core.errors import DiffusionVLError
@@ -93,9 +98,24 @@ def batch_key(cfg: DecodeConfig, uid: int) -> tuple[Any, ...]:
     return key
 
 
+def concat_encoded(parts: list[Encoded]) -> Encoded:
+    """One batch from encodings made apart (one or more samples each): ids in order; vision tensors joined along
+    their first (image, patch or tile) axis; per-sample lists joined, None for a part's samples without them."""
+    vision: dict[str, Any] = {}
+    for key in dict.fromkeys(k for part in parts for k in part.vision):
+        values = [part.vision.get(key) for part in parts]
+        if any(isinstance(v, list) for v in values):
+            vision[key] = [x for v, part in zip(values, parts) for x in (v or [None] * len(part.input_ids))]
+        else:
+            vision[key] = torch.cat([v for v in values if v is not None])
+    return Encoded(input_ids=[ids for part in parts for ids in part.input_ids], vision=vision,
+                   images_per_sample=[n for part in parts for n in part.images_per_sample])
+
+
 @dataclass(eq=False)
 class PendingRequest:
-    conversation: Any  # prompts.Conversation with its images loaded
+    encoded: Any  # adapters.Encoded of this one prompt (token ids, model-sized vision tensors)
+    n_prompt: int  # its prompt tokens
     config: DecodeConfig  # resolved; max_new_tokens = this request's budget
     stops: list[str]
     loop: asyncio.AbstractEventLoop
@@ -181,9 +201,8 @@ class DecodeEngine:
     """Bounded queue + one decode thread (module docstring)."""
 
     def __init__(self, model: Any, *, max_batch: int = 8, max_queue: int = 64, batch_wait_s: float = 0.005,
-                 max_prompt_tokens: int | None = None, max_active: int = 2):
+                 max_active: int = 2):
         self.model = model.eval()  # the server never trains; decoding.run_encoded does not switch modes itself
-        self.max_prompt_tokens = max_prompt_tokens
         self.max_active = max_active
         self.max_batch = max_batch
         self.max_queue = max_queue
@@ -320,39 +339,16 @@ class DecodeEngine:
                     return batch
                 self._cond.wait(remaining)
 
-    def _admit(self, batch: list[PendingRequest]) -> tuple[list[tuple[PendingRequest, int]], Any]:
-        """Tokenize the batch once; refuse (HTTP 400) prompts that are bad or too long for their own budget.
-
-        Returns the admitted (request, prompt tokens) and the batch encoding when it covers exactly them."""
-        adapter = self.model.adapter
-        try:
-            encoded = adapter.encode([r.conversation for r in batch])
-        except DiffusionVLError:  # find the offending request(s) one by one
-            encoded = None
-        admitted = []
-        for i, request in enumerate(batch):
-            try:
-                alone = encoded is None
-                ids = (adapter.encode([request.conversation]) if alone else encoded).input_ids[0 if alone else i]
-                if self.max_prompt_tokens is not None and len(ids) > self.max_prompt_tokens:
-                    raise DiffusionVLError(f"the prompt is {len(ids)} tokens (text, images and chat template); this "
-                                           f"server allows at most {self.max_prompt_tokens} per request")
-                self.model.check_prompt_lengths([ids], request.config.max_new_tokens, request.config.canvas_block)
-                admitted.append((request, len(ids)))
-            except DiffusionVLError as exc:
-                request.post(Failed(400, str(exc)))
-        return admitted, encoded if len(admitted) == len(batch) else None
-
-    def _fit(self, admitted: list[tuple[PendingRequest, int]]) -> tuple[list[tuple[PendingRequest, int]], list[Any]]:
+    def _fit(self, batch: list[PendingRequest]) -> tuple[list[PendingRequest], list[PendingRequest]]:
         """Keep the requests whose longest prompt + largest budget fit the context together; the rest wait."""
         limit = self.model.max_positions
-        chosen: list[tuple[PendingRequest, int]] = []
+        chosen: list[PendingRequest] = []
         rest = []
-        for request, n_prompt in admitted:
-            longest = max([n for _, n in chosen] + [n_prompt])
-            budget = max([r.config.max_new_tokens for r, _ in chosen] + [request.config.max_new_tokens])
+        for request in batch:
+            longest = max(r.n_prompt for r in chosen + [request])
+            budget = max(r.config.max_new_tokens for r in chosen + [request])
             if not chosen or not limit or longest + budget <= limit:
-                chosen.append((request, n_prompt))
+                chosen.append(request)
             else:
                 rest.append(request)
         return chosen, rest
@@ -364,25 +360,22 @@ class DecodeEngine:
         return run_encoded(self.model, encoded, cfg)
 
     def _open(self, batch: list[PendingRequest], plain: bool) -> _Run | None:
-        """Admit, fit and encode a batch and start its decoder (requests that do not fit wait for the next)."""
+        """Fit a batch to the context, join its encodings and start its decoder (requests that do not fit wait for the
+        next batch)."""
         started = time.monotonic()
-        admitted, encoded = self._admit([r for r in batch if not r.cancelled])
-        admitted, rest = self._fit(admitted)
+        requests, rest = self._fit([r for r in batch if not r.cancelled])
         if rest:  # served by the next batch, ahead of everything else
             with self._cond:
                 self._pending.extendleft(reversed(rest))
-            encoded = None
-        if not admitted:
+        if not requests:
             return None
-        requests = [r for r, _ in admitted]
-        if encoded is None:
-            encoded = self.model.adapter.encode([r.conversation for r in requests])
+        encoded = concat_encoded([r.encoded for r in requests])
         cfg = dataclasses.replace(requests[0].config, max_new_tokens=max(r.config.max_new_tokens for r in requests),
                                   **({"fast": "off"} if plain else {}))
-        for request, n_prompt in admitted:
-            request.post(Accepted(n_prompt, len(requests), started - request.enqueued))
+        for request in requests:
+            request.post(Accepted(request.n_prompt, len(requests), started - request.enqueued))
         texts = [TextAssembler(self.model.tokenizer, r.config.max_new_tokens, r.stops) for r in requests]
-        return _Run(admitted, texts, self._events(encoded, cfg), started)
+        return _Run([(r, r.n_prompt) for r in requests], texts, self._events(encoded, cfg), started)
 
     def _step(self, run: _Run) -> bool:
         """Advance one open batch by one event; False once it is done (then every request has its answer)."""

@@ -7,6 +7,8 @@ raises a one-line `DiffusionVLError` (the server answers HTTP 400):
 - local files (`file://` URLs or plain paths, relative ones taken from the allowed folder) only when the server
   was given a folder, and only if the file's real path (symlinks resolved) lies inside that folder's real path;
 - anything else (other URL schemes) is refused.
+Decoding goes through `core.media.load_image` with the policy's `fit` (images reduced to what the model keeps as
+soon as they are decoded) and `hold` (the server's global pixel budget, prepare.py).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from typing import Any
 from urllib.parse import unquote, urlparse
 
 from diffusionvl.core.errors import DiffusionVLError
-from diffusionvl.core.media import MAX_IMAGE_PIXELS, load_image, short
+from diffusionvl.core.media import MAX_IMAGE_PIXELS, Fit, Hold, load_image, short
 
 
 @dataclass(frozen=True)
@@ -25,24 +27,29 @@ class ImagePolicy:
     local_root: str | None = None  # real path of the folder local images must live in; None = no local files
     allow_remote: bool = False
     max_pixels: int = MAX_IMAGE_PIXELS  # width x height, read from the header before anything is decoded
+    fit: Fit | None = None  # (pixels, short side) the model keeps: decoded images are reduced to it at once
+    hold: Hold | None = None  # held while an image's full-size pixels exist (the global pixel budget)
 
     @classmethod
     def create(cls, local_dir: str | os.PathLike[str] | None, allow_remote: bool,
-               max_pixels: int = MAX_IMAGE_PIXELS) -> "ImagePolicy":
+               max_pixels: int = MAX_IMAGE_PIXELS, fit: Fit | None = None, hold: Hold | None = None) -> "ImagePolicy":
         root = os.path.realpath(os.fspath(local_dir)) if local_dir is not None else None
-        return cls(root, allow_remote, max_pixels)
+        return cls(root, allow_remote, max_pixels, fit, hold)
+
+    def _load(self, source: str, allow_remote: bool = False) -> Any:
+        return load_image(source, allow_remote=allow_remote, max_pixels=self.max_pixels, fit=self.fit, hold=self.hold)
 
     def load(self, url: str) -> Any:
         if not isinstance(url, str) or not url:
             raise DiffusionVLError("image_url.url must be a non-empty string")
         if url.startswith("data:"):
-            return load_image(url, max_pixels=self.max_pixels)
+            return self._load(url)
         scheme = urlparse(url).scheme.lower()
         if scheme in ("http", "https"):
             if not self.allow_remote:
                 raise DiffusionVLError("remote image URLs are refused by this server (start it with "
                                        "--allow-remote-images to allow them); send the image as a data: URL")
-            return load_image(url, allow_remote=True, max_pixels=self.max_pixels)
+            return self._load(url, allow_remote=True)
         if scheme == "file":
             parsed = urlparse(url)
             if parsed.netloc not in ("", "localhost"):
@@ -63,4 +70,4 @@ class ImagePolicy:
         if os.path.commonpath([real, self.local_root]) != self.local_root:
             raise DiffusionVLError("image path is outside the folder this server allows images from: "
                                    f"{short(path, 120)}")
-        return load_image(real, max_pixels=self.max_pixels)
+        return self._load(real)

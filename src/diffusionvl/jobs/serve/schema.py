@@ -86,7 +86,7 @@ class ChatRequest(_Strict):
     stream_options: StreamOptions | None = None
     user: str | None = None
     # OpenAI fields accepted only at the value that changes nothing
-    n: Literal[1] = 1
+    n: int = Field(1, ge=1, le=1)  # an int type: 1.0 is refused like any float where an integer belongs
     presence_penalty: Literal[0, 0.0] = 0.0
     frequency_penalty: Literal[0, 0.0] = 0.0
     logprobs: Literal[False] | None = None
