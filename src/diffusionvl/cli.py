@@ -4,8 +4,8 @@ Contract: each subcommand lives in its own module exposing `add_arguments(parser
 are imported only when their subcommand runs, so `diffusionvl --help` is instant. A `DiffusionVLError` (bad user
 input) is printed as one `error: ...` line with exit status 2, never as a traceback. So are the failures that only
 the user's files and system can cause, wherever they surface (`input_error`): an OS error on a path (too long, not a
-directory, permission, disk full), a file that is not UTF-8, malformed or too deeply nested JSON, a broken chat
-template. `DIFFUSIONVL_DEBUG=1` shows the traceback instead.
+directory, permission, disk full, a symlink loop), a file that is not UTF-8, malformed or too deeply nested JSON, a
+broken chat template. `DIFFUSIONVL_DEBUG=1` shows the traceback instead.
 """
 
 from __future__ import annotations
@@ -66,6 +66,8 @@ def input_error(exc: BaseException) -> str | None:
         return f"this terminal cannot show the text ({str(exc)[:120]}); set PYTHONIOENCODING=utf-8"
     if isinstance(exc, UnicodeError):
         return f"a file or argument is not valid UTF-8 text ({str(exc)[:200]})"
+    if isinstance(exc, RuntimeError) and str(exc).startswith("Symlink loop"):  # Path.resolve() before Python 3.13
+        return f"a symlink loop: {str(exc).removeprefix('Symlink loop from ')[:200]} cannot be resolved"
     if isinstance(exc, RecursionError):
         return "input nested too deeply (a JSON value with thousands of levels of brackets?)"
     if isinstance(exc, json.JSONDecodeError):

@@ -1,11 +1,13 @@
-"""Helpers shared by subcommands: loading the model a command runs on, and printing decoding stats."""
+"""Helpers shared by subcommands: loading the model a command runs on, reading a prompt from a stream within a
+bound set by the model's context, checking user text for control tokens, and printing decoding stats."""
 
 from __future__ import annotations
 
 import argparse
-from typing import Any
+from typing import IO, Any
 
-from diffusionvl.core.errors import DiffusionVLError
+from diffusionvl.backbone.tokens import MAX_CHARS_PER_TOKEN, control_tokens, refuse_control_tokens
+from diffusionvl.core.errors import DiffusionVLError, check
 
 DEFAULT_NAMES = ("default", "default:ar")  # --model names of the embedded model and of its AR parent
 
@@ -32,6 +34,31 @@ def load_model(args: argparse.Namespace) -> Any:
     from diffusionvl.model.conversion import load
 
     return load(args.model, device=args.device, dtype=args.dtype)
+
+
+def text_bound(model: Any) -> int:
+    """The most characters of prompt text the model's context could hold (tokens.MAX_CHARS_PER_TOKEN a token)."""
+    return (model.max_positions or 1 << 20) * MAX_CHARS_PER_TOKEN
+
+
+def read_bounded(stream: IO[str], model: Any, what: str, line: bool = False) -> str:
+    """All of `stream` (or its next line), read only up to `text_bound(model)` characters: longer text is refused in
+    one line, unread beyond the bound (memory and time stay bounded whatever arrives). A line that is too long is
+    skipped to its end, so a session reading line by line can go on."""
+    limit = text_bound(model)
+    text = stream.readline(limit + 1) if line else stream.read(limit + 1)
+    too_long = len(text) > limit
+    rest = text
+    while too_long and line and rest and not rest.endswith("\n"):
+        rest = stream.readline(limit + 1)
+    check(not too_long, f"{what} is longer than {limit} characters, more than the model's context of "
+                        f"{model.max_positions} tokens can hold")
+    return text
+
+
+def check_user_text(model: Any, texts: list[tuple[str, str | None]]) -> None:
+    """The server's rule for request text, on the CLI's: text holding a control token of the model is refused."""
+    refuse_control_tokens(control_tokens(model), [(where, text) for where, text in texts if text])
 
 
 def stats_line(stats: dict[str, Any]) -> str:

@@ -2,7 +2,8 @@
 
 Contract: reads user turns from standard input until EOF or `/exit`; `/image PATH` attaches an image to the next
 turn, `/reset` clears the history, `/stats` toggles the per-answer stats line. Bad input (missing image, too-long
-history) prints a one-line error and the session continues.
+history, a line longer than the model's context could hold, text holding a control token such as <|im_end|>) prints a
+one-line error and the session continues.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import argparse
 import sys
 from typing import Any
 
-from diffusionvl.commands._common import add_model_arguments, load_model, stats_line
+from diffusionvl.commands._common import add_model_arguments, check_user_text, load_model, read_bounded, stats_line
 from diffusionvl.core.config import DecodeConfig, add_dataclass_arguments, dataclass_from_args
 from diffusionvl.core.errors import DiffusionVLError
 
@@ -43,14 +44,22 @@ def _answer(model: Any, history: list[dict[str, Any]], images: list[Any], cfg: D
 def run(args: argparse.Namespace) -> int:
     cfg = dataclass_from_args(DecodeConfig, args).validate()
     model = load_model(args)
+    check_user_text(model, [("--system", args.system)])
     system = [{"role": "system", "content": args.system}] if args.system else []
     history: list[dict[str, Any]] = list(system)
     images: list[Any] = []
     pending: list[Any] = []
     show_stats = True
     print(HELP, file=sys.stderr)
-    for line in sys.stdin:
-        line = line.strip()
+    while True:
+        try:
+            raw = read_bounded(sys.stdin, model, "the line", line=True)
+        except DiffusionVLError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            continue
+        if not raw:
+            break
+        line = raw.strip()
         if not line:
             continue
         if line in ("/exit", "/quit"):
@@ -75,6 +84,7 @@ def run(args: argparse.Namespace) -> int:
         content: Any = [{"type": "image"} for _ in pending] + [{"type": "text", "text": line}]
         turn = {"role": "user", "content": content}
         try:
+            check_user_text(model, [("the line", line)])
             text, stats = _answer(model, history + [turn], images + pending, cfg)
         except DiffusionVLError as exc:  # the turn is not kept; nor are its images, which may be the cause
             print(f"error: {exc}" + ("; the attached image(s) were dropped" if pending else ""), file=sys.stderr)

@@ -1,7 +1,7 @@
 """`diffusionvl eval`: accuracy (or NELBO) of a model on a task, with decoding speed next to it.
 
-Contract: `diffusionvl eval --model PATH --task TASK [--data ...] [--limit N] [decode flags]` validates the task
-data before loading the model, evaluates with a progress bar, prints the Markdown summary and writes
+Contract: `diffusionvl eval --model PATH --task TASK [--data ...] [--limit N] [decode flags]` checks `--out` and
+validates the task data before loading the model, evaluates with a progress bar, prints the Markdown summary and writes
 `results.json`, `results.md` and `samples.jsonl` atomically into `--out` (default `eval_results/<task>`).
 Under `accelerate launch` every process evaluates every N-th sample on its own device and the main process
 gathers and writes the results. Flags come from `EvalConfig` and `DecodeConfig`. See docs/evaluation.md.
@@ -45,11 +45,13 @@ def _distributed(device: str | None) -> tuple[int, int, bool, str | None, object
 
 
 def run(args: argparse.Namespace) -> int:
-    from diffusionvl.jobs.evaluation.report import markdown, write_results
+    from diffusionvl.jobs.evaluation.report import check_out_dir, markdown, write_results
     from diffusionvl.jobs.evaluation.runner import EvalConfig, evaluate, load_samples
 
     cfg = dataclass_from_args(EvalConfig, args).validate()
     decode = dataclass_from_args(DecodeConfig, args).validate()
+    out = cfg.out or os.path.join("eval_results", cfg.task)
+    check_out_dir(out)  # before the evaluation, not after it
     if args.max_new_tokens is None and cfg.task in DEFAULT_MAX_NEW_TOKENS:
         decode = dataclasses.replace(decode, max_new_tokens=DEFAULT_MAX_NEW_TOKENS[cfg.task])
     task, samples = load_samples(cfg)  # bad data fails before the (slow) model load
@@ -61,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
                                 progress=is_main and not args.no_progress)
     if is_main:
         summary["model"] = args.model
-        paths = write_results(cfg.out or os.path.join("eval_results", cfg.task), summary, records)
+        paths = write_results(out, summary, records)
         print(markdown(summary))
         print(f"wrote {paths['json']}, {paths['markdown']}, {paths['samples']}")
     return 0

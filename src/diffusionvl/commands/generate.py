@@ -10,7 +10,8 @@ import argparse
 import json
 import sys
 
-from diffusionvl.commands._common import add_model_arguments, load_model, stats_line
+from diffusionvl.commands._common import (add_model_arguments, check_user_text, load_model, read_bounded,
+                                          stats_line)
 from diffusionvl.core.config import DecodeConfig, add_dataclass_arguments, dataclass_from_args
 from diffusionvl.core.errors import DiffusionVLError
 
@@ -25,8 +26,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def build_messages(prompt: str, system: str | None) -> list[dict[str, str]]:
-    if prompt == "-":
-        prompt = sys.stdin.read()
     if not prompt.strip():
         raise DiffusionVLError("empty prompt: give a question with --prompt")
     messages = [{"role": "system", "content": system}] if system else []
@@ -35,11 +34,17 @@ def build_messages(prompt: str, system: str | None) -> list[dict[str, str]]:
 
 def run(args: argparse.Namespace) -> int:
     cfg = dataclass_from_args(DecodeConfig, args).validate()
-    messages = build_messages(args.prompt, args.system)
     from diffusionvl.backbone.prompts import to_conversation
+    from diffusionvl.core.media import load_image
 
-    conversation = to_conversation(messages, args.image or None)  # validates the images before loading the model
+    from_stdin = args.prompt == "-"
+    if not from_stdin:
+        build_messages(args.prompt, args.system)  # an empty prompt fails before the (slow) model load
+    images = [load_image(path) for path in args.image]  # so do bad images
     model = load_model(args)
+    prompt = read_bounded(sys.stdin, model, "the prompt on standard input") if from_stdin else args.prompt
+    check_user_text(model, [("--prompt", prompt), ("--system", args.system)])
+    conversation = to_conversation(build_messages(prompt, args.system), images or None)
     if args.json:
         out = model.generate(conversation, config=cfg)
         print(json.dumps({"text": out.texts[0], "token_ids": out.token_ids[0],

@@ -62,6 +62,7 @@ def load_hf(src: str | os.PathLike[str], device: torch.device, dtype: torch.dtyp
             hint = f" (nor is there a local folder {src}: {os.fspath(src).split('/')[0]}/ holds no such model)"
         raise DiffusionVLError(f"cannot read the model config at {src}: {str(exc).splitlines()[0]}{hint}") from None
     cls = adapter_class(config.model_type)
+    processor = _load_processor(src, cls.has_vision, trust_remote_code)  # before the (slow) weights
     auto = getattr(transformers, cls.auto_class)
     try:
         model = auto.from_pretrained(src, dtype=dtype, attn_implementation=attn_implementation,
@@ -72,8 +73,22 @@ def load_hf(src: str | os.PathLike[str], device: torch.device, dtype: torch.dtyp
         raise DiffusionVLError(f"cannot read the weights at {src} ({type(exc).__name__}: "
                                f"{str(exc).splitlines()[0] if str(exc) else 'unreadable'}): the file is truncated or "
                                "corrupt; re-download or re-save the model") from None
-    processor = load_processor(src, cls.has_vision, trust_remote_code=trust_remote_code)
     return model.to(device).eval(), processor
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+
+
+def _load_processor(src: str | os.PathLike[str], vision: bool, trust_remote_code: bool) -> Any:
+    """The folder's tokenizer (text) or processor (VLM); a folder missing or holding broken tokenizer / processor
+    files is one line naming them (transformers raises ValueError, OSError, TypeError... with pages of advice)."""
+    try:
+        return load_processor(src, vision, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, TypeError, KeyError, AttributeError) as exc:
+        missing = [n for n in TOKENIZER_FILES if os.path.isdir(src) and not os.path.isfile(os.path.join(src, n))]
+        what = f"it has no {' and no '.join(missing)}" if missing else str(exc).strip().splitlines()[0][:200]
+        raise DiffusionVLError(f"cannot load the tokenizer{'/processor' if vision else ''} of {src}: {what} (copy the "
+                               "tokenizer files from the model it was made from)") from None
 
 
 def load_registered(path: str | os.PathLike[str], device: torch.device,

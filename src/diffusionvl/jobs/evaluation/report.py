@@ -2,6 +2,8 @@
 
 Contract: `write_results(out_dir, summary, records)` writes the three files atomically (`diffusionvl.core.atomic`: plain
 permissions, temporary file renamed into place), so an interrupted run never leaves a half-written result;
+`check_out_dir(out_dir)` refuses, before any work, a folder that write_results could not write into (a file, a path
+below a file, a folder without write permission).
 `markdown(summary)` renders the summary as Markdown tables with quality next to speed (accuracy beside
 tokens/forward and tokens/s; NELBO beside scoring throughput), plus the per-type breakdown (short-answer types) and,
 when the task had describe samples, one line with their object-level F1, precision and recall.
@@ -16,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from diffusionvl.core.atomic import write_json, write_text
+from diffusionvl.core.errors import check
 
 
 def _pct(x: float | None) -> str:
@@ -64,6 +67,15 @@ def markdown(summary: dict[str, Any]) -> str:
     title = f"# diffusionvl eval: {summary['task']}"
     body = _elbo_tables(summary) if summary["kind"] == "elbo" else _generation_tables(summary)
     return "\n".join([title, "", *body, ""])
+
+
+def check_out_dir(out_dir: str | os.PathLike[str]) -> None:
+    """One line now, not after the whole evaluation, if the results could not be written to `out_dir`."""
+    out = Path(out_dir)
+    check(not out.exists() or out.is_dir(), f"--out {out} exists and is not a folder; choose a folder")
+    existing = next(p for p in (out, *out.parents) if p.exists())
+    check(existing.is_dir(), f"--out {out} cannot be created: {existing} is a file, not a folder")
+    check(os.access(existing, os.W_OK), f"--out {out} cannot be written: no write permission in {existing}")
 
 
 def write_results(out_dir: str | os.PathLike[str], summary: dict[str, Any],
