@@ -176,3 +176,84 @@ def test_an_interrupted_run_sweeps_only_its_own_temporaries(tmp_path):
                                                    ".final.tmp-ab12cd34"]
     assert sorted(p.name for p in tmp_path.iterdir()) == [".final-adapter.old-ab12cd34", ".notes", "checkpoint-58",
                                                           "final"]
+
+
+# ---- resuming from a damaged checkpoint -----------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    """A finished 4-step run of the tiny model with checkpoint-2 and checkpoint-4 (about 10 s)."""
+    import json
+
+    from conftest import tiny_diffusion
+    from diffusionvl.model.modeling import save_atomic
+
+    root = tmp_path_factory.mktemp("resume")
+    save_atomic(tiny_diffusion("llama", block_size=4), root / "model")
+    turns = [[{"from": "human", "value": f"Say {i}."}, {"from": "gpt", "value": f"{i} {i} {i}."}] for i in range(16)]
+    (root / "train.jsonl").write_text("".join(json.dumps({"conversations": t}) + "\n" for t in turns))
+    assert main(_train_argv(root, root / "run", "--max-steps", "4")) == 0
+    return root
+
+
+def _train_argv(root, out, *extra):
+    return ["train", "--model", str(root / "model"), "--data", str(root / "train.jsonl"), "--output", str(out),
+            "--batch-size", "2", "--save-every", "2", "--progress", "false", "--tensorboard", "false", *extra]
+
+
+def _damage(ckpt, how):
+    import json
+
+    state = ckpt / "trainer_state.json"
+    if how.startswith("step="):
+        saved = json.loads(state.read_text())
+        saved["step"] = json.loads(how[len("step="):])
+        state.write_text(json.dumps(saved))
+    elif how == "no-accelerate-state":
+        import shutil
+
+        shutil.rmtree(ckpt / "accelerate_state")
+    elif how.startswith("empty:"):
+        (ckpt / how[len("empty:"):]).write_bytes(b"")
+    elif how == "random-rng":
+        (ckpt / "accelerate_state" / "random_states_0.pkl").write_bytes(bytes(range(256)) * 4)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("how,needle", [
+    ('step="x"', "trainer_state.json: 'step' must be a non-negative integer, got 'x'"),  # was a KeyError traceback
+    ("step=-5", "trainer_state.json: 'step' must be a non-negative integer, got -5"),  # trained, wrote checkpoint-0
+    ("step=1000000000000", "says step 1000000000000, outside 0..4"),  # wrote checkpoint-10**12 and final, no training
+    ("empty:accelerate_state/optimizer.bin", "accelerate_state/optimizer.bin is empty (0 bytes)"),  # EOFError
+    ("empty:accelerate_state/model.safetensors", "accelerate_state/model.safetensors is empty"),  # SafetensorError
+    ("empty:model.safetensors", "checkpoint-4/model.safetensors is damaged"),
+    ("no-accelerate-state", "accelerate_state is missing"),  # ValueError traceback
+    ("random-rng", "random_states_0.pkl is damaged"),  # exit 0: accelerate skipped the RNG states silently
+])
+def test_resume_from_a_damaged_checkpoint_is_one_line_naming_the_file(trained_run, tmp_path, capsys, how, needle):
+    import shutil
+
+    out = tmp_path / "run"
+    shutil.copytree(trained_run / "run", out)
+    _damage(out / "checkpoint-4", how)
+    capsys.readouterr()
+    assert main(_train_argv(trained_run, out, "--max-steps", "4", "--resume", str(out / "checkpoint-4"))) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: cannot resume from") and needle in err[-1], err[-3:]
+    assert not any("Traceback" in line for line in err)
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]  # nothing written
+
+
+@pytest.mark.slow
+def test_resume_auto_skips_a_damaged_newest_checkpoint_and_says_so(trained_run, tmp_path, capsys):
+    import json
+    import shutil
+
+    out = tmp_path / "run"
+    shutil.copytree(trained_run / "run", out)
+    _damage(out / "checkpoint-4", "empty:accelerate_state/optimizer.bin")
+    capsys.readouterr()
+    assert main(_train_argv(trained_run, out, "--max-steps", "4", "--resume", "auto")) == 0
+    err = capsys.readouterr().err
+    assert "--resume auto skips checkpoint-4" in err and "optimizer.bin is empty" in err
+    events = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in events if e.get("event") == "resume"][-1] == 2  # trained on from checkpoint-2

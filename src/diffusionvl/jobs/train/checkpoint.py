@@ -9,6 +9,13 @@ Contract: a periodic checkpoint is the folder `OUTPUT/checkpoint-STEP/` holding
 It is assembled in a hidden temporary sibling and renamed into place, so a checkpoint folder either is complete or
 does not exist. The final model goes to `OUTPUT/final/` (LoRA: the adapter to `OUTPUT/final-adapter/`, the merged
 model to `OUTPUT/final/`), also atomically.
+
+Resuming (`resume(...)`) trusts nothing on disk: `damage(path)` names the first file of a checkpoint that cannot be
+resumed from and why (trainer_state.json unreadable, or a step, epoch or batch that is not a non-negative integer;
+accelerate_state/ missing; an empty state file; a safetensors file whose header does not read; RNG states that do
+not unpickle); a step outside [0, the run's total steps] is refused; `--resume auto` skips a damaged newest
+checkpoint, saying so, and takes the newest sound one; an explicit damaged checkpoint, or state that still fails to
+load, is one `DiffusionVLError` naming the file: never a silent fresh start or a jump past the run's end.
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ import json
 import os
 import re
 import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -43,16 +51,106 @@ def checkpoints(output: str | os.PathLike[str]) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def resolve_resume(resume: str | None, output: str | os.PathLike[str]) -> Path | None:
-    """'auto' -> the latest checkpoint in `output` (None if there is none); a path -> that checkpoint."""
+STATE_FIELDS = ("step", "epoch", "step_in_epoch", "global_batch")
+
+
+def read_state(path: Path) -> dict[str, Any]:
+    """trainer_state.json of checkpoint `path`, its counters checked to be non-negative integers."""
+    file = path / STATE_FILE
+    try:
+        saved = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeError, ValueError) as exc:
+        raise DiffusionVLError(f"{file} is unreadable ({type(exc).__name__}: {str(exc)[:120]})") from None
+    check(isinstance(saved, dict), f"{file} is not a JSON object")
+    for name in STATE_FIELDS:
+        value = saved.get(name)
+        check(type(value) is int and value >= 0, f"{file}: {name!r} must be a non-negative integer, got {value!r}")
+    return saved
+
+
+def damage(path: Path, process_index: int = 0) -> str | None:
+    """Why checkpoint `path` cannot be resumed from (naming the file), or None (module docstring)."""
+    try:
+        read_state(path)
+    except DiffusionVLError as exc:
+        return str(exc)
+    state = path / ACCELERATE_DIR
+    if not state.is_dir():
+        return f"{state} is missing (the optimizer, scheduler and RNG states)"
+    for file in sorted(state.iterdir()):
+        if file.is_file() and file.stat().st_size == 0:
+            return f"{file} is empty (0 bytes)"
+    for file in sorted(path.glob("*.safetensors")) + sorted(state.glob("*.safetensors")):
+        problem = _safetensors_damage(file)
+        if problem:
+            return f"{file} is damaged ({problem})"
+    return _rng_damage(state / f"random_states_{process_index}.pkl")
+
+
+def _safetensors_damage(file: Path) -> str | None:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(file), framework="pt") as handle:
+            handle.keys()
+    except Exception as exc:  # noqa: BLE001 - SafetensorError, OSError: the header does not read
+        return f"{type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else 'unreadable'}"
+    return None
+
+
+def _rng_damage(file: Path) -> str | None:
+    """accelerate ignores RNG states that fail to load (a resumed run would silently draw other numbers)."""
+    from accelerate.utils import load
+
+    if not file.is_file():
+        return f"{file} is missing (the RNG states)"
+    try:
+        states = load(file)
+    except Exception as exc:  # noqa: BLE001 - whatever unpickling random bytes raises
+        return f"{file} is damaged ({type(exc).__name__})"
+    keys = ("random_state", "numpy_random_seed", "torch_manual_seed")
+    return None if isinstance(states, dict) and all(k in states for k in keys) else f"{file} holds no RNG states"
+
+
+def resolve_resume(resume: str | None, output: str | os.PathLike[str], process_index: int = 0) -> Path | None:
+    """'auto' -> the newest sound checkpoint in `output` (damaged newer ones are skipped with a message on stderr;
+    None if there is none); a path -> that checkpoint, refused in one line when damaged."""
     if not resume:
         return None
     if resume == "auto":
-        found = checkpoints(output)
-        return found[-1][1] if found else None
+        for _, path in reversed(checkpoints(output)):
+            problem = damage(path, process_index)
+            if problem is None:
+                return path
+            print(f"warning: --resume auto skips {path.name}: {problem}", file=sys.stderr, flush=True)
+        return None
     path = Path(resume)
     check((path / STATE_FILE).is_file(), f"cannot resume from {path}: not a checkpoint folder (no {STATE_FILE})")
+    problem = damage(path, process_index)
+    check(problem is None, f"cannot resume from {path}: {problem}")
     return path
+
+
+def resume(accelerator: Any, resume_arg: str | None, output: str | os.PathLike[str], total_steps: int,
+           global_batch: int) -> tuple[Path, dict[str, Any]] | None:
+    """Restore the checkpoint `resume_arg` names into `accelerator` (model, optimizer, scheduler, RNG states) and
+    return (its folder, its trainer state), or None when there is nothing to resume (module docstring)."""
+    path = resolve_resume(resume_arg, output, accelerator.process_index)
+    if path is None:
+        return None
+    saved = read_state(path)
+    check(saved["step"] <= total_steps, f"cannot resume from {path}: {path / STATE_FILE} says step {saved['step']}, "
+                                        f"outside 0..{total_steps} (this run's total steps)")
+    check(saved["global_batch"] == global_batch,
+          f"cannot resume {path}: it was trained with a global batch of {saved['global_batch']}, this run has "
+          f"{global_batch} (batch_size x processes x grad_accum)")
+    try:
+        accelerator.load_state(str(path / ACCELERATE_DIR))
+    except Exception as exc:  # noqa: BLE001 - torch / safetensors / pickle errors of a damaged state file
+        reason = str(exc).splitlines()[0][:160] if str(exc) else "unreadable"
+        raise DiffusionVLError(f"cannot resume from {path}: {path / ACCELERATE_DIR} failed to load "
+                               f"({type(exc).__name__}: {reason})") from None
+    return path, saved
 
 
 def backbone_state(state_dict: dict[str, torch.Tensor], prefix: str = "") -> dict[str, torch.Tensor]:

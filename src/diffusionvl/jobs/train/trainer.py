@@ -282,14 +282,11 @@ class Trainer:
         acc.register_for_checkpointing(self.scheduler)
 
     def _resume(self) -> Path | None:
-        path = ckpt.resolve_resume(self.cfg.resume, self.output)
-        if path is None:
+        found = ckpt.resume(self.accelerator, self.cfg.resume, self.output, self.total_steps,
+                            self.sampler.global_batch)  # checked file by file: one line naming a damaged one
+        if found is None:
             return None
-        saved = json.loads((path / ckpt.STATE_FILE).read_text())
-        check(saved["global_batch"] == self.sampler.global_batch,
-              f"cannot resume {path}: it was trained with a global batch of {saved['global_batch']}, this run has "
-              f"{self.sampler.global_batch} (batch_size x processes x grad_accum)")
-        self.accelerator.load_state(str(path / ckpt.ACCELERATE_DIR))
+        path, saved = found
         self.state = TrainState(saved["step"], saved["epoch"], saved["step_in_epoch"])
         return path
 
