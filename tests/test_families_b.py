@@ -3,7 +3,8 @@ random models (backbone/tiny_families.py) with their own processor classes (Mist
 torchvision-free stand-in where it cannot be imported, checked against it where it can) and an image in the prompt:
 B=1/S=1 block decoding == transformers greedy `generate` on the same processor output (cache and fast path on and
 off); a ragged batch (with and without images) == each sample alone; the 2L training forward == a brute-force
-forward of [clean blocks < k ; noisy block k]; convert -> save -> load; `serve` answers an image request."""
+forward of [clean blocks < k ; noisy block k]; a training batch collated from samples with different tile counts
+== each sample alone; convert -> save -> load; `serve` answers an image request."""
 
 from __future__ import annotations
 
@@ -117,6 +118,50 @@ def test_training_forward_equals_per_block_forward(arch, prediction):
             torch.testing.assert_close(train_logits[:, s:e], dm.adapter.head(hidden[:, rows]), rtol=1e-4, atol=1e-4)
             checked += 1
     assert checked >= 2
+
+
+def _answer_sample(dm, images, answer):
+    """One question + answer sample tokenized alone (as the trainer's encoder does): ids, labels on the answer,
+    the processor's vision tensors."""
+    parts = [{"type": "image"}] * len(images) + [{"type": "text", "text": "What is in the picture?"}]
+    msgs = [{"role": "user", "content": parts}, {"role": "assistant", "content": answer}]
+    question = to_conversation(msgs[:1], images or None)
+    prompt_len = len(dm.adapter.tokenize([dm.adapter.render(question)], [question.images]).input_ids[0])
+    conv = to_conversation(msgs, images or None)
+    enc = dm.adapter.tokenize([dm.adapter.render(conv, False)], [conv.images])
+    ids = torch.tensor(enc.input_ids[0])
+    labels = ids.clone()
+    labels[:prompt_len] = -100
+    return ids, labels, enc.vision
+
+
+@pytest.mark.parametrize("arch", FAMILIES)
+def test_collated_training_batch_equals_each_sample_alone(arch):
+    """Samples whose images give different tile counts and sizes, and one without an image, batched by
+    `collate_vision` (zero padding, as the processors batch): each sample's BD3 loss == its loss alone."""
+    bsz = 4
+    dm = tiny_diffusion(arch, block_size=bsz).eval()
+    samples = [_answer_sample(dm, [WIDE], "A red square on white."), _answer_sample(dm, [], "Hello there, friend."),
+               _answer_sample(dm, [red_square((30, 30), color="blue")], "A blue square on a white page, small.")]
+    assert samples[0][2]["pixel_values"].shape != samples[2][2]["pixel_values"].shape  # tiles or sizes differ
+    length = -(-max(len(s[0]) for s in samples) // bsz) * bsz
+    ids = torch.full((3, length), dm.pad_token_id)
+    labels = torch.full((3, length), -100)
+    mask = torch.zeros(3, length, dtype=torch.long)
+    for i, (x, y, _) in enumerate(samples):
+        ids[i, : len(x)], labels[i, : len(x)], mask[i, : len(x)] = x, y, 1
+    vision = dm.adapter.collate_vision([v for _, _, v in samples if v])
+    g = torch.Generator().manual_seed(5)
+    rates, draw = torch.rand(3, length // bsz, generator=g) * 0.9 + 0.1, torch.rand(3, length, generator=g)
+    with torch.no_grad():
+        batched = dm.training_loss({"input_ids": ids, "labels": labels, "attention_mask": mask, **vision},
+                                   rates=rates, draw=draw).per_sample
+        for i, (x, y, v) in enumerate(samples):
+            n = -(-len(x) // bsz) * bsz
+            alone = dm.training_loss({"input_ids": ids[i:i + 1, :n], "labels": labels[i:i + 1, :n],
+                                      "attention_mask": mask[i:i + 1, :n], **v},
+                                     rates=rates[i:i + 1, : n // bsz], draw=draw[i:i + 1, :n]).per_sample
+            torch.testing.assert_close(batched[i], alone[0], rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("arch", FAMILIES)

@@ -14,7 +14,10 @@ Contract: the engine (modeling.py, decoding/) never looks inside a Hugging Face 
   decoder layers 0..K-1 (zero off image tokens: Qwen3-VL's deepstack), or None where a family adds nothing there;
 - `image_groups(ids)`: [N, L] long, tokens sharing a group g > 0 attend to each other both ways inside a clean
   prompt (Gemma 3's image tokens), 0 elsewhere; None where attention is causal throughout;
-- `encode(conversations)`: chat template + tokenizer/processor -> unpadded ids per sample and vision tensors.
+- `encode(conversations)`: chat template + tokenizer/processor -> unpadded ids per sample and vision tensors;
+- `vision_keys`: the entries of a batch that carry its images (what `image_features` reads), and
+  `collate_vision(per_sample)`: the vision tensors of several samples as one batch's, as the processor would
+  batch them (each tensor zero-padded at the end of every dimension after the first, then concatenated).
 Adapters are found by `config.model_type` in `ADAPTERS`; an unknown type raises a one-line error listing the
 supported ones.
 """
@@ -64,6 +67,7 @@ class Adapter:
     auto_class: ClassVar[str] = "AutoModelForCausalLM"
     has_vision: ClassVar[bool] = False
     position_dims: ClassVar[int] = 1
+    vision_keys: ClassVar[tuple[str, ...]] = ()  # batch entries that carry the images (module docstring)
 
     def __init__(self, model: nn.Module, processor: Any):
         self.model = model
@@ -156,11 +160,19 @@ class Adapter:
         ids = [tok(self.render(c), add_special_tokens=not has_template)["input_ids"] for c in conversations]
         return Encoded(input_ids=[list(map(int, x)) for x in ids], images_per_sample=[0] * len(ids))
 
+    def collate_vision(self, per_sample: list[dict[str, Tensor]]) -> dict[str, Tensor]:
+        """The vision tensors of the samples with images -> one batch's, images along dim 0 in sample order; each
+        tensor zero-padded at the end of its other dimensions to the largest (more tiles, a larger image), which is
+        how the processors batch them and what the models ignore (all-zero tiles, image_sizes crops)."""
+        keys = [k for k in self.vision_keys if per_sample and k in per_sample[0]]
+        return {k: torch.cat(pad_to_largest([v[k] for v in per_sample])) for k in keys}
+
 
 class VisionAdapter(Adapter):
     """Base of VLM adapters: image features replace the embeddings of the image tokens, in order."""
 
     has_vision = True
+    vision_keys = ("pixel_values", "image_grid_thw", "image_grid_thw_per_sample", "image_sizes", "image_tiles")
 
     def embed(self, input_ids: Tensor, vision: dict[str, Tensor] | None = None,
               features: Tensor | None = None) -> Tensor:
@@ -367,11 +379,11 @@ class MultimodalAdapter(VisionAdapter):
     """transformers VLMs of the LLaVA shape (InternVL, Mistral 3, Idefics3 / SmolVLM, LLaVA-OneVision): the model holds
     a vision tower, a projector and `language_model` (1-D positions), the head holds `lm_head`, and the processor
     expands each image placeholder into the family's layout (tiles, rows, newline tokens). `get_image_features` of
-    the inner model turns the processor's `feature_keys` tensors into the image tokens' features in prompt order, so
+    the inner model turns the processor's `vision_keys` tensors into the image tokens' features in prompt order, so
     the family's own vision path (pixel shuffle, anyres packing with newline rows, Pixtral's 2-D patches) runs as is."""
 
     auto_class = "AutoModelForImageTextToText"
-    feature_keys: ClassVar[tuple[str, ...]] = ("pixel_values",)  # processor outputs get_image_features reads
+    vision_keys = ("pixel_values",)  # the processor outputs get_image_features reads
     language_model: ClassVar[str] = "language_model"  # the inner model's attribute holding the decoder stack
 
     @property
@@ -385,7 +397,7 @@ class MultimodalAdapter(VisionAdapter):
     def image_features(self, vision: dict[str, Tensor]) -> Tensor:
         """[sum of image tokens, D] in sample/image order."""
         weight = self.input_embeddings().weight
-        kwargs = {k: vision[k].to(weight.device) for k in self.feature_keys if vision.get(k) is not None}
+        kwargs = {k: vision[k].to(weight.device) for k in self.vision_keys if vision.get(k) is not None}
         kwargs["pixel_values"] = kwargs["pixel_values"].to(weight.dtype)
         out = self.model.model.get_image_features(**kwargs)
         out = getattr(out, "pooler_output", out)
@@ -408,7 +420,7 @@ class MultimodalAdapter(VisionAdapter):
         out = self.processor(text=texts, images=self.processor_images(images) if has_images else None,
                              return_tensors="pt", padding=True)
         ids = [row[m.bool()].tolist() for row, m in zip(out["input_ids"], out["attention_mask"])]
-        vision = {k: out[k] for k in self.feature_keys if k in out} if has_images else {}
+        vision = {k: out[k] for k in self.vision_keys if k in out} if has_images else {}
         return Encoded(input_ids=ids, vision=vision, images_per_sample=[len(ims) for ims in images])
 
 
@@ -424,7 +436,7 @@ class Mistral3Adapter(MultimodalAdapter):
     last in [IMG_END]; the vision tower needs each image's size to cut its patches out of the padded batch."""
 
     model_types = ("mistral3",)
-    feature_keys = ("pixel_values", "image_sizes")
+    vision_keys = ("pixel_values", "image_sizes")
 
 
 class Idefics3Adapter(MultimodalAdapter):
@@ -433,7 +445,7 @@ class Idefics3Adapter(MultimodalAdapter):
     shuffle makes each tile image_seq_len tokens. The processor takes images nested per sample."""
 
     model_types = ("idefics3", "smolvlm")
-    feature_keys = ("pixel_values", "pixel_attention_mask")
+    vision_keys = ("pixel_values", "pixel_attention_mask")
     language_model = "text_model"
 
     def processor_images(self, images: list[list[Any]]) -> Any:
@@ -446,7 +458,17 @@ class LlavaOnevisionAdapter(MultimodalAdapter):
     prompt take the base view only (`batch_num_images`)."""
 
     model_types = ("llava_onevision",)
-    feature_keys = ("pixel_values", "image_sizes", "batch_num_images")
+    vision_keys = ("pixel_values", "image_sizes", "batch_num_images")
+
+
+def pad_to_largest(tensors: list[Tensor]) -> list[Tensor]:
+    """Tensors of equal rank, each zero-padded at the end of every dimension after the first to the largest size."""
+    size = [max(t.shape[d] for t in tensors) for d in range(1, tensors[0].dim())]
+    out = []
+    for t in tensors:
+        pad = [p for d in reversed(range(1, t.dim())) for p in (0, size[d - 1] - t.shape[d])]
+        out.append(torch.nn.functional.pad(t, pad) if any(pad) else t)
+    return out
 
 
 def scatter_image_features(embeds: Tensor, input_ids: Tensor, image_token_id: int, features: Tensor) -> Tensor:

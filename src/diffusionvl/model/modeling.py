@@ -11,6 +11,7 @@ Training batch (what the collator produces; all [N, L], right padded):
     attention_mask  1 on real tokens, 0 on batch padding
     pixel_values / image_grid_thw / image_grid_thw_per_sample   (vision models, images in sample order)
     image_sizes / image_tiles   (composed VLMs with variable-resolution images: (width, height), tiles per image)
+    ... and whatever else the adapter's `vision_keys` name (pixel_attention_mask, batch_num_images, ...)
     position_ids    optional [P, N, L]; computed by the adapter when absent
     segment_ids / context_ids   optional [N, L] long: packed rows (several isolated segments and shared prefixes,
                     core/masks.py; built by train/packing.py); absent = one segment per row
@@ -38,7 +39,6 @@ from diffusionvl.core.errors import DiffusionVLError
 from diffusionvl.decoding import GenerationOutput, run
 
 Tensor = torch.Tensor
-VISION_KEYS = ("pixel_values", "image_grid_thw", "image_grid_thw_per_sample", "image_sizes", "image_tiles")
 
 
 @dataclass
@@ -128,7 +128,7 @@ class DiffusionVLModel(nn.Module):
         """Normalize a training batch: bool validity, positions, length padded to a multiple of B."""
         x0, labels = batch["input_ids"], batch["labels"].clone()
         valid = batch.get("attention_mask", torch.ones_like(x0)).bool()
-        vision = {k: batch[k] for k in VISION_KEYS if k in batch}
+        vision = {k: batch[k] for k in self.adapter.vision_keys if k in batch}
         positions = batch.get("position_ids")
         if positions is None:
             positions = self.positions_for(x0, valid, vision)
