@@ -245,3 +245,41 @@ def test_pixtral_stand_in_lays_images_out_as_pixtral_processor(tmp_path):
         torch.testing.assert_close(ours[key], theirs[key], rtol=0, atol=0, msg=key)
     stand_in.save_pretrained(tmp_path / "a")
     assert isinstance(load_processor(tmp_path / "a", True), PixtralProcessor)
+
+
+@pytest.mark.parametrize("arch", FAMILIES)
+def test_train_encoder_and_collator_take_image_samples(arch):
+    """`diffusionvl train`'s own path: the encoder places the answer labels in the processor's ids (which add layout
+    tokens around the image tokens: <img>, tile tags, [IMG_BREAK]), two samples with different image layouts collate
+    into one batch, and each sample's loss in that batch equals its loss alone."""
+    from diffusionvl.jobs.train.collator import Collator
+    from diffusionvl.jobs.train.data import Record
+    from diffusionvl.jobs.train.encode import SampleEncoder
+
+    dm = tiny_diffusion(arch, block_size=4).eval()
+    enc = SampleEncoder(dm, 4096, "truncate", "bd3")
+    text = lambda t: [{"type": "text", "text": t}]  # noqa: E731
+    samples = []
+    for image, answer in ((WIDE, "A red square."), (TALL, "Blue.")):
+        record = Record([{"role": "user", "content": [{"type": "image"}] + text("What is it?")},
+                         {"role": "assistant", "content": text(answer)}], [image], arch)
+        sample = enc(record)
+        labelled = sample.labels[sample.labels != -100]
+        assert answer in dm.tokenizer.decode(labelled)  # the answer's tokens are the labels
+        assert torch.equal(sample.input_ids[sample.labels != -100], labelled)  # where the processor put them
+        samples.append(sample)
+    collate = Collator(dm.pad_token_id, 4, dm.adapter)
+    items = [{"sample": s, "index": i, "position": i, "skipped": []} for i, s in enumerate(samples)]
+    batch = collate(items)
+    batch.pop("meta")
+    g = torch.Generator().manual_seed(0)
+    length = batch["input_ids"].shape[1]
+    rates, draw = torch.rand(2, length // 4, generator=g) * 0.9 + 0.1, torch.rand(2, length, generator=g)
+    with torch.no_grad():
+        both = dm.training_loss(batch, rates=rates, draw=draw).per_sample
+        for i, item in enumerate(items):
+            alone = collate([dict(item, position=0)])
+            alone.pop("meta")
+            n = alone["input_ids"].shape[1]
+            one = dm.training_loss(alone, rates=rates[i:i + 1, : n // 4], draw=draw[i:i + 1, :n]).per_sample
+            torch.testing.assert_close(both[i], one[0], rtol=1e-4, atol=1e-4)

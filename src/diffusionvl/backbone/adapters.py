@@ -174,6 +174,12 @@ class VisionAdapter(Adapter):
     has_vision = True
     vision_keys = ("pixel_values", "image_grid_thw", "image_grid_thw_per_sample", "image_sizes", "image_tiles")
 
+    @property
+    def image_placeholder_id(self) -> int:
+        """The token the chat template writes for each image, which the processor expands (training labels are
+        placed through that expansion); the image token itself for most families."""
+        return self.image_token_id
+
     def embed(self, input_ids: Tensor, vision: dict[str, Tensor] | None = None,
               features: Tensor | None = None) -> Tensor:
         embeds = self.input_embeddings()(input_ids)
@@ -296,6 +302,11 @@ class Gemma3VisionAdapter(VisionAdapter):
     @property
     def image_token_id(self) -> int:
         return int(self.model.config.image_token_id)
+
+    @property
+    def image_placeholder_id(self) -> int:
+        """The chat template writes <start_of_image> per image; the processor expands it into the soft tokens."""
+        return int(self.model.config.boi_token_index)
 
     def image_features(self, vision: dict[str, Tensor]) -> Tensor:
         """[images x image_seq_length, D] in sample/image order."""

@@ -67,13 +67,16 @@ class Collator:
             ctx[i, : lengths[i]] = s.context if s.context is not None else 1
         return {"segment_ids": seg, "context_ids": ctx}
 
-    @staticmethod
-    def _vision(samples: list[Any]) -> dict[str, Any]:
-        """Each vision tensor of the samples with images, concatenated in sample order (images along dim 0)."""
+    def _vision(self, samples: list[Any]) -> dict[str, Any]:
+        """The vision tensors of the samples with images in sample order (images along dim 0), batched as the
+        adapter says (zero-padded where tiles or sizes differ: adapters.Adapter.collate_vision)."""
         with_images = [s.vision for s in samples if s.vision]
         if not with_images:
             return {}
-        out: dict[str, Any] = {k: torch.cat([v[k] for v in with_images]) for k in with_images[0]}
+        if self.adapter is not None:
+            out: dict[str, Any] = self.adapter.collate_vision(with_images)
+        else:
+            out = {k: torch.cat([v[k] for v in with_images]) for k in with_images[0]}
         if "image_grid_thw" in out:  # per-sample grids for M-RoPE positions ([0, 3] for text-only samples)
             out["image_grid_thw_per_sample"] = [s.vision.get("image_grid_thw", torch.zeros(0, 3, dtype=torch.long))
                                                 for s in samples]

@@ -20,6 +20,7 @@ Problems with one sample raise `SampleError` (counted and skipped by the dataset
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -82,22 +83,28 @@ def span_mask(offsets: Tensor, spans: list[tuple[int, int]]) -> Tensor:
     return overlap.any(dim=1)
 
 
-def expansion_counts(ids: Tensor, expanded: Tensor, image_token_id: int) -> Tensor:
-    """How many tokens of `expanded` (the processor's ids) each token of `ids` (plain tokenizer) became: [T].
+def expansion_index(ids: Tensor, expanded: Tensor, image_token_id: int) -> Tensor:
+    """Where each token of `ids` (the plain tokenizer's) sits in `expanded` (the processor's ids): [T] long, -1 at
+    the image placeholders.
 
-    Each image placeholder token becomes one run of image tokens; everything else must match one to one."""
-    counts = torch.ones_like(ids)
-    is_img = expanded == image_token_id
-    starts = is_img & ~torch.cat([is_img.new_zeros(1), is_img[:-1]])  # first token of each run
-    run_id = torch.cumsum(starts.long(), 0)[is_img]  # [image tokens] run index (1-based)
-    lengths = torch.bincount(run_id)[1:]  # [runs]
-    where = (ids == image_token_id).nonzero().flatten()
-    if where.numel() != lengths.numel():
-        raise SampleError("image tokens mismatch", f"{where.numel()} placeholders, {lengths.numel()} image runs")
-    counts[where] = lengths
-    if int(counts.sum()) != expanded.numel() or not torch.equal(ids.repeat_interleave(counts), expanded):
+    A processor turns each image placeholder into its image's tokens, plus, for some families, layout tokens around
+    and between them (InternVL's <img>, Idefics3's tile tags, Pixtral's [IMG_BREAK]); everything else must come
+    through unchanged and in order, which is matched exactly (the text between placeholders, as a whole)."""
+    def chars(xs: Any) -> str:
+        return "".join(chr(0x1000 + int(x)) for x in xs)
+
+    where = (ids == image_token_id).nonzero().flatten().tolist()
+    bounds = [-1, *where, int(ids.numel())]
+    pieces = [ids[a + 1:b] for a, b in zip(bounds[:-1], bounds[1:])]
+    image = re.escape(chr(0x1000 + image_token_id))
+    pattern = f"(?:.*?{image}.*?)".join(f"({re.escape(chars(piece))})" for piece in pieces)
+    found = re.fullmatch(pattern, chars(expanded), re.S)
+    if found is None:
         raise SampleError("image tokens mismatch", "the processor's ids differ from the tokenizer's beyond images")
-    return counts
+    index = torch.full((int(ids.numel()),), -1, dtype=torch.long)
+    for j, (a, piece) in enumerate(zip(bounds[:-1], pieces)):
+        index[a + 1:a + 1 + len(piece)] = torch.arange(found.start(j + 1), found.end(j + 1))
+    return index
 
 
 class SampleEncoder:
@@ -112,6 +119,7 @@ class SampleEncoder:
         self.tokenizer = tok
         self.processor = model.processor if model.adapter.has_vision else None
         self.image_token_id = model.adapter.image_token_id if model.adapter.has_vision else None
+        self.placeholder_id = model.adapter.image_placeholder_id if model.adapter.has_vision else None
         self.eos_id = model.eos_token_id
         self.eos_text = tok.decode([self.eos_id])
         self.block = model.config.block_size
@@ -138,8 +146,11 @@ class SampleEncoder:
             except Exception as exc:  # noqa: BLE001 - e.g. an image with an extreme aspect ratio
                 raise SampleError("processor rejected the sample", str(exc).splitlines()[0][:160]) from None
             expanded = out["input_ids"][0][out["attention_mask"][0].bool()]
-            counts = expansion_counts(ids, expanded, self.image_token_id)
-            ids, labels = expanded, labels.repeat_interleave(counts)
+            index = expansion_index(ids, expanded, self.placeholder_id)
+            keep = index >= 0
+            placed = torch.full_like(expanded, IGNORE)
+            placed[index[keep]] = labels[keep]
+            ids, labels = expanded, placed
             if conv.images:  # every image tensor the processor gives (Qwen-VL: pixel_values, image_grid_thw)
                 vision = {k: v for k, v in out.items() if k not in TEXT_KEYS and isinstance(v, torch.Tensor)}
         return self._finish(ids, labels, vision)
