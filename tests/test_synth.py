@@ -398,3 +398,7 @@ def test_no_turn_can_be_answered_from_the_turns_before_it():
 def test_recognition_scenes_hold_one_object():
     plan = make_plan(1, 96, {"shape": 1, "colour": 1}, 0.0, 0.0, 1.0, questions_per_image=4, max_objects=1)
     assert all(len(make_sample(plan, "train", i).meta["scene"]["objects"]) == 1 for i in range(50))
+    with pytest.raises(DiffusionVLError, match="relation questions compare two objects"):
+        make_plan(1, 96, None, 0.0, 0.0, 1.0, max_objects=1)  # the default mix asks relations
+    with pytest.raises(DiffusionVLError, match="max_objects"):
+        make_plan(1, 96, None, 0.0, 0.0, 1.0, max_objects=5)

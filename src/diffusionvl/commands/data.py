@@ -27,7 +27,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--text-only-fraction", type=float, default=0.0,
                         help="Share of text-only samples (no image), in [0, 1].")
     parser.add_argument("--multi-turn-fraction", type=float, default=0.25,
-                        help="Share of training samples with two questions about the same image, in [0, 1].")
+                        help="Share of training samples with several questions about the same image, in [0, 1].")
+    parser.add_argument("--questions-per-image", type=int, default=2,
+                        help="Questions a multi-turn training sample asks about its image (1..32; fewer when the scene "
+                             "runs out of questions whose answers the earlier turns do not name).")
+    parser.add_argument("--max-objects", type=int, default=4,
+                        help="Most objects per synthetic scene (1..4; 1 = one-object recognition scenes).")
     parser.add_argument("--task-mix", default=None, metavar="TYPE=W,...",
                         help="Relative weights of the synthetic question types, e.g. 'count=2,text=1' "
                              "(types: shape, colour, count, position, relation, text, exist; default: equal).")
@@ -59,6 +64,7 @@ def run(args: argparse.Namespace) -> int:
         image_size=args.image_size, task_mix=parse_task_mix(args.task_mix), real_images=not args.no_real_images,
         real_fraction=args.real_fraction, text_only_fraction=args.text_only_fraction,
         multi_turn_fraction=args.multi_turn_fraction, progress=not args.no_progress, overwrite=args.overwrite,
+        questions_per_image=args.questions_per_image, max_objects=args.max_objects,
     )
     seconds = time.perf_counter() - start
     print(format_table(summary, SPLITS))

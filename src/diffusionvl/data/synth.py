@@ -101,6 +101,8 @@ def make_plan(seed: int, image_size: int, task_mix: Mapping[str, float] | None, 
     check(isinstance(max_objects, int) and not isinstance(max_objects, bool) and 1 <= max_objects <= MAX_OBJECTS,
           f"max_objects must be an integer in 1..{MAX_OBJECTS}, got {max_objects!r}")
     mix = normalize_task_mix(task_mix)
+    check(max_objects >= 2 or "relation" not in mix, "relation questions compare two objects: give them no weight "
+                                                    "in task_mix when max_objects is 1")
     return Plan(seed, image_size, mix, float(real_fraction), float(text_only_fraction), float(multi_turn_fraction),
                 questions_per_image, max_objects)
 

@@ -41,7 +41,7 @@ class TinyVLMConfig:
                                      "shape, colour, position, exist; 0 = skip it).")
     recognition_epochs: int = option(1, "Epochs of the recognition stage.")
     lr_full: float = option(1e-3, "Learning rate of the tiny LM's full-weight AR stages.")
-    loss_norm: str = option("segment", "How the AR stages average token losses: 'segment' (each question counts "
+    loss_norm: str = option("token", "How the AR stages average token losses: 'segment' (each question counts "
                             "once, whatever its answer's length) or 'token' (descriptions outweigh one-word answers).")
     eval_every: int = option(150, "Eval loss, image dependence and per-type accuracy on 64 validation questions "
                              "every N steps of each training stage (the grounding curves).")
