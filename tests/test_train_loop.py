@@ -303,3 +303,15 @@ def test_a_second_run_into_a_used_output_is_refused_unless_resumed_or_overwritte
     (tmp_path / "file").write_text("x")
     with pytest.raises(DiffusionVLError, match="is not a folder"):
         train(_cfg(model, data, tmp_path / "file"))
+
+
+def test_a_merged_lora_bd3_run_is_no_fresh_conversion(tmp_path):
+    """A fresh conversion is marked untrained; after a LoRA BD3 run the merged final model is marked trained, so block
+    decoding it gives no 'needs BD3 finetuning' hint."""
+    dm = tiny_diffusion("llama", block_size=4)
+    dm.config.bd3_trained = False  # what `diffusionvl convert` records
+    save_atomic(dm, tmp_path / "model")
+    data = _write_data(tmp_path / "data")
+    train(_cfg(tmp_path / "model", data, tmp_path / "run", lora=True, lora_r=4, lr=1e-3))
+    for folder in ("final-adapter", "final"):
+        assert json.loads((tmp_path / "run" / folder / "diffusionvl.json").read_text())["bd3_trained"] is True

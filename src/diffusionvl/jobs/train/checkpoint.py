@@ -227,7 +227,7 @@ def merge_lora(adapter: str | os.PathLike[str], output: str | os.PathLike[str], 
     from peft import PeftModel
 
     from diffusionvl.model.conversion import load
-    from diffusionvl.model.modeling import save_atomic
+    from diffusionvl.model.modeling import MODEL_MARKER, save_atomic
 
     adapter = Path(adapter)
     cfg_file = adapter / "adapter_config.json"
@@ -242,4 +242,7 @@ def merge_lora(adapter: str | os.PathLike[str], output: str | os.PathLike[str], 
         raise DiffusionVLError(f"cannot merge {adapter} into {base}: {str(exc).splitlines()[0]}") from None
     model.hf_model = merged
     model.adapter.model = merged
+    trained = adapter / MODEL_MARKER  # the run's own diffusion settings: a BD3 run's merge is no fresh conversion
+    if trained.is_file():
+        model.config.bd3_trained = bool(json.loads(trained.read_text()).get("bd3_trained", True))
     return save_atomic(model, output)
