@@ -146,20 +146,22 @@ def test_mean_f1_averages_each_score():
 MIX = {"shape": 1, "colour": 1, "count": 1, "position": 1, "relation": 1, "exist": 1, "describe": 1}
 
 
-def test_multi_turn_samples_ask_distinct_questions_and_include_descriptions():
+def test_multi_turn_samples_ask_distinct_questions_and_descriptions_stand_alone():
+    """A description answers every other question about its image, so it is always a sample of its own; the other
+    samples ask several distinct questions."""
     plan = make_plan(1, 96, MIX, 0.0, 0.0, multi_turn_fraction=1.0, questions_per_image=8)
     described = 0
     for index in range(40):
         sample = make_sample(plan, "train", index)
         keys = [(qa.type, qa.answer) for qa in sample.qas]
         assert 1 <= len(keys) <= 8 and len(set(keys)) == len(keys), keys
-        assert len(keys) > 2  # a scene supports several distinct questions
         scene = Scene.from_dict(sample.meta["scene"])
-        for qa in sample.qas:
-            if qa.type == "describe":
-                described += 1
-                assert qa.answers == (describe(scene),)
-    assert described >= 10
+        if any(qa.type == "describe" for qa in sample.qas):
+            described += 1
+            assert len(keys) == 1 and sample.qas[0].answers == (describe(scene),)
+        else:
+            assert len(keys) > 2  # a scene supports several distinct questions
+    assert described >= 5
 
 
 def test_the_default_mix_never_asks_for_a_description():

@@ -59,17 +59,26 @@ def curriculum_markdown(rows: list[dict[str, Any]]) -> list[str]:
 
 
 def grounding_points(out: Path) -> list[dict[str, Any]]:
-    points, offset = [], 0.0
+    """Eval entries of every stage's log in training order. A resumed stage's clock restarts: its time is added to
+    what the stage had run before the interruption, and evals the resumed run repeats replace the earlier ones."""
+    points: list[dict[str, Any]] = []
+    offset = 0.0
     for stage in STAGES:
         log = out / stage / "log.jsonl"
         if not log.is_file():
             continue
+        base = last = 0.0
+        by_step: dict[int, dict[str, Any]] = {}
         for line in log.read_text().splitlines():
             entry = json.loads(line)
-            if "eval_loss" in entry and "elapsed_s" in entry:
-                points.append({"stage": stage, "minutes": (offset + entry["elapsed_s"]) / 60, **entry})
-        summary = _json(out / stage / "summary.json")
-        offset += summary["seconds"] if summary else 0.0
+            if entry.get("event") == "resume":
+                base = last
+            elif "elapsed_s" in entry:
+                last = base + entry["elapsed_s"]
+                if "eval_loss" in entry:
+                    by_step[entry["step"]] = {"stage": stage, **entry, "minutes": (offset + last) / 60}
+        points += [by_step[k] for k in sorted(by_step)]
+        offset += last
     return points
 
 
