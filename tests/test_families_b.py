@@ -1,4 +1,4 @@
-"""The transformers VLM families InternVL, Idefics3 (SmolVLM's adapter), LLaVA-OneVision and Mistral 3, on their tiny
+"""The transformers VLM families InternVL, Idefics3, SmolVLM, LLaVA-OneVision and Mistral 3, on their tiny
 random models (backbone/tiny_families.py) with their own processor classes (Mistral 3: PixtralProcessor's
 torchvision-free stand-in where it cannot be imported, checked against it where it can) and an image in the prompt:
 B=1/S=1 block decoding == transformers greedy `generate` on the same processor output (cache and fast path on and
@@ -18,7 +18,7 @@ from diffusionvl.core import attention, masks, objective
 from diffusionvl.core.errors import DiffusionVLError
 from diffusionvl.model.wrapping import wrap
 
-FAMILIES = ["internvl", "idefics3", "llava_onevision", "mistral3"]
+FAMILIES = ["internvl", "idefics3", "smolvlm", "llava_onevision", "mistral3"]
 PROMPT = "What shape is in the image? Answer in one short sentence."
 WIDE, TALL = red_square((112, 56)), red_square((40, 90), color="blue")  # several tiles / rows each
 

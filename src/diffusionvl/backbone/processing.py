@@ -189,25 +189,38 @@ def saved_family_processor(path: str | os.PathLike[str], **kwargs: Any) -> Any |
 
 def pil_image_processor(saved: dict[str, Any]) -> Any | None:
     """The PIL (torchvision-free) variant of a saved image processor, `XImageProcessor` -> `XImageProcessorPil` from
-    transformers.models.x.image_processing_pil_x, imported directly (some releases mark the PIL class as needing
-    torchvision in the package index although its module does not); None where there is no such module."""
-    import importlib
-
+    transformers.models.x.image_processing_pil_x (x: X in snake case, or in lower case as SmolVLM -> smolvlm),
+    imported directly (some releases mark the PIL class as needing torchvision in the package
+    index although its module does not); None where there is no such module."""
     name = str(saved["image_processor_type"]).removesuffix("Pil").removesuffix("Fast")
-    family = re.sub(r"(?<!^)(?=[A-Z])", "_", name.removesuffix("ImageProcessor")).lower()
-    try:
-        module = importlib.import_module(f"transformers.models.{family}.image_processing_pil_{family}")
-    except ImportError:
-        return None
+    stem = name.removesuffix("ImageProcessor")
+    module = _pil_module(re.sub(r"(?<!^)(?=[A-Z])", "_", stem).lower()) or _pil_module(stem.lower())
     pil = getattr(module, name + "Pil", None)
     return pil.from_dict({k: v for k, v in saved.items() if k != "image_processor_type"}) if pil else None
+
+
+def _pil_module(family: str) -> Any | None:
+    import importlib
+
+    try:
+        return importlib.import_module(f"transformers.models.{family}.image_processing_pil_{family}")
+    except ImportError:
+        return None
+
+
+class NoVideo:
+    """The video processor of an `image_only` class: the frame sampling defaults a family reads off it outside video
+    calls (SmolVLM's `apply_chat_template`) are unset."""
+
+    num_frames = None
+    fps = None
 
 
 @functools.lru_cache(maxsize=None)
 def image_only(cls: type) -> type:
     """`cls` (a transformers ProcessorMixin taking image_processor, tokenizer, video_processor) without the video
     processor. transformers reads a processor's parts, and the settings it saves, from its `__init__` signature: the
-    subclass's signature is `cls`'s without `video_processor`."""
+    subclass's signature is `cls`'s without `video_processor`; its `video_processor` is a class-level `NoVideo`."""
     sig = inspect.signature(cls.__init__)
 
     def __init__(self: Any, image_processor: Any, tokenizer: Any, *args: Any, **kwargs: Any) -> None:
@@ -215,7 +228,8 @@ def image_only(cls: type) -> type:
 
     __init__.__signature__ = sig.replace(  # type: ignore[attr-defined]
         parameters=[p for p in sig.parameters.values() if p.name != "video_processor"])
-    return type(cls.__name__, (cls,), {"__init__": __init__, "__module__": cls.__module__})
+    body = {"__init__": __init__, "__module__": cls.__module__, "video_processor": NoVideo()}
+    return type(cls.__name__, (cls,), body)
 
 
 def make_qwen_vl_processor(cls: Any, image_processor: Any, tokenizer: Any, chat_template: str | None) -> Any:

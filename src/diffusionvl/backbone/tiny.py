@@ -4,8 +4,9 @@ Contract: `make_tiny(arch, seed)` returns an untrained (random, seeded) transfor
 processor, with no download: a byte-level BPE tokenizer trained on a built-in paragraph (deterministic), a ChatML
 chat template that also renders image parts, and for the Qwen-VL archs (Qwen2-VL, Qwen2.5-VL, Qwen3-VL dense
 and MoE) a PIL image processor sized so that a small image becomes a handful of visual tokens; `gemma3_vl` is Gemma 3
-with its vision tower, Gemma's own tokens and Gemma3Processor; the VLM families InternVL, Mistral 3, Idefics3 and
-LLaVA-OneVision come from `tiny_families.FAMILIES`, each with its own tokens, chat template and processor class.
+with its vision tower, Gemma's own tokens and Gemma3Processor; the VLM families InternVL, Mistral 3, Idefics3,
+SmolVLM and LLaVA-OneVision come from `tiny_families.FAMILIES`, each with its own tokens, chat template and
+processor class.
 Architectures: see `TINY_ARCHS`.
 """
 

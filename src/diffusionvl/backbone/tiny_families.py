@@ -5,7 +5,8 @@ layout tokens, with the named ones the processor reads off the tokenizer), the e
 shaped like the family's (it renders an image part as the placeholder the processor expands), `config(tok)` (a tiny
 transformers config: 2 layers, width 64, a vision tower of width 32) and `processor(tok)` (the family's processor
 class around a PIL image processor sized so that a small image becomes a few tiles of a few tokens). Families whose
-processor also takes video get it through `processing.image_only` (the video processor needs torchvision).
+processor also takes video (InternVL, SmolVLM, LLaVA-OneVision) get it through `processing.image_only` (the
+video processor needs torchvision).
 `tiny.make_tiny` builds the tokenizer and the model from these; nothing here downloads.
 """
 
@@ -46,6 +47,15 @@ IDEFICS3_TEMPLATE = (
     "{{ '<|im_start|>' }}{%- for message in messages -%}"
     "{{ message['role'] | capitalize }}{{ ':' if message['role'] == 'user' else ': ' }}" + _parts("<image>")
     + "{{ '<end_of_utterance>\\n' }}{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ 'Assistant:' }}{%- endif -%}"
+)
+
+# SmolVLM: as Idefics3, but "User:" when the turn opens with an image and "User: " when it opens with text
+SMOLVLM_TEMPLATE = (
+    "{{ '<|im_start|>' }}{%- for message in messages -%}"
+    "{{ message['role'] | capitalize }}"
+    "{{ ':' if message['content'] is not string and message['content'][0]['type'] == 'image' else ': ' }}"
+    + _parts("<image>") + "{{ '<end_of_utterance>\\n' }}{%- endfor -%}"
     "{%- if add_generation_prompt -%}{{ 'Assistant:' }}{%- endif -%}"
 )
 
@@ -148,6 +158,23 @@ def _idefics3_processor(tok: Any) -> Any:
     return tf.Idefics3Processor(images, tok, image_seq_len=4, chat_template=tok.chat_template)
 
 
+# ---- SmolVLM: Idefics3's layout (same tiles, patches and pixel shuffle) under its own classes; it also takes video
+def _smolvlm_config(tok: Any) -> Any:
+    import transformers as tf
+
+    return tf.SmolVLMConfig(text_config=dict(_text(tok, _vocab(tok)), model_type="llama"),
+                            vision_config=_vision(image_size=16, patch_size=4),
+                            image_token_id=tok.convert_tokens_to_ids("<image>"), scale_factor=2)
+
+
+def _smolvlm_processor(tok: Any) -> Any:
+    import transformers as tf
+    from transformers.models.smolvlm.image_processing_pil_smolvlm import SmolVLMImageProcessorPil
+
+    images = SmolVLMImageProcessorPil(size={"longest_edge": 32}, max_image_size={"longest_edge": 16})
+    return image_only(tf.SmolVLMProcessor)(images, tok, image_seq_len=4, chat_template=tok.chat_template)
+
+
 # ---- LLaVA-OneVision: 16 px views of 4 px patches -> 16 tokens a view; anyres grids up to 2x2 views + newlines ----
 PINPOINTS = [[16, 16], [16, 32], [32, 16], [32, 32]]
 
@@ -188,6 +215,9 @@ FAMILIES: dict[str, Family] = {
                         "<global-img>"] + [f"<row_{r}_col_{c}>" for r in (1, 2) for c in (1, 2)],
                        "<end_of_utterance>", "<|endoftext|>", IDEFICS3_TEMPLATE, _idefics3_config,
                        _idefics3_processor),
+    "smolvlm": Family(["<|endoftext|>", "<|im_start|>", "<end_of_utterance>", "<fake_token_around_image>", "<image>",
+                       "<global-img>", "<video>"] + [f"<row_{r}_col_{c}>" for r in (1, 2) for c in (1, 2)],
+                      "<end_of_utterance>", "<|endoftext|>", SMOLVLM_TEMPLATE, _smolvlm_config, _smolvlm_processor),
     "llava_onevision": Family(CHATML_TOKENS + ["<image>", "<video>"], "<|im_end|>", "<|endoftext|>",
                               _chatml("<image>\\n"), _onevision_config, _onevision_processor),
 }
