@@ -180,6 +180,18 @@ class VisionAdapter(Adapter):
         placed through that expansion); the image token itself for most families."""
         return self.image_token_id
 
+    def render(self, conv: Conversation, add_generation_prompt: bool = True) -> str:
+        """Conversation (image parts included) -> prompt text through the processor's chat template."""
+        return self.processor.apply_chat_template(conv.messages, add_generation_prompt=add_generation_prompt,
+                                                  tokenize=False)
+
+    def encode(self, conversations: list[Conversation]) -> Encoded:
+        return self.tokenize([self.render(c) for c in conversations], [c.images for c in conversations])
+
+    def tokenize(self, texts: list[str], images: list[list[Any]]) -> Encoded:
+        """Rendered texts + per-sample images -> ids and the processor's vision tensors (each family's own)."""
+        raise NotImplementedError
+
     def embed(self, input_ids: Tensor, vision: dict[str, Tensor] | None = None,
               features: Tensor | None = None) -> Tensor:
         embeds = self.input_embeddings()(input_ids)
@@ -219,14 +231,6 @@ class QwenVLAdapter(VisionAdapter):
         grids = vision["image_grid_thw_per_sample"][index] if vision and "image_grid_thw_per_sample" in vision else None
         merge = int(self.model.config.vision_config.spatial_merge_size)
         return mrope_positions(ids, self.image_token_id, grids, merge)
-
-    def render(self, conv: Conversation, add_generation_prompt: bool = True) -> str:
-        return self.processor.apply_chat_template(conv.messages, add_generation_prompt=add_generation_prompt,
-                                                  tokenize=False)
-
-    def encode(self, conversations: list[Conversation]) -> Encoded:
-        texts = [self.render(c) for c in conversations]
-        return self.tokenize(texts, [c.images for c in conversations])
 
     def tokenize(self, texts: list[str], images: list[list[Any]]) -> Encoded:
         flat = [im for ims in images for im in ims]
@@ -322,13 +326,6 @@ class Gemma3VisionAdapter(VisionAdapter):
         starts = image & ~torch.nn.functional.pad(image, (1, 0))[:, :-1]
         return torch.cumsum(starts.long(), dim=1) * image
 
-    def render(self, conv: Conversation, add_generation_prompt: bool = True) -> str:
-        return self.processor.apply_chat_template(conv.messages, add_generation_prompt=add_generation_prompt,
-                                                  tokenize=False)
-
-    def encode(self, conversations: list[Conversation]) -> Encoded:
-        return self.tokenize([self.render(c) for c in conversations], [c.images for c in conversations])
-
     def tokenize(self, texts: list[str], images: list[list[Any]]) -> Encoded:
         nested = [list(ims) for ims in images] if any(images) else None  # the processor pairs images per sample
         out = self.processor(text=texts, images=nested, return_tensors="pt", padding=True)
@@ -370,13 +367,6 @@ class ComposedAdapter(VisionAdapter):
         return self.model.merged_image_features(vision["pixel_values"], vision.get("image_sizes"),
                                                 vision.get("image_tiles"))
 
-    def render(self, conv: Conversation, add_generation_prompt: bool = True) -> str:
-        return self.processor.apply_chat_template(conv.messages, add_generation_prompt=add_generation_prompt,
-                                                  tokenize=False)
-
-    def encode(self, conversations: list[Conversation]) -> Encoded:
-        return self.tokenize([self.render(c) for c in conversations], [c.images for c in conversations])
-
     def tokenize(self, texts: list[str], images: list[list[Any]]) -> Encoded:
         flat = [im for ims in images for im in ims]
         out = self.processor(text=texts, images=flat or None, return_tensors="pt", padding=True)
@@ -414,13 +404,6 @@ class MultimodalAdapter(VisionAdapter):
         out = getattr(out, "pooler_output", out)
         parts = list(out) if isinstance(out, (list, tuple)) else [out]
         return torch.cat([p.reshape(-1, p.shape[-1]) for p in parts], dim=0)
-
-    def render(self, conv: Conversation, add_generation_prompt: bool = True) -> str:
-        return self.processor.apply_chat_template(conv.messages, add_generation_prompt=add_generation_prompt,
-                                                  tokenize=False)
-
-    def encode(self, conversations: list[Conversation]) -> Encoded:
-        return self.tokenize([self.render(c) for c in conversations], [c.images for c in conversations])
 
     def processor_images(self, images: list[list[Any]]) -> Any:
         """Per-sample image lists -> the processor's `images` argument (a flat list in sample order)."""

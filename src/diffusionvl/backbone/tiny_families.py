@@ -142,12 +142,17 @@ def _mistral3_processor(tok: Any) -> Any:
 
 
 # ---- Idefics3: 16 px tiles of 4 px patches -> 16 patches -> pixel shuffle x2 -> 4 tokens; up to 2x2 tiles + global
+def _idefics3_layout(config_class: Any, tok: Any) -> Any:
+    """Idefics3's tiny layout under `config_class` (Idefics3Config or SmolVLMConfig, which share it)."""
+    return config_class(text_config=dict(_text(tok, _vocab(tok)), model_type="llama"),
+                        vision_config=_vision(image_size=16, patch_size=4),
+                        image_token_id=tok.convert_tokens_to_ids("<image>"), scale_factor=2)
+
+
 def _idefics3_config(tok: Any) -> Any:
     import transformers as tf
 
-    return tf.Idefics3Config(text_config=dict(_text(tok, _vocab(tok)), model_type="llama"),
-                             vision_config=_vision(image_size=16, patch_size=4),
-                             image_token_id=tok.convert_tokens_to_ids("<image>"), scale_factor=2)
+    return _idefics3_layout(tf.Idefics3Config, tok)
 
 
 def _idefics3_processor(tok: Any) -> Any:
@@ -162,9 +167,7 @@ def _idefics3_processor(tok: Any) -> Any:
 def _smolvlm_config(tok: Any) -> Any:
     import transformers as tf
 
-    return tf.SmolVLMConfig(text_config=dict(_text(tok, _vocab(tok)), model_type="llama"),
-                            vision_config=_vision(image_size=16, patch_size=4),
-                            image_token_id=tok.convert_tokens_to_ids("<image>"), scale_factor=2)
+    return _idefics3_layout(tf.SmolVLMConfig, tok)
 
 
 def _smolvlm_processor(tok: Any) -> Any:
