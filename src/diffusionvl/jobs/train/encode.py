@@ -2,7 +2,8 @@
 
 Contract (`SampleEncoder(model, max_length, overlong)(record) -> EncodedSample`):
 - The text is the model's own chat template (`model.adapter.render`) of the conversation up to its last assistant
-  turn; VLMs are tokenized by their processor (which inserts the image tokens), exactly as at inference.
+  turn; VLMs are tokenized by their processor (which inserts the image tokens, and for some families layout tokens
+  around them), exactly as at inference; labels follow each token through that expansion (`expansion_index`).
 - Assistant spans are found by rendering prefixes: assistant turn j starts where the render of the turns before
   it with the generation prompt ends, and ends after the last end-of-turn token (`model.eos_token_id`) inside the
   render of the turns up to it. Tokens overlapping a span (fast-tokenizer offsets) are loss tokens; everything

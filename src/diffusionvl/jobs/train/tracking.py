@@ -3,7 +3,8 @@
 Contract: only the main process writes. `Tracker.log(entry)` appends one JSON object per line to
 `OUTPUT/log.jsonl` (flushed at once, so a crash loses nothing already logged) and sends its numeric fields to the
 accelerate trackers (TensorBoard when enabled). `Tracker.progress(...)` moves the bar (steps, with ETA) and shows
-loss, tokens/s and learning rate; `say` prints a line without breaking the bar.
+loss, tokens/s and learning rate, and after each eval the eval loss, image dependence and accuracy; `say` prints a
+line without breaking the bar.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ class Tracker:
         self.main = accelerator.is_main_process
         self.file = open(output / LOG_FILE, "a", encoding="utf-8") if self.main else None  # noqa: SIM115
         self.bar = None
+        self.shown: dict[str, Any] = {}
         if self.main and show_bar:
             from tqdm.auto import tqdm
 
@@ -39,8 +41,9 @@ class Tracker:
     def progress(self, steps: int = 1, **postfix: Any) -> None:
         if self.bar is None:
             return
-        if postfix:
-            self.bar.set_postfix({k: v for k, v in postfix.items() if v is not None}, refresh=False)
+        if postfix:  # merged: the eval's fields stay next to the latest training loss
+            self.shown.update({k: v for k, v in postfix.items() if v is not None})
+            self.bar.set_postfix(self.shown, refresh=False)
         self.bar.update(steps)
 
     def say(self, message: str, everywhere: bool = False) -> None:

@@ -453,6 +453,9 @@ class Trainer:
         self.tracker.log({"step": self.state.step, **entry})
         shown = ", ".join(f"{k.replace('accuracy/', '')} {v:.3f}" for k, v in entry.items() if k != "elapsed_s")
         self.tracker.say(f"step {self.state.step}: {shown}")
+        self.tracker.progress(0, eval_loss=f"{entry['eval_loss']:.4f}",
+                              img_dep=f"{entry['image_dependence']:.3f}" if "image_dependence" in entry else None,
+                              acc=f"{entry['accuracy']:.2f}" if "accuracy" in entry else None)
         self.last.update(entry)
         self._check_looking(entry)
         return entry["eval_loss"]
