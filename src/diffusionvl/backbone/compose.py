@@ -186,7 +186,7 @@ class ComposedVLM(PreTrainedModel, GenerationMixin):
             asset = config.vision_weights == "asset"
         else:
             file = os.path.join(str(args[0] if args else kwargs.get("pretrained_model_name_or_path", "")), "config.json")
-            asset = os.path.isfile(file) and json.loads(open(file, encoding="utf-8").read()).get("vision_weights") == "asset"
+            asset = os.path.isfile(file) and read_config_field(file, "vision_weights") == "asset"
         if not asset:
             return super().from_pretrained(*args, **kwargs)
         level = hf_logging.get_verbosity()
@@ -285,6 +285,12 @@ class ComposedVLM(PreTrainedModel, GenerationMixin):
             inputs_embeds = self.embed(input_ids, pixel_values, image_sizes, image_tiles)
         return self.language_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, labels=labels,
                                    **kwargs)
+
+
+def read_config_field(file: str, name: str) -> Any:
+    """One field of a config.json (None when absent), read before transformers builds the config."""
+    with open(file, encoding="utf-8") as fh:
+        return json.load(fh).get(name)
 
 
 def register_auto_classes() -> None:

@@ -84,9 +84,9 @@ def unit_losses(values: Tensor, rows: Tensor, segs: Tensor, labels: Tensor, segm
     n, length = labels.shape
     k = length + 1
     sums = values.new_zeros(n * k).index_add(0, rows * k + segs, values)
-    has_loss = labels != IGNORE_INDEX  # [N, L]
-    keys = (torch.arange(n, device=labels.device)[:, None] * k + segment)[has_loss]
-    counts = values.new_zeros(n * k).index_add(0, keys, torch.ones_like(keys, dtype=values.dtype))
+    keys = torch.arange(n, device=labels.device)[:, None] * k + segment  # [N, L]
+    has_loss = (labels != IGNORE_INDEX).to(values.dtype)  # weights, not a boolean index: no host sync
+    counts = values.new_zeros(n * k).index_add(0, keys.flatten(), has_loss.flatten())
     return sums.view(n, k), counts.view(n, k)
 
 

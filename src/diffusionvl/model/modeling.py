@@ -176,8 +176,9 @@ class DiffusionVLModel(nn.Module):
         logits = self.adapter.head(hidden[where[:, 0], rows[where[:, 1]]])  # [M, V]: lm_head on masked rows only
         ce = F.cross_entropy(logits.float(), x0[masked], reduction="none") / t[masked]  # [M]
         out = self._reduce(ce, where, prep, norm)
-        n_loss = float(out.metrics["loss_tokens"])
-        out.metrics.update(masked_tokens=float(where.shape[0]), mask_rate=float(where.shape[0]) / max(n_loss, 1))
+        n_loss = int((labels != objective.IGNORE_INDEX).sum())
+        out.metrics.update(loss_tokens=float(n_loss), masked_tokens=float(where.shape[0]),
+                           mask_rate=float(where.shape[0]) / max(n_loss, 1))
         return out
 
     @staticmethod
@@ -186,8 +187,7 @@ class DiffusionVLModel(nn.Module):
         segment, labels = prep["segment"], prep["labels"]
         sums, counts = objective.unit_losses(values, where[:, 0], segment[where[:, 0], where[:, 1]], labels, segment)
         loss, per_sample, per_segment = objective.reduce_units(sums, counts, norm)
-        n_loss = int((labels != objective.IGNORE_INDEX).sum())
-        return LossOutput(loss, {"loss_tokens": float(n_loss)}, per_sample, per_segment)
+        return LossOutput(loss, {}, per_sample, per_segment)
 
     def ar_loss(self, batch: dict[str, Any], norm: str = "sample") -> LossOutput:
         """Next-token cross entropy of the same backbone (AR instruction tuning before translation), averaged as
@@ -211,7 +211,9 @@ class DiffusionVLModel(nn.Module):
         where = (labels[:, 1:] != objective.IGNORE_INDEX).nonzero()  # [M, 2]: token i+1 is predicted at position i
         logits = self.adapter.head(hidden[where[:, 0], where[:, 1]])  # [M, V]
         ce = F.cross_entropy(logits.float(), labels[where[:, 0], where[:, 1] + 1], reduction="none")  # [M]
-        return self._reduce(ce, torch.stack([where[:, 0], where[:, 1] + 1], dim=1), prep, norm)
+        out = self._reduce(ce, torch.stack([where[:, 0], where[:, 1] + 1], dim=1), prep, norm)
+        out.metrics["loss_tokens"] = float(where.shape[0])  # every loss token is predicted: M, known from nonzero
+        return out
 
     def bd3_prediction_logits(self, x_t: Tensor, prepared: dict[str, Any]) -> Tensor:
         """Logits predicting every x_t position, [N, L, V] (for tests and likelihood evaluation)."""
