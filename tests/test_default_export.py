@@ -32,6 +32,8 @@ def _translated_run(tmp_path):
     from peft import LoraConfig, get_peft_model
 
     lm, tok = tiny_ar("llama")
+    lm.config.tie_word_embeddings = True  # as the recipe's tiny LM: the head is the embedding table
+    lm.lm_head.weight = lm.model.embed_tokens.weight
     dm = wrap(*compose(lm, tok, "efficientnet_lite0", pool=2), block_size=4)
     base = copy.deepcopy(dm.hf_model)
     with quiet_peft():
@@ -60,6 +62,7 @@ def test_plain_export_is_a_folder_load_reads_and_the_parent_is_recovered(tmp_pat
     with safe_open(str(dst / "model.safetensors"), "pt") as f:
         keys = list(f.keys())
         assert keys and not any(k.startswith("vision_tower.") for k in keys)  # the tower is not shipped
+        assert not any("lm_head" in k for k in keys)  # a tied head is stored once, as the embedding table
         assert all(f.get_tensor(k).dtype == torch.float16 for k in keys)
     manifest = json.loads((dst / "manifest.json").read_text())
     assert manifest["format"] == "plain" and manifest["parent"]["scale"] == 2.0
@@ -69,6 +72,7 @@ def test_plain_export_is_a_folder_load_reads_and_the_parent_is_recovered(tmp_pat
         tol = 0 if name.startswith("vision_tower.") else 2e-3  # the tower comes from the asset, exactly
         torch.testing.assert_close(p, ref[name], rtol=0, atol=tol, msg=name)
     torch.testing.assert_close(_logits(plain), _logits(dm), rtol=0, atol=2e-2)
+    assert plain.hf_model.get_output_embeddings().weight is plain.hf_model.get_input_embeddings().weight
     model = load_default(folder=dst, device="cpu")
     assert not model.autoregressive_only
     parent = load_default(folder=dst, device="cpu", parent=True)

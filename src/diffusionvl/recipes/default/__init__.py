@@ -149,8 +149,12 @@ def export_plain(paths: dict[str, Path], dst: Path, cfg: Any, results: dict[str,
 
     model = load(paths["dvlm"], device="cpu", dtype="float32")
     model.hf_model.config.vision_weights = "asset"
-    state = {k: v.detach().half().contiguous() for k, v in model.hf_model.state_dict().items()
-             if not k.startswith("vision_tower.")}
+    state, seen = {}, set()
+    for key, value in model.hf_model.state_dict().items():
+        if key.startswith("vision_tower.") or value.data_ptr() in seen:  # the tower: from its asset; tied: once
+            continue
+        seen.add(value.data_ptr())
+        state[key] = value.detach().half().contiguous()
     save_atomic(model, dst, state_dict=state, overwrite=True)
     tensors, meta = compact_adapter(paths["dvlm"].parent / "final-adapter")
     contiguous = {k: v.contiguous() for k, v in tensors.items()}
