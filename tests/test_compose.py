@@ -478,3 +478,35 @@ def test_efficientnet_extra_stages_append_pooled_mid_level_channels(tmp_path):
         torch.testing.assert_close(again.vision_tower(pixels), tokens)
     with pytest.raises(DiffusionVLError, match="extra_stages .* out of range"):
         build_tower({"kind": "efficientnet_lite0", "extra_stages": [6]})
+
+
+# ---- the projector's init ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("kind", ["linear", "mlp2x_gelu"])
+def test_a_fresh_projector_starts_from_pytorchs_linear_init(kind):
+    """compose's projector (every kind) starts from nn.Linear's default: weights and biases uniform in
+    +-1/sqrt(fan_in), not N(0, initializer_range) with zero biases, which was measured to keep colour from being
+    learned (docs/tiny-vlm.md). Its output is then far larger than the text embeddings' 0.02 spread."""
+    lm, tok = tiny_ar("llama")
+    torch.manual_seed(0)
+    model, _ = compose(lm, tok, tiny_vision("siglip"), projector=kind)
+    linears = [m for m in model.projector.modules() if isinstance(m, nn.Linear)]
+    assert len(linears) == (1 if kind == "linear" else 2)
+    for layer in linears:
+        bound = layer.in_features ** -0.5
+        for p in (layer.weight.detach(), layer.bias.detach()):
+            assert float(p.abs().max()) <= bound + 1e-7
+            assert abs(float(p.std()) - bound / 3 ** 0.5) < 0.15 * bound / 3 ** 0.5  # uniform(-b, b): std b/sqrt(3)
+        assert float(layer.bias.detach().abs().min()) > 0.0  # not zeroed
+    torch.manual_seed(0)
+    again, _ = compose(lm, tok, tiny_vision("siglip"), projector=kind)
+    _assert_same_weights(model.projector, again.projector)  # deterministic under the global seed
+
+
+def test_loading_a_saved_model_keeps_its_projector(tmp_path):
+    dm = wrap(*composed("llama", "siglip"), block_size=4)
+    with torch.no_grad():
+        for p in dm.hf_model.projector.parameters():
+            p.fill_(0.125)  # no init produces this
+    dm.save_pretrained(tmp_path / "dvl")
+    loaded = diffusionvl.load(tmp_path / "dvl", device="cpu")
+    assert all(bool((p == 0.125).all()) for p in loaded.hf_model.projector.parameters())

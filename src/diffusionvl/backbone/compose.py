@@ -57,13 +57,18 @@ TEMPLATE_MARK = "{#- diffusionvl: image parts -> image token -#}"
 
 
 class Projector(nn.Sequential):
-    """Visual tokens [.., C] -> LM embeddings [.., D]."""
+    """Visual tokens [.., C] -> LM embeddings [.., D].
 
-    def reset_parameters(self, std: float = 0.02) -> None:
+    A fresh projector starts from PyTorch's nn.Linear init (weights uniform in +-1/sqrt(fan_in), biases too), not from
+    the LM's N(0, initializer_range): measured on one-object scenes with four question types mixed, 3 of 3 seeds read
+    held-out colour within 750 steps with it and 0 of 3 with N(0, 0.02) (docs/tiny-vlm.md, "The projector's init").
+    Its output scale follows its input width instead of shrinking every visual token to the text embeddings' 0.02.
+    """
+
+    def reset_parameters(self) -> None:
         for layer in self.modules():
             if isinstance(layer, nn.Linear):
-                nn.init.normal_(layer.weight, 0.0, std)
-                nn.init.zeros_(layer.bias)
+                layer.reset_parameters()
 
 
 PROJECTORS = {
@@ -212,7 +217,7 @@ class ComposedVLM(PreTrainedModel, GenerationMixin):
     def _init_weights(self, module: nn.Module) -> None:
         """Only the projector (and the newline vector) are ours to initialize; tower and LM come with weights."""
         if isinstance(module, Projector):
-            module.reset_parameters(getattr(self.config.text_config, "initializer_range", 0.02))
+            module.reset_parameters()
         if module is self:
             self.reset_newline()
 
@@ -530,7 +535,7 @@ def compose(lm: Any, tokenizer: Any, vision: Any = "efficientnet_lite0", project
     model.vision_tower.load_state_dict(tower.state_dict())
     model.language_model.load_state_dict(lm.state_dict())
     model.tie_weights()  # construction without init skipped the tying of a tied LM head
-    model.projector.reset_parameters(getattr(config.text_config, "initializer_range", 0.02))
+    model.projector.reset_parameters()
     model.reset_newline()
     if len(tok) > model.get_input_embeddings().weight.shape[0]:
         model.resize_token_embeddings(len(tok), mean_resizing=False)  # the image token's row is never read
