@@ -74,3 +74,42 @@ def test_a_run_that_ignores_its_images_stops_with_one_line(colour_data, tmp_path
                grounding_patience_s=0.0)
     with pytest.raises(DiffusionVLError, match="still ignores its images"):
         train(cfg)
+
+
+def test_adam_betas_reach_the_optimizer(colour_data, tmp_path):
+    from diffusionvl.jobs.train.trainer import Trainer
+
+    model, data, probe = colour_data
+    trainer = Trainer(_cfg(model, data, probe, tmp_path / "run", adam_beta1=0.8, adam_beta2=0.95))
+    assert {g["betas"] for g in trainer.optimizer.param_groups} == {(0.8, 0.95)}
+    assert TrainConfig().adam_beta1 == 0.9 and TrainConfig().adam_beta2 == 0.999  # Hugging Face Trainer's defaults
+    with pytest.raises(DiffusionVLError, match="adam_beta1 and adam_beta2 must be in"):
+        _cfg(model, data, probe, tmp_path / "bad", adam_beta2=1.0).validate()
+
+
+def _evals(path: Path) -> list[dict]:
+    return [e for e in map(json.loads, (path / "log.jsonl").read_text().splitlines()) if "eval_loss" in e]
+
+
+def test_a_stage_ends_at_its_target_accuracy_or_on_a_plateau(colour_data, tmp_path):
+    """The decision (`_check_stage_done`) on given evals, then a real run that ends on its plateau: the first eval is
+    the baseline, the next brings no gain of plateau_delta, so a plateau of ~0 s ends the run after one step."""
+    from diffusionvl.jobs.train.trainer import Trainer
+
+    model, data, probe = colour_data
+    trainer = Trainer(_cfg(model, data, probe, tmp_path / "target", target_accuracy=0.95, plateau_s=60.0))
+    trainer._check_stage_done({"elapsed_s": 1.0, "accuracy/colour": 0.96, "accuracy/shape": 0.90})
+    assert trainer.stopped is None  # one type below the target
+    trainer._check_stage_done({"elapsed_s": 30.0, "accuracy/colour": 0.96, "accuracy/shape": 0.91})
+    assert trainer.stopped is None  # no gain, but not for 60 s yet
+    trainer._check_stage_done({"elapsed_s": 62.0, "accuracy/colour": 0.96, "accuracy/shape": 0.91})
+    assert "no question type gained 2% in 1 min" in trainer.stopped
+    trainer.stopped = None
+    trainer._check_stage_done({"elapsed_s": 70.0, "accuracy/colour": 0.97, "accuracy/shape": 0.95})
+    assert "every question type >= 95%" in trainer.stopped
+    summary = train(_cfg(model, data, probe, tmp_path / "flat", max_steps=6, plateau_s=1e-9, plateau_delta=2.0))
+    assert summary["steps"] == 1 and "no question type gained" in summary["stopped"]
+    assert (tmp_path / "flat" / "final" / "diffusionvl.json").is_file()
+    assert [e["step"] for e in _evals(tmp_path / "flat")] == [0, 1]  # the stopping eval is not repeated at the end
+    with pytest.raises(DiffusionVLError, match="watch --grounding-data"):
+        TrainConfig(model="m", data="d", output="o", plateau_s=10.0).validate()

@@ -50,6 +50,9 @@ class TrainConfig:
     token_cache: str | None = option(None, "File that caches the frozen vision tower's tokens per image: computed "
                                      "once, reused every epoch and by later runs with the same tower.")
     weight_decay: float = option(0.0, "AdamW weight decay (not applied to biases and norm weights).")
+    adam_beta1: float = option(0.9, "AdamW beta1 (decay of the gradient's running mean).")
+    adam_beta2: float = option(0.999, "AdamW beta2 (decay of the squared gradient's running mean; 0.95 adapts "
+                               "faster, as LMs trained from scratch usually use).")
     lr_scheduler: Literal["cosine", "linear", "constant"] = option("cosine", "Learning-rate schedule after warmup.")
     warmup_ratio: float = option(0.03, "Linear warmup over this fraction of the optimizer steps.")
     warmup_steps: int | None = option(None, "Linear warmup over this many optimizer steps (overrides "
@@ -104,6 +107,12 @@ class TrainConfig:
                                          "the images rolled across the batch exceeds the loss with the right images "
                                          "by less than this (the model ignores the picture; 0 = never stop).")
     grounding_patience_s: float = option(600.0, "Seconds of training before --min-image-dependence is enforced.")
+    target_accuracy: float = option(0.0, "Stop (and save the final model) at the first eval where every question "
+                                    "type of --grounding-data reaches this accuracy (0 = never).")
+    plateau_s: float = option(0.0, "Stop when no question type of --grounding-data has improved its best accuracy "
+                              "by --plateau-delta for this many seconds of training (0 = never).")
+    plateau_delta: float = option(0.02, "Smallest gain in a type's held-out accuracy that counts as progress "
+                                  "(--plateau-s).")
     save_every: int = option(500, "Write a resumable checkpoint every N optimizer steps (and at the end; "
                              "0 = only the final model).")
     keep_checkpoints: int = option(2, "Keep only the newest N periodic checkpoints (0 = keep all).")
@@ -150,6 +159,12 @@ class TrainConfig:
         check(self.objective in ("bd3", "ar"), f"objective must be bd3 or ar, got {self.objective!r}")
         check(self.loss_norm in ("sample", "segment", "token"),
               f"loss_norm must be sample, segment or token, got {self.loss_norm!r}")
+        check(0.0 <= self.adam_beta1 < 1.0 and 0.0 <= self.adam_beta2 < 1.0,
+              f"adam_beta1 and adam_beta2 must be in [0, 1), got {self.adam_beta1}, {self.adam_beta2}")
+        check(0.0 <= self.target_accuracy <= 1.0, f"target_accuracy must be in [0, 1], got {self.target_accuracy}")
+        check(self.plateau_s >= 0 and self.plateau_delta >= 0, "plateau_s and plateau_delta must be >= 0")
+        check(not (self.target_accuracy or self.plateau_s) or self.grounding_data,
+              "--target-accuracy and --plateau-s watch --grounding-data: give it too")
         check(self.grounding_samples >= 1, f"grounding_samples must be >= 1, got {self.grounding_samples}")
         check(self.min_image_dependence >= 0 and self.grounding_patience_s >= 0,
               "min_image_dependence and grounding_patience_s must be >= 0")

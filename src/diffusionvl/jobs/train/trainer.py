@@ -17,6 +17,9 @@ Contract (`train(TrainConfig) -> summary dict`, `Trainer(cfg).fit()`):
   dependence), and, with `grounding_data`, accuracy per question type on held-out questions (train/grounding.py).
   With `min_image_dependence`, a run whose image dependence is still below it after `grounding_patience_s`
   seconds stops with one line (the model is not looking at the picture) instead of training on.
+- A stage can end before its planned steps, with its final model saved as usual: `target_accuracy` (every type of
+  the grounding questions at or above it) or `plateau_s` (no type's best accuracy has risen by `plateau_delta` for
+  that many seconds). The reason is `summary["stopped"]`. The plateau clock restarts on --resume.
 - Logs go to OUTPUT/log.jsonl (+ TensorBoard), checkpoints to OUTPUT/checkpoint-STEP (checkpoint.py), the final
   model to OUTPUT/final, the run's summary to OUTPUT/summary.json. `resume` restores model, optimizer, scheduler,
   RNG (accelerate state) and the data position (epoch, step in epoch).
@@ -216,6 +219,9 @@ class Trainer:
         self.bad: dict[int, str] = {}
         self.truncated: set[int] = set()
         self.last: dict[str, Any] = {}
+        self.stopped: str | None = None  # why the stage ended before its planned steps (target, plateau)
+        self._best: dict[str, float] = {}  # best held-out accuracy per question type (plateau_s)
+        self._improved_at = 0.0
 
     def _load_model(self) -> None:
         from accelerate.utils import DistributedType
@@ -271,7 +277,8 @@ class Trainer:
     def _build_optimizer(self) -> None:
         acc, cfg = self.accelerator, self.cfg
         self.total_steps = cfg.max_steps or cfg.epochs * self.sampler.steps_per_epoch
-        optimizer = torch.optim.AdamW(param_groups(self.model, cfg), lr=cfg.lr)
+        optimizer = torch.optim.AdamW(param_groups(self.model, cfg), lr=cfg.lr,
+                                      betas=(cfg.adam_beta1, cfg.adam_beta2))
         self.scheduler = make_scheduler(cfg, optimizer, self.total_steps)
         ds = acc.state.deepspeed_plugin
         if ds is not None:  # DeepSpeed needs the micro-batch and accumulation it cannot see (no prepared loader)
@@ -295,7 +302,7 @@ class Trainer:
         ctrl_c = _CtrlC.install()
         try:
             self._start()
-            while self.state.step < self.total_steps:
+            while self.state.step < self.total_steps and self.stopped is None:
                 self.sampler.set_position(self.state.epoch, self.state.step_in_epoch)
                 for batch in self.loader:
                     self._micro_step(batch)
@@ -390,6 +397,7 @@ class Trainer:
             self._log_window()
         if self.eval_loader is not None and cfg.eval_every and state.step % cfg.eval_every == 0 and not done:
             self._log_eval()
+            done = self.stopped is not None
         if cfg.save_every and state.step % cfg.save_every == 0 and not done:
             self.save_checkpoint()
         return done
@@ -458,7 +466,33 @@ class Trainer:
                               acc=f"{entry['accuracy']:.2f}" if "accuracy" in entry else None)
         self.last.update(entry)
         self._check_looking(entry)
+        self._check_stage_done(entry)
         return entry["eval_loss"]
+
+    def _check_stage_done(self, entry: dict[str, float]) -> None:
+        """Set `self.stopped` when the grounding questions say the stage has done its work (TrainConfig
+        target_accuracy, plateau_s); decided on the main process (which answers them), agreed by every process."""
+        cfg, acc = self.cfg, self.accelerator
+        if not (cfg.target_accuracy or cfg.plateau_s) or self.grounding is None:
+            return
+        reason = None
+        if acc.is_main_process:
+            types = {k.split("/", 1)[1]: v for k, v in entry.items() if k.startswith("accuracy/")}
+            now = entry["elapsed_s"]
+            for name, value in types.items():  # a type's first eval is its baseline, and counts as progress
+                if name not in self._best or value >= self._best[name] + cfg.plateau_delta:
+                    self._best[name], self._improved_at = value, now
+                else:
+                    self._best[name] = max(self._best[name], value)
+            if cfg.target_accuracy and types and min(types.values()) >= cfg.target_accuracy:
+                reason = f"every question type >= {cfg.target_accuracy:.0%} at step {self.state.step}"
+            elif cfg.plateau_s and now - self._improved_at >= cfg.plateau_s:
+                reason = (f"no question type gained {cfg.plateau_delta:.0%} in {cfg.plateau_s / 60:.0f} min "
+                          f"(step {self.state.step})")
+        flag = acc.reduce(torch.tensor([float(reason is not None)], device=acc.device), "sum")
+        if float(flag) > 0:
+            self.stopped = reason or "stopped by the main process"
+            self.tracker.say(f"stage done: {self.stopped}")
 
     def _check_looking(self, entry: dict[str, float]) -> None:
         """Stop a run that still ignores its images after the patience time (TrainConfig.min_image_dependence)."""
@@ -531,7 +565,7 @@ class Trainer:
         from accelerate.utils import gather_object
 
         acc = self.accelerator
-        if self.eval_loader is not None:
+        if self.eval_loader is not None and self.stopped is None:  # a stopped stage was evaluated at this step
             self._log_eval()
         if self.cfg.save_every and not (self.output / f"{ckpt.PREFIX}{self.state.step}").exists():
             self.save_checkpoint()
@@ -546,7 +580,7 @@ class Trainer:
                    "tokens_per_s": self.last.get("tokens_per_s"), "seconds": time.perf_counter() - self._t0,
                    "trainable_parameters": self.trainable, "attention": self.attention, "data": self.report.to_dict(),
                    "skipped_in_training": len(bad), "skipped_examples": sorted(bad.values())[:MAX_REPORTED],
-                   "truncated": len(truncated),
+                   "truncated": len(truncated), "stopped": self.stopped,
                    "token_cache": self.token_cache.stats() if self.token_cache is not None else None}
         if acc.is_main_process:
             atomic.write_json(self.output / "summary.json", summary)
