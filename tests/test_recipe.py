@@ -80,3 +80,55 @@ def test_gate_only_runs_the_vision_gate_alone_and_writes_its_table(tmp_path):
     row = json.loads((tmp_path / "r" / "gate" / "gate.json").read_text())[0]
     assert 0.0 <= row["attention"]["binding"] <= 1.0
     assert sorted(p.name for p in (tmp_path / "r").iterdir()) == ["gate"]  # no data, no model, no training
+
+
+# ---- the curriculum: presentations planned for binding, replay, the floor ------------------------------------------
+def _scene_data(folder, n, max_objects, seed):
+    from diffusionvl.data import generate_dataset
+
+    return generate_dataset(folder, n_train=n, n_val=2, n_test=4, seed=seed, image_size=64, progress=False,
+                            task_mix=TinyVLMConfig().task_mix if max_objects > 1 else
+                            {"shape": 1, "colour": 1, "position": 1, "exist": 1}, real_images=False,
+                            multi_turn_fraction=1.0, questions_per_image=8, max_objects=max_objects)
+
+
+def test_binding_stage_is_planned_in_presentations_and_replays_recognition(tmp_path):
+    """The data summary counts binding questions (shape/colour about scenes of several objects); the binding stage's
+    epochs give at least --binding-presentations of them; its data holds the main records and the replayed
+    recognition records, whose images the trainer finds; the translation takes the same share of both."""
+    from diffusionvl.jobs.train.data import read_records
+    from diffusionvl.recipes.tiny_vlm import binding_data, binding_epochs, translation_data
+
+    main = _scene_data(tmp_path / "data", 60, 4, 0)
+    rec = _scene_data(tmp_path / "data-recognition", 20, 1, 1)
+    assert rec["binding"]["train"] == 0 < main["binding"]["train"] < main["questions"]["train"]["shape"] + \
+        main["questions"]["train"]["colour"]
+    cfg = TinyVLMConfig(n_train=60, binding_presentations=5 * main["binding"]["train"] - 1, recognition_replay=10,
+                        diffusion_fraction=0.5)
+    assert binding_epochs(cfg, tmp_path / "data") == 5
+    assert binding_epochs(TinyVLMConfig(n_train=60, stage2_epochs=2), tmp_path / "data") == 2
+    path = binding_data(cfg, tmp_path / "data", tmp_path / "data-recognition")
+    records = json.loads(path.read_text())
+    assert len(records) == 70 and sum(r["id"].startswith("replay-") for r in records) == 10
+    parsed, report = read_records(path, tmp_path / "data")
+    assert len(parsed) == 70 and report.to_dict()["skipped"] == {}  # every replayed image resolves
+    translate = json.loads(translation_data(cfg, tmp_path / "data").read_text())
+    assert len(translate) == 35 and sum(r["id"].startswith("replay-") for r in translate) == 5
+
+
+def test_the_floor_to_ship_is_per_one_object_type():
+    from diffusionvl.recipes.tiny_vlm import AR_LABEL, DVLM_LABEL, check_floor, floor_met
+
+    parent = {"model": AR_LABEL, "decoder": "ar", "per_type": {"shape": 0.98, "colour": 0.95, "position": 0.92,
+                                                                "exist": 0.91}}
+
+    def dvlm(tau, tpf, **per_type):
+        return {"model": DVLM_LABEL, "decoder": "block", "policy": "threshold", "threshold": tau,
+                "tokens_per_forward": tpf, "per_type": {**parent["per_type"], **per_type}}
+
+    rows = [parent, dvlm(0.7, 1.5, colour=0.80), dvlm(0.9, 1.2, colour=0.93)]
+    bars = check_floor(rows)
+    assert floor_met(rows) and len(bars) == 8 and all("tau=0.9" in b["what"] for b in bars[4:])  # the tau that holds
+    assert not floor_met([parent, dvlm(0.9, 1.2, exist=0.80)])  # 0.80 / 0.91 < 95%
+    assert not floor_met([dict(parent, per_type={**parent["per_type"], "position": 0.85}), dvlm(0.9, 1.2)])
+    assert not floor_met([parent]) and check_floor([]) == []

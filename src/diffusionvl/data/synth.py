@@ -11,7 +11,8 @@ Contract:
   for watching accuracy per type while training); `test.jsonl` (one
   `{"id", "image", "question", "answers", "type"}` per line, `answers[0]` canonical); `scenes.jsonl` (the scene
   description or real-image source behind every image, for checking answers and error analysis); `summary.json`
-  (what was written, counts per split and question type). It returns the summary dict. Text-only samples (a
+  (what was written, counts per split and question type; "binding" counts the shape and colour questions about
+  scenes of several objects, "what colour is the star?", which must find the object before reading it). It returns the summary dict. Text-only samples (a
   `text_only_fraction` of each split) have no "image" key and no `<image>` tag; of the others, a `real_fraction`
   show a real photograph (when any is available) and the rest a synthetic scene.
 - Same arguments -> byte-identical files: every sample draws from its own `random.Random` seeded by
@@ -48,6 +49,7 @@ from diffusionvl.data.textonly import TEXT_TYPES, text_qa
 
 SPLITS = ("train", "val", "test")
 ALL_TYPES = (*QUESTION_TYPES, "caption", "real", *TEXT_TYPES)
+BINDING_TYPES = ("shape", "colour")  # "what shape is the red object?", "what colour is the star?" (several objects)
 IMAGE_DIR = "images"
 FORMAT_VERSION = 1
 IMAGE_TOKEN = "<image>"
@@ -370,6 +372,8 @@ def _remove_stray_images(out: Path, keep: set[str]) -> None:
 def build_summary(plan: Plan, counts: Mapping[str, int], samples: Mapping[str, list[Sample]],
                   pools: Mapping[str, list[str]], missing: list[str]) -> dict[str, Any]:
     questions = {split: Counter(qa.type for s in samples[split] for qa in s.qas) for split in SPLITS}
+    binding = {split: sum(qa.type in BINDING_TYPES and len(s.meta.get("scene", {}).get("objects", ())) > 1
+                          for s in samples[split] for qa in s.qas) for split in SPLITS}
     return {
         "format_version": FORMAT_VERSION,
         "seed": plan.seed,
@@ -379,6 +383,7 @@ def build_summary(plan: Plan, counts: Mapping[str, int], samples: Mapping[str, l
         "text_only": {split: sum(not s.has_image for s in samples[split]) for split in SPLITS},
         "multi_turn": {split: sum(len(s.qas) > 1 for s in samples[split]) for split in SPLITS},
         "questions": {split: {t: questions[split][t] for t in ALL_TYPES} for split in SPLITS},
+        "binding": binding,
         "task_mix": plan.task_mix,
         "real_fraction": plan.real_fraction,
         "text_only_fraction": plan.text_only_fraction,

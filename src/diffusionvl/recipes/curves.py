@@ -1,8 +1,9 @@
 """The tiny-VLM recipe's training record: what each stage showed the model and how its grounding grew.
 
 Contract (all read from a recipe folder `out`, nothing recomputed):
-- `curriculum(cfg, out)`: one row per finished training stage with its images, epochs and question presentations
-  per type (the data split's question counts x epochs; the translation's subset is counted from its file).
+- `curriculum(cfg, out)`: one row per finished training stage with its images, epochs as trained and question
+  presentations per type and of binding questions (its data's question counts x epochs trained; the binding stage
+  adds its replayed recognition images; the translation's subset is counted from its file).
 - `grounding_points(out)`: every eval a stage logged (train/grounding.py) as {stage, step, minutes, ...} with
   minutes counted from the first stage's start (each stage's wall time added to the next).
 - `plot_grounding(points, path)`: image dependence and accuracy per question type against minutes of training,
@@ -18,7 +19,6 @@ from typing import Any
 from diffusionvl.core.atomic import write_file
 
 STAGES = ("stage1", "recognition", "stage2", "translate", "direct")
-DATA_OF = {"recognition": ("data-recognition", "recognition_epochs"), "stage2": ("data", "stage2_epochs")}
 SHOWN_TYPES = ("shape", "colour", "count", "position", "exist", "relation", "describe")
 
 
@@ -27,21 +27,38 @@ def _json(path: Path) -> Any:
 
 
 def curriculum(cfg: Any, out: Path) -> list[dict[str, Any]]:
+    """What each finished stage showed the model. Epochs are counted as trained (steps x global batch / records of
+    its data file: a stage that reached its target early shows fewer than planned); the binding stage's records are
+    the main data's plus the replayed recognition images, each counted with its own data's question mix."""
     rows = []
-    for stage, (folder, epochs_field) in DATA_OF.items():
-        summary = _json(out / folder / "summary.json")
-        if summary is None or not (out / stage / "summary.json").is_file():
+    for stage, folder, file in (("recognition", "data-recognition", "train.json"), ("stage2", "data", "stage2.json")):
+        summary, trained = _json(out / folder / "summary.json"), _json(out / stage / "summary.json")
+        records = _json(out / folder / file)
+        if summary is None or trained is None or not records:
             continue
-        epochs = getattr(cfg, epochs_field)
-        share = cfg.ar_samples / max(cfg.n_train, 1) if stage == "stage2" else 1.0
-        per_type = {t: round(n * epochs * share) for t, n in summary["questions"]["train"].items() if n}
-        rows.append({"stage": stage, "images": round(summary["images"]["train"] * share), "epochs": epochs,
-                     "presentations": per_type, "total": sum(per_type.values())})
+        epochs = trained["steps"] * trained["global_batch"] / len(records)
+        parts = [(summary, min(cfg.ar_samples, len(records)) if stage == "stage2" else len(records))]
+        replayed = sum(str(r.get("id", "")).startswith("replay-") for r in records)
+        rec_summary = _json(out / "data-recognition" / "summary.json")
+        if stage == "stage2" and replayed and rec_summary is not None:
+            parts.append((rec_summary, replayed))
+        per_type: dict[str, int] = {}
+        binding = 0
+        for part, n in parts:
+            share = n / max(part["images"]["train"], 1)
+            for t, k in part["questions"]["train"].items():
+                if k:
+                    per_type[t] = per_type.get(t, 0) + round(k * share * epochs)
+            binding += round(part.get("binding", {}).get("train", 0) * share * epochs)
+        rows.append({"stage": stage, "images": len(records), "epochs": round(epochs, 2), "presentations": per_type,
+                     "binding": binding, "total": sum(per_type.values())})
     records = _json(out / "data" / "translate.json")
-    if records is not None and (out / "translate" / "summary.json").is_file():
+    trained = _json(out / "translate" / "summary.json")
+    if records and trained is not None:
         questions = sum(len(r["conversations"]) // 2 for r in records)
-        rows.append({"stage": "translate", "images": len(records), "epochs": cfg.diffusion_epochs,
-                     "presentations": {}, "total": questions * cfg.diffusion_epochs})
+        epochs = trained["steps"] * trained["global_batch"] / len(records)
+        rows.append({"stage": "translate", "images": len(records), "epochs": round(epochs, 2), "presentations": {},
+                     "binding": None, "total": round(questions * epochs)})
     return rows
 
 
@@ -50,11 +67,12 @@ def curriculum_markdown(rows: list[dict[str, Any]]) -> list[str]:
         return []
     types = [t for t in SHOWN_TYPES if any(t in r["presentations"] for r in rows)]
     lines = ["", "What each stage showed the model (question presentations = questions in its data x epochs):", "",
-             "| stage | images | epochs | " + " | ".join(types) + " | all questions |",
-             "|---|---|---|" + "---|" * len(types) + "---|"]
+             "| stage | images | epochs | " + " | ".join(types) + " | binding (shape/colour, 2+ objects) | all questions |",
+             "|---|---|---|" + "---|" * len(types) + "---|---|"]
     for r in rows:
         cells = " | ".join(f"{r['presentations'].get(t, 0):,}" if r["presentations"] else "-" for t in types)
-        lines.append(f"| {r['stage']} | {r['images']:,} | {r['epochs']} | {cells} | {r['total']:,} |")
+        bind = "-" if r.get("binding") is None else f"{r['binding']:,}"
+        lines.append(f"| {r['stage']} | {r['images']:,} | {r['epochs']} | {cells} | {bind} | {r['total']:,} |")
     return lines
 
 

@@ -39,7 +39,19 @@ class TinyVLMConfig:
                           "--questions-per-image independent questions, or one description).")
     recognition_images: int = option(6000, "Images of the recognition stage that comes first (one-object scenes: "
                                      "shape, colour, position, exist; 0 = skip it).")
-    recognition_epochs: int = option(1, "Epochs of the recognition stage.")
+    recognition_epochs: int = option(3, "Most epochs of the recognition stage (it ends earlier at "
+                                     "--recognition-target).")
+    recognition_target: float = option(0.95, "The recognition stage ends when every one-object question type reaches "
+                                       "this held-out accuracy (its own validation split).")
+    recognition_replay: int = option(2000, "Recognition images whose questions are replayed in the binding stage "
+                                     "(mixed into its data, so one-object reading is kept while binding is learned).")
+    binding_presentations: int = option(150000, "Binding questions (shape and colour of one object among several: "
+                                        "\"what colour is the star?\") the binding stage presents; its epochs over "
+                                        "the main data follow from this (--stage2-epochs overrides).")
+    stage_plateau_s: float = option(600.0, "A parent stage ends when no question type's held-out accuracy has risen by "
+                                    "2 points for this many seconds (0 = never).")
+    adam_beta2: float = option(0.95, "AdamW beta2 of every stage (0.95: the from-scratch LM's choice; 0.999 is slower "
+                               "to learn colour, measured).")
     lr_full: float = option(1e-3, "Learning rate of the tiny LM's full-weight AR stages.")
     loss_norm: str = option("token", "How the AR stages average token losses: 'segment' (each question counts "
                             "once, whatever its answer's length) or 'token' (descriptions outweigh one-word answers).")
@@ -62,9 +74,10 @@ class TinyVLMConfig:
                                       "of 256 synthetic probe scenes), so the projector starts from well-scaled inputs.")
     questions_per_image: int = option(8, "Question/answer turns per training image (one forward pays the image "
                                       "and template tokens once).")
-    task_mix: dict[str, float] = option({"shape": 1.0, "colour": 1.5, "count": 1.0, "position": 1.0, "relation": 1.0,
-                                         "exist": 1.0, "describe": 1.5}, "Question type -> weight of an image's "
-                                        "first question (main stage; colour, the slowest to bind, gets more).")
+    task_mix: dict[str, float] = option({"shape": 4.0, "colour": 4.0, "count": 0.5, "position": 0.5, "relation": 0.5,
+                                         "exist": 0.5, "describe": 0.5}, "Question type -> weight of each question "
+                                        "of a main-stage image (the binding stage: shape and colour of one object "
+                                        "among several get most).")
     gate_scenes: int = option(2400, "Synthetic scenes of the vision gate (linear probes on the frozen tower's tokens, "
                               "half held out).")
     gate_strict: bool = option(True, "Stop before any LM training when the tower fails the vision gate.")
@@ -75,7 +88,8 @@ class TinyVLMConfig:
     stage1_samples: int = option(0, "Samples of the projector-alignment stage (0: skip it; stage 2 trains the "
                                  "projector with the LoRA adapters).")
     stage1_lr: float = option(1e-3, "Learning rate of stage 1 (projector).")
-    stage2_epochs: int = option(2, "Epochs of AR instruction tuning (main stage).")
+    stage2_epochs: int | None = option(None, "Epochs of the binding stage over the main data (default: as many as "
+                                       "--binding-presentations needs).")
     lr: float = option(1e-3, "Learning rate of the LoRA stages.")
     lr_projector: float = option(2e-3, "Learning rate of the projector in stage 2 (a fresh module: faster than the "
                                  "adapters).")
@@ -104,8 +118,15 @@ class TinyVLMConfig:
     def validate(self) -> "TinyVLMConfig":
         check(0.0 < self.diffusion_fraction <= 1.0, f"diffusion_fraction must be in (0, 1], got {self.diffusion_fraction}")
         for name in ("n_train", "n_test", "batch_size", "block_size", "pool", "lora_r", "questions_per_image",
-                     "recognition_epochs", "stage2_epochs", "diffusion_epochs"):
+                     "recognition_epochs", "diffusion_epochs"):
             check(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
+        check(self.stage2_epochs is None or self.stage2_epochs >= 1, f"stage2_epochs must be >= 1, got "
+                                                                     f"{self.stage2_epochs}")
+        check(0.0 < self.recognition_target <= 1.0, f"recognition_target must be in (0, 1], got "
+                                                    f"{self.recognition_target}")
+        check(0.0 <= self.adam_beta2 < 1.0, f"adam_beta2 must be in [0, 1), got {self.adam_beta2}")
+        for name in ("recognition_replay", "binding_presentations", "stage_plateau_s"):
+            check(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
         check(self.stage1_samples >= 0, f"stage1_samples must be >= 0, got {self.stage1_samples}")
         check(self.threads is None or self.threads >= 1, f"threads must be >= 1, got {self.threads}")
         check(all(0.0 < t <= 1.0 for t in self.thresholds), "thresholds must be in (0, 1]")

@@ -29,6 +29,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import os
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -51,7 +53,8 @@ def _subset(src: Path, dst: Path, n: int) -> Path:
 
 
 # ---------------------------------------------------------------------------------------------------- stages
-RECOGNITION_MIX = {"shape": 1.0, "colour": 2.0, "position": 1.0, "exist": 1.0}
+RECOGNITION_MIX = {"shape": 4.0, "colour": 4.0, "position": 1.0, "exist": 1.0}  # shape and colour first: a
+# later "is there a red circle?" would leak both answers and filter them out
 
 
 def stage_data(cfg: TinyVLMConfig, out: Path, name: str = "data", n_train: int | None = None,
@@ -103,6 +106,8 @@ def stage_init(cfg: TinyVLMConfig, out: Path) -> Path:
 
 
 def _train(cfg: TinyVLMConfig, name: str, out: Path, model: Path, data: Path, val: Path, **kw: Any) -> Path:
+    """One training stage; `val` (a data folder's val.json) gives its eval loss and, through the val.jsonl beside
+    it, the held-out questions its grounding curves, target and plateau watch."""
     from diffusionvl.jobs.train import TrainConfig, train
 
     final = out / name / "final"
@@ -114,9 +119,11 @@ def _train(cfg: TinyVLMConfig, name: str, out: Path, model: Path, data: Path, va
                      token_cache=str(out / "tower_tokens.pt"), batch_size=cfg.batch_size, num_workers=1,
                      save_every=100, keep_checkpoints=1, log_every=10, progress=cfg.progress, tensorboard=False,
                      resume="auto", max_length=MAX_LENGTH, warmup_ratio=0.05, packing=True,
-                     grounding_data=str(val.parent / "val.jsonl"), eval_every=cfg.eval_every, **kw)
+                     grounding_data=str(val.parent / "val.jsonl"), eval_every=cfg.eval_every,
+                     adam_beta2=cfg.adam_beta2, **kw)
     summary = train(tc)
-    _say(f"stage {name} done: {json.dumps({k: summary.get(k) for k in ('steps', 'eval_loss', 'tokens_per_s')})}")
+    _say(f"stage {name} done: "
+         f"{json.dumps({k: summary.get(k) for k in ('steps', 'eval_loss', 'tokens_per_s', 'stopped')})}")
     return final
 
 
@@ -127,10 +134,38 @@ def _lora(cfg: TinyVLMConfig, **kw: Any) -> dict[str, Any]:
 def _parent(cfg: TinyVLMConfig) -> dict[str, Any]:
     """How the AR parent stages train: the tiny LM in full (vision frozen), SmolLM2 with LoRA + projector."""
     watch = dict(objective="ar", loss_norm=cfg.loss_norm, min_image_dependence=cfg.min_image_dependence,
-                 grounding_patience_s=cfg.grounding_patience_s)
+                 grounding_patience_s=cfg.grounding_patience_s, plateau_s=cfg.stage_plateau_s)
     if cfg.lm == "tiny":
         return dict(lr=cfg.lr_full, freeze=["vision"], **watch)
     return dict(lr_projector=cfg.lr_projector, **_lora(cfg, lora_modules_to_save=["projector"]), **watch)
+
+
+def binding_data(cfg: TinyVLMConfig, data: Path, rec: Path | None) -> Path:
+    """data/stage2.json: the binding stage's records, the main data's first `ar_samples` plus the first
+    `recognition_replay` recognition records (image paths made relative to the main data folder)."""
+    records = json.loads((data / "train.json").read_text())[: cfg.ar_samples]
+    if rec is not None and cfg.recognition_replay:
+        for record in json.loads((rec / "train.json").read_text())[: cfg.recognition_replay]:
+            records.append({**record, "id": f"replay-{record['id']}",
+                            "image": os.path.relpath(rec / record["image"], data)})
+    return write_json(data / "stage2.json", records)
+
+
+def binding_epochs(cfg: TinyVLMConfig, data: Path) -> int:
+    """Epochs of the binding stage: --stage2-epochs, or enough for --binding-presentations binding questions."""
+    if cfg.stage2_epochs:
+        return cfg.stage2_epochs
+    summary = json.loads((data / "summary.json").read_text())
+    per_epoch = summary.get("binding", {}).get("train", 0) * cfg.ar_samples / max(cfg.n_train, 1)
+    return max(1, math.ceil(cfg.binding_presentations / max(per_epoch, 1)))
+
+
+def translation_data(cfg: TinyVLMConfig, data: Path) -> Path:
+    """data/translate.json: `diffusion_fraction` of the binding stage's main records and of its replayed ones."""
+    records = json.loads((data / "stage2.json").read_text())
+    main, replay = records[: cfg.ar_samples], records[cfg.ar_samples:]
+    n_diff = max(1, int(cfg.diffusion_fraction * len(main)))
+    return write_json(data / "translate.json", main[:n_diff] + replay[: int(cfg.diffusion_fraction * len(replay))])
 
 
 def run_stages(cfg: TinyVLMConfig) -> dict[str, Path]:
@@ -139,7 +174,7 @@ def run_stages(cfg: TinyVLMConfig) -> dict[str, Path]:
     val = data / "val.json"
     stage_gate(cfg, out)
     init = stage_init(cfg, out)
-    s1 = init
+    s1, rec = init, None
     if cfg.stage1_samples:
         stage1_data = _subset(data / "train.json", data / "stage1.json", cfg.stage1_samples)
         s1 = _train(cfg, "stage1", out, init, stage1_data, val, objective="ar", lr=cfg.stage1_lr,
@@ -147,17 +182,16 @@ def run_stages(cfg: TinyVLMConfig) -> dict[str, Path]:
     if cfg.recognition_images:
         rec = stage_data(cfg, out, "data-recognition", cfg.recognition_images, max_objects=1,
                          task_mix=RECOGNITION_MIX, seed_offset=1)
-        s1 = _train(cfg, "recognition", out, s1, rec / "train.json", val, epochs=cfg.recognition_epochs,
-                    **_parent(cfg))
-    stage2_data = data / "train.json"
-    if cfg.stage2_samples is not None:
-        stage2_data = _subset(stage2_data, data / "stage2.json", cfg.stage2_samples)
-    s2 = _train(cfg, "stage2", out, s1, stage2_data, val, epochs=cfg.stage2_epochs, **_parent(cfg))
-    n_diff = max(1, int(cfg.diffusion_fraction * cfg.ar_samples))
-    diff_data = _subset(data / "train.json", data / "translate.json", n_diff)
+        s1 = _train(cfg, "recognition", out, s1, rec / "train.json", rec / "val.json", epochs=cfg.recognition_epochs,
+                    target_accuracy=cfg.recognition_target, grounding_samples=128, **_parent(cfg))
+    epochs = binding_epochs(cfg, data)
+    _say(f"binding stage: {epochs} epoch(s) over {cfg.ar_samples} images for {cfg.binding_presentations:,} binding "
+         f"questions, with {cfg.recognition_replay if rec else 0} recognition images replayed")
+    s2 = _train(cfg, "stage2", out, s1, binding_data(cfg, data, rec), val, epochs=epochs, **_parent(cfg))
+    diff_data = translation_data(cfg, data)
     tr = _train(cfg, "translate", out, s2, diff_data, val, objective="bd3", epochs=cfg.diffusion_epochs,
                 loss_norm=cfg.loss_norm, **_lora(cfg))
-    paths = {"data": data, "stage1": s1, "ar_vlm": s2, "dvlm": tr}
+    paths = {"data": data, "stage1": s1, "ar_vlm": s2, "dvlm": tr, **({"data_recognition": rec} if rec else {})}
     if cfg.direct:
         direct_data = stage2_data
         if cfg.direct_samples is not None:
@@ -247,12 +281,20 @@ def run_eval(cfg: TinyVLMConfig, paths: dict[str, Path]) -> dict[str, list[dict[
             _say(f"{label} {decode}: accuracy {row['accuracy']:.3f}, {row['tokens_per_forward']:.2f} tok/fwd, "
                  f"{row['tokens_per_second']:.1f} tok/s")
             rows.append(row)
+    one = []
+    if paths.get("data_recognition") is not None:  # the floor: one-object scenes of the recognition split
+        _, one_short, _ = test_samples(cfg, paths["data_recognition"])
+        for label, grid in ((AR_LABEL, [dict(decoder="ar")]), (DVLM_LABEL, decoder_grid(cfg)[2:])):
+            for decode in grid:
+                row = {"model": label, **evaluate_short(models[label], one_short, task, decode, cfg)}
+                _say(f"one-object, {label} {decode}: accuracy {row['accuracy']:.3f}, per type {row['per_type']}")
+                one.append(row)
     for label, decode, batch in description_grid(cfg) if describe else []:
         row = {"model": label, **evaluate_description(models[label], describe, task, decode, batch, cfg)}
         _say(f"descriptions, {label} {decode} batch {batch}: F1 {row['f1']:.3f}, {row['tokens_per_forward']:.2f} "
              f"tok/fwd, {row['tokens_per_second']:.1f} tok/s")
         desc_rows.append(row)
-    return {"rows": rows, "description": desc_rows}
+    return {"rows": rows, "description": desc_rows, "one_object": one}
 
 
 def _decoder_label(row: dict[str, Any]) -> str:
@@ -298,6 +340,35 @@ def check_bars(rows: list[dict[str, Any]], desc: list[dict[str, Any]]) -> list[d
     return bars
 
 
+FLOOR_TYPES = ("shape", "colour", "position", "exist")
+
+
+def check_floor(one: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The floor a model must meet to ship, on held-out one-object scenes: the AR parent >= 90% on each of shape,
+    colour, position and exist; threshold decoding (the best tau that holds) >= 95% of the parent on each."""
+    parent = next((r for r in one if r["model"] == AR_LABEL), None)
+    thr = [r for r in one if r["model"] == DVLM_LABEL and r.get("policy") == "threshold"]
+    if parent is None or not thr:
+        return []
+
+    def holds(r: dict[str, Any]) -> bool:
+        return all(r["per_type"].get(t, 0.0) >= 0.95 * parent["per_type"].get(t, 0.0) for t in FLOOR_TYPES)
+
+    best = max(thr, key=lambda r: (holds(r), r["tokens_per_forward"]))
+    bars = [{"what": f"one-object: AR parent, {t}", "value": parent["per_type"].get(t, 0.0), "target": ">= 90%",
+             "ok": parent["per_type"].get(t, 0.0) >= 0.90} for t in FLOOR_TYPES]
+    for t in FLOOR_TYPES:
+        ratio = best["per_type"].get(t, 0.0) / max(parent["per_type"].get(t, 0.0), 1e-9)
+        bars.append({"what": f"one-object: threshold tau={best['threshold']:g} / parent, {t}", "value": ratio,
+                     "target": ">= 95%", "ok": ratio >= 0.95})
+    return bars
+
+
+def floor_met(one: list[dict[str, Any]]) -> bool:
+    bars = check_floor(one)
+    return bool(bars) and all(b["ok"] for b in bars)
+
+
 def _bar_value(bar: dict[str, Any]) -> str:
     """A target's measured value: a plain number ("raw": F1, tokens/forward, a speed ratio) or a percentage."""
     return f"{bar['value']:.2f}" if bar.get("raw") else _pct(bar["value"])
@@ -314,8 +385,9 @@ def _stage_lines(stages: dict[str, dict[str, Any]]) -> list[str]:
 
 
 def results_markdown(cfg: TinyVLMConfig, rows: list[dict[str, Any]], facts: dict[str, Any],
-                     desc: list[dict[str, Any]] | None = None, stages: dict[str, dict[str, Any]] | None = None) -> str:
-    desc = desc or []
+                     desc: list[dict[str, Any]] | None = None, stages: dict[str, dict[str, Any]] | None = None,
+                     one: list[dict[str, Any]] | None = None) -> str:
+    desc, one = desc or [], one or []
     lines = ["# tiny-VLM recipe results", "",
              f"Held-out test questions: {rows[0]['samples']}. AR instruction tuning used {facts['n_ar']} samples; the "
              f"translation to diffusion used {facts['n_diffusion']} of them ({100 * facts['fraction']:.1f}%). "
@@ -339,6 +411,18 @@ def results_markdown(cfg: TinyVLMConfig, rows: list[dict[str, Any]], facts: dict
                   "|---|---|---|---|---|---|---|---|"]
         lines += [f"| {r['model']} | {_decoder_label(r)} | {r['batch']} | {r['f1']:.3f} | {r['precision']:.3f} | "
                   f"{r['recall']:.3f} | {r['tokens_per_forward']:.2f} | {r['tokens_per_second']:.1f} |" for r in desc]
+    if one:
+        types = sorted({t for r in one for t in r["per_type"]})
+        lines += ["", f"One-object scenes (the recognition data's held-out test split, {one[0]['samples']} questions):",
+                  "", "| model | decoder | accuracy | " + " | ".join(types) + " | tokens/forward |",
+                  "|---|---|---|" + "---|" * len(types) + "---|"]
+        lines += [f"| {r['model']} | {_decoder_label(r)} | {_pct(r['accuracy'])} | "
+                  + " | ".join(f"{100 * r['per_type'].get(t, 0):.0f}%" for t in types)
+                  + f" | {r['tokens_per_forward']:.2f} |" for r in one]
+        floor = check_floor(one)
+        lines += ["", f"Floor to ship ({'met' if floor_met(one) else 'NOT met'}):", "", "| target | measured | bar | met |",
+                  "|---|---|---|---|"]
+        lines += [f"| {b['what']} | {_bar_value(b)} | {b['target']} | {'yes' if b['ok'] else 'NO'} |" for b in floor]
     if stages:
         lines += _stage_lines(stages)
     bars = check_bars(rows, desc)
@@ -423,23 +507,26 @@ def stage_summaries(out: Path) -> dict[str, dict[str, Any]]:
 
 
 def write_results(cfg: TinyVLMConfig, rows: list[dict[str, Any]], out: Path,
-                  desc: list[dict[str, Any]] | None = None) -> dict[str, Path]:
+                  desc: list[dict[str, Any]] | None = None, one: list[dict[str, Any]] | None = None) -> dict[str, Path]:
     import torch
 
     n_diff = max(1, int(cfg.diffusion_fraction * cfg.ar_samples))
-    facts = {"n_ar": cfg.ar_samples * cfg.stage2_epochs, "n_diffusion": n_diff, "fraction": n_diff / cfg.ar_samples,
-             "n_direct": min(cfg.direct_samples or cfg.ar_samples, cfg.n_train), "threads": torch.get_num_threads()}
     stages = stage_summaries(out)
+    shown = stages.get("stage2", {})  # samples the binding stage trained on (it may end early on its plateau)
+    n_ar = shown["steps"] * shown["global_batch"] if shown else cfg.ar_samples * (cfg.stage2_epochs or 1)
+    facts = {"n_ar": n_ar, "n_diffusion": n_diff, "fraction": n_diff / cfg.ar_samples,
+             "n_direct": min(cfg.direct_samples or cfg.ar_samples, cfg.n_train), "threads": torch.get_num_threads()}
     taught = curriculum(cfg, out)
     points = grounding_points(out)
     payload = {"config": dataclasses.asdict(cfg), "facts": facts, "rows": rows, "description": desc or [],
                "stages": {k: {f: v.get(f) for f in ("steps", "global_batch", "seconds", "tokens_per_s", "objective")}
                           for k, v in stages.items()}, "targets": check_bars(rows, desc or []),
+               "one_object": one or [], "floor": check_floor(one or []), "floor_met": floor_met(one or []),
                "curriculum": taught, "grounding": points}
     paths = {"json": out / "results.json", "markdown": out / "results.md", "plot": out / "accuracy_vs_parallelism.png",
              "grounding": out / "grounding_curves.png"}
     write_json(paths["json"], payload)
-    write_text(paths["markdown"], results_markdown(cfg, rows, facts, desc, stages) +
+    write_text(paths["markdown"], results_markdown(cfg, rows, facts, desc, stages, one) +
                "\n".join(curriculum_markdown(taught)) + "\n")
     plot_threshold_curve(rows, paths["plot"], desc)
     plot_grounding(points, paths["grounding"])
@@ -471,7 +558,7 @@ def run_recipe(cfg: TinyVLMConfig, stages: Callable[[TinyVLMConfig], dict[str, P
         return {"paths": {}, "results": {"markdown": str(Path(cfg.out) / "gate" / "gate.md")}}
     paths = stages(cfg)
     results = run_eval(cfg, paths)
-    written = write_results(cfg, results["rows"], Path(cfg.out), results["description"])
+    written = write_results(cfg, results["rows"], Path(cfg.out), results["description"], results["one_object"])
     _say(Path(written["markdown"]).read_text())
     if cfg.export_to:
         from diffusionvl.recipes.default import export_default

@@ -171,7 +171,7 @@ def export_plain(paths: dict[str, Path], dst: Path, cfg: Any, results: dict[str,
                 "parent": {"file": PARENT_FILE, "scale": meta["scale"], "sha256": _sha256(dst / PARENT_FILE),
                            "tensors": len(tensors), "bytes": (dst / PARENT_FILE).stat().st_size},
                 "results": {k: results.get(k) for k in ("facts", "rows", "description", "stages", "targets",
-                                                         "curriculum")}}
+                                                         "one_object", "floor", "curriculum")}}
     write_json(dst / MANIFEST, manifest)
     return dst
 
