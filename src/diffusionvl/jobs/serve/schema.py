@@ -108,6 +108,16 @@ class ChatRequest(_Strict):
             raise ValueError("stop sequences must be non-empty strings")
         return stops
 
+    @field_validator("logprobs", "presence_penalty", "frequency_penalty", mode="before")
+    @classmethod
+    def _literal_types(cls, value: Any, info: Any) -> Any:
+        # pydantic matches Literal values by equality, so 0 passed for False and false for 0 (found by schemathesis)
+        if info.field_name == "logprobs" and value is not None and not isinstance(value, bool):
+            raise ValueError("Input should be false or null")
+        if info.field_name != "logprobs" and isinstance(value, bool):
+            raise ValueError("Input should be 0 (penalties are not supported)")
+        return value
+
     @model_validator(mode="before")
     @classmethod
     def _valid_unicode(cls, data: Any) -> Any:
