@@ -31,7 +31,7 @@ from diffusionvl.backbone.tokens import MAX_CHARS_PER_TOKEN, control_tokens, ref
 from diffusionvl.core.config import DecodeConfig
 from diffusionvl.core.errors import DiffusionVLError, check
 from diffusionvl.core.version import __version__
-from diffusionvl.jobs.serve import schema
+from diffusionvl.jobs.serve import openapi, schema
 from diffusionvl.jobs.serve.config import ServeConfig
 from diffusionvl.jobs.serve.engine import (
     Accepted,
@@ -190,10 +190,23 @@ def create_app(model: Any, config: ServeConfig | None = None, decode: DecodeConf
 
     app = FastAPI(title="diffusionvl", version=_version(), lifespan=lifespan)
     app.state.diffusionvl = state
+    _publish_schema(app, state)
     _install_error_handlers(app)
     _install_routes(app, state)
     app.add_middleware(_BodyLimit, limit=int(cfg.max_request_mb * (1 << 20)))
     return app
+
+
+def _publish_schema(app: Any, state: "_State") -> None:
+    """`GET /openapi.json` serves the schema this server honours (openapi.publish), built once."""
+    generate = app.openapi
+
+    def published() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            app.openapi_schema = openapi.publish(generate(), state.name, state.config, state.has_vision)
+        return app.openapi_schema
+
+    app.openapi = published
 
 
 def _version() -> str:
@@ -290,7 +303,7 @@ def _install_error_handlers(app: Any) -> None:
 
 
 def _install_routes(app: Any, state: _State) -> None:
-    @app.get("/health")
+    @app.get("/health", responses=openapi.HEALTH_RESPONSES)
     async def health() -> Any:
         engine = state.engine
         body = {"status": "ok" if engine.alive else "unavailable", "model": state.name, "queued": engine.queued,
@@ -302,18 +315,18 @@ def _install_routes(app: Any, state: _State) -> None:
             return JSONResponse(body, status_code=503)
         return body
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", responses=openapi.MODELS_RESPONSES)
     async def models() -> Any:
         return {"object": "list", "data": [_model_card(state)]}
 
-    @app.get("/v1/models/{model_id:path}")
+    @app.get("/v1/models/{model_id:path}", responses=openapi.MODEL_RESPONSES)
     async def model(model_id: str) -> Any:
         if model_id != state.name:
             raise ApiError(404, f"model {model_id!r} not found; this server serves {state.name!r}",
                            param="model", code="model_not_found")
         return _model_card(state)
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", responses=openapi.CHAT_RESPONSES)
     async def chat_completions(body: schema.ChatRequest, http: Request) -> Any:
         return await _chat(state, body, http)
 
