@@ -7,7 +7,8 @@ after `max_new_tokens`; the returned ids exclude the stop token. Decoders come f
 each, run over the slot forward that `backend.choose` picks in one place from `DecodeConfig.fast` (plain: dynamic
 shapes; static: static shapes, CUDA graphs); the stats say which ran (`backend`, `backend_reason`). The model is
 read only through `protocol.DecoderModel`. `run_encoded` takes already tokenized prompts (benchmarks, servers that
-tokenize themselves).
+tokenize themselves). An answer template per sample (template.py) fixes tokens of the answer and leaves masked slots
+for the decoder; the answer is the template with its slots filled.
 Speed stats are per sample: `tokens_per_sample` counts each sample's generated tokens up to and including its stop
 token, `forwards_per_sample` the forwards that had work for it (prefill included; state.py `charge`), and
 `tokens_per_forward` is the mean over samples of their ratio. `tokens` and `forwards` stay batch totals.
@@ -35,6 +36,7 @@ from diffusionvl.decoding.layout import Layout, build_layout
 from diffusionvl.decoding.protocol import DecoderModel
 from diffusionvl.decoding.state import DecodeState
 from diffusionvl.decoding.static import open_static
+from diffusionvl.decoding.template import budget, check_fit, encode_templates, place, slot_runs
 
 Tensor = torch.Tensor
 log = logging.getLogger("diffusionvl")
@@ -56,6 +58,7 @@ class GenerationOutput:
     token_ids: list[list[int]]
     finish_reasons: list[str]  # "stop" (stop token) or "length" (max_new_tokens)
     stats: dict[str, Any] = field(default_factory=dict)
+    slots: list[list[str] | None] | None = None  # per sample with a template: the text each slot run was filled with
 
     @property
     def text(self) -> str:
@@ -101,17 +104,17 @@ def _layout(model: DecoderModel, encoded: Any, cfg: DecodeConfig) -> Layout:
         prefill = max(len(x) for x in encoded.input_ids)
         return build_layout(encoded.input_ids, positions, bsz, cfg.max_new_tokens, model.mask_token_id,
                             model.pad_token_id, prefill_to=prefill, canvas=canvas)
-    fill = model.pad_token_id if cfg.decoder == "ar" else model.mask_token_id
     return build_layout(encoded.input_ids, positions, 1 if cfg.decoder == "ar" else bsz, cfg.max_new_tokens,
-                        fill, model.pad_token_id)
+                        model.mask_token_id, model.pad_token_id)
 
 
 class _Rows:
-    """Host copy of each sample's final tokens, extended incrementally (one small transfer per event)."""
+    """Host copy of each sample's final tokens, extended incrementally (one small transfer per event); each sample
+    is cut at its own budget (`budgets`: max_new_tokens, or a template's length and its closing token)."""
 
-    def __init__(self, layout: Layout, stop: set[int], max_new: int):
+    def __init__(self, layout: Layout, stop: set[int], budgets: list[int]):
         self.gen_start = layout.gen_start.tolist()
-        self.stop, self.max_new = stop, max_new
+        self.stop, self.budgets = stop, budgets
         self.rows: list[list[int]] = [[] for _ in self.gen_start]
         self.end = 0
 
@@ -123,8 +126,8 @@ class _Rows:
                 row.extend(extra)
             self.end = state.final_end
         out, stopped = [], []
-        for g0, row in zip(self.gen_start, self.rows):
-            ids, hit = _cut(row[g0:g0 + self.max_new], self.stop)
+        for g0, row, budget in zip(self.gen_start, self.rows, self.budgets):
+            ids, hit = _cut(row[g0:g0 + budget], self.stop)
             out.append(ids)
             stopped.append(hit)
         return out, stopped
@@ -147,6 +150,11 @@ def _stats(cfg: DecodeConfig, state: DecodeState, ids: list[list[int]], stopped:
         "tokens_per_second": n_tokens / seconds if seconds > 0 else 0.0, "first_block_seconds": first_block_s,
         "backend": state.backend, "backend_reason": "; ".join([choice.reason, *state.notes]),
     }
+
+
+def _slot_texts(model: DecoderModel, templates: list[list[int] | None], ids: list[list[int]]) -> list[list[str] | None]:
+    return [None if t is None else [model.tokenizer.decode(x[a:b], skip_special_tokens=True)
+                                    for a, b in slot_runs(t, model.mask_token_id)] for t, x in zip(templates, ids)]
 
 
 def select_decoder(cfg: DecodeConfig, device: torch.device) -> tuple[Callable[..., Iterator[DecodeState]],
@@ -183,18 +191,33 @@ def hint_untrained(model: DecoderModel, decoder: str) -> None:
     log.warning(UNTRAINED_HINT)
 
 
-def run(model: DecoderModel, conversations: list[Any], cfg: DecodeConfig) -> Iterator[StreamEvent]:
+def run(model: DecoderModel, conversations: list[Any], cfg: DecodeConfig,
+        templates: list[str | None] | None = None) -> Iterator[StreamEvent]:
+    """`templates`: an answer template (template.py) per conversation, None for a free answer."""
     cfg = cfg.resolved(model.config.block_size)
     encoded = model.adapter.encode(conversations)
-    yield from run_encoded(model, encoded, cfg)
+    ids = None
+    if templates is not None:
+        texts = [model.adapter.render(c) for c in conversations]
+        ids = encode_templates(model, templates, texts, [len(x) for x in encoded.input_ids])
+    yield from run_encoded(model, encoded, cfg, ids)
 
 
-def run_encoded(model: DecoderModel, encoded: Any, cfg: DecodeConfig) -> Iterator[StreamEvent]:
-    """`run` on an `adapters.Encoded` batch (token ids per sample, vision tensors). A model marked
-    `autoregressive_only` (an AR parent, e.g. `load_default(parent=True)`) is always decoded with the AR decoder."""
+def run_encoded(model: DecoderModel, encoded: Any, cfg: DecodeConfig,
+                templates: list[list[int] | None] | None = None) -> Iterator[StreamEvent]:
+    """`run` on an `adapters.Encoded` batch (token ids per sample, vision tensors) and tokenized templates
+    (template.py: ids, the mask id at slots; None for a free answer). A model marked `autoregressive_only` (an AR
+    parent, e.g. `load_default(parent=True)`) is always decoded with the AR decoder. A templated sample's budget is
+    its template and closing token; `max_new_tokens` is the others'."""
     if getattr(model, "autoregressive_only", False) and cfg.decoder != "ar":
         cfg = replace(cfg, decoder="ar", block_size=None, steps=None)
     cfg = cfg.resolved(model.config.block_size)
+    templates = templates if templates is not None and any(t is not None for t in templates) else None
+    budgets = [cfg.max_new_tokens] * len(encoded.input_ids)
+    if templates is not None:
+        check_fit(model, encoded.input_ids, templates)
+        budgets = [cfg.max_new_tokens if t is None else budget(t) for t in templates]
+        cfg = replace(cfg, max_new_tokens=max(budgets))
     hint_untrained(model, cfg.decoder)
     decoder, choice = select_decoder(cfg, model.device)
     model.check_prompt_lengths(encoded.input_ids, cfg.max_new_tokens, cfg.canvas_block)
@@ -209,7 +232,9 @@ def run_encoded(model: DecoderModel, encoded: Any, cfg: DecodeConfig) -> Iterato
     state: DecodeState | None = None
     with torch.inference_mode():
         layout = _layout(model, encoded, cfg)
-    rows = _Rows(layout, stop, cfg.max_new_tokens)
+        if templates is not None:
+            place(layout, templates, model.eos_token_id)
+    rows = _Rows(layout, stop, budgets)
     for state in _inference_steps(decoder(model, layout, encoded.vision, cfg, stop_ids, generator)):
         ids, _ = rows.update(state)
         done = state.done.tolist()
@@ -225,6 +250,7 @@ def run_encoded(model: DecoderModel, encoded: Any, cfg: DecodeConfig) -> Iterato
     ids, stopped = rows.update(state)
     texts = [model.tokenizer.decode(x, skip_special_tokens=True) for x in ids]
     stats = _stats(cfg, state, ids, stopped, seconds, first_block_s, choice)
-    output = GenerationOutput(texts, ids, ["stop" if h else "length" for h in stopped], stats)
+    output = GenerationOutput(texts, ids, ["stop" if h else "length" for h in stopped], stats,
+                              _slot_texts(model, templates, ids) if templates is not None else None)
     yield StreamEvent([[] for _ in ids], ["" for _ in ids], [True] * len(ids), final=True, output=output,
                       forwards=stats["forwards"])

@@ -6,7 +6,9 @@ written once over a slot forward (`open_forward`: plain or static, protocol.py).
 of the unconverted backbone (test: equals transformers `generate`). The step (steps.py `ARStepper`) forwards one
 token, samples the next into the following slot and advances its own slot, so consecutive steps need no host work.
 Host sync once per chunk; the plain forward builds one mask per chunk too (attention reads up to the chunk's end;
-the causal mask hides the rest).
+the causal mask hides the rest). Generation slots hold the mask id until a token is sampled into them; an answer
+template's fixed tokens (template.py) are there from the start and the step keeps them, so a template is decoded left
+to right with its fixed tokens forced and one forward per token, fixed ones included (the honest AR baseline).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from diffusionvl.decoding.block import OpenForward, finish_block, new_state
 from diffusionvl.decoding.layout import Layout
 from diffusionvl.decoding.plain import open_plain
 from diffusionvl.decoding.protocol import DecoderModel
-from diffusionvl.decoding.state import DecodeState, charge
+from diffusionvl.decoding.state import DecodeState, charge, stop_ban
 from diffusionvl.decoding.steps import ARStepper
 
 Tensor = torch.Tensor
@@ -32,6 +34,7 @@ def ar_decode(model: DecoderModel, layout: Layout, vision: Any, cfg: DecodeConfi
     p, last = layout.prefill, cfg.max_new_tokens - 1
     with open_forward(model, layout, vision, cfg, use_cache=True, attention_block=1) as fwd:
         stepper = fwd.stepper(lambda f: ARStepper(f, model, cfg))
+        stepper.set_ban(stop_ban(layout, stop_ids, model.eos_token_id))
         state = new_state(fwd, layout)
         logits = stepper.prepare(model.adapter.head(fwd.prefill(p)[:, -1]))  # [N, V]
         state.prefill_forwards = 1

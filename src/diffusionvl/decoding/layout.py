@@ -10,6 +10,7 @@ The first decoded block [prefill, prefill + B) holds each sample's leftover prom
 fixed) followed by masks. Slot s of sample n has position index s - start[n] (0 on padding slots); for M-RoPE
 prompts the prompt's own 3-D positions are used and generated tokens continue at index + delta.
 With B = 1 this is plain left padding, which the AR decoder uses.
+An answer template (template.py) writes its fixed tokens onto a sample's generation slots after the layout is built.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ class Layout:
     total: int  # T
     tokens: Tensor  # [N, T] prompt ids in place, `fill` id on the generation slots, pad id before `start`
     positions: Tensor  # [P, N, T]
+    templated: Tensor | None = None  # [N] bool: rows with an answer template (template.py), None when no row has one
 
     @property
     def gen_start(self) -> Tensor:

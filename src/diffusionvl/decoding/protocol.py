@@ -61,6 +61,7 @@ class DecoderModel(Protocol):
     hf_model: torch.nn.Module  # static sessions key their captured graphs on its parameters
     mask_token_id: int
     pad_token_id: int
+    eos_token_id: int  # end of answer: block padding in training, closes an answer template (template.py)
     stop_token_ids: list[int]
 
     @property

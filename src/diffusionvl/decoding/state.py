@@ -50,14 +50,38 @@ class DecodeState:
 
 
 def denoise(logits: Tensor, block: Tensor, is_mask: Tensor, k: Tensor | int, cfg: DecodeConfig, mask_id: int,
-            generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
+            generator: torch.Generator | None, ban: Ban | None = None) -> tuple[Tensor, Tensor]:
     """One denoising step. logits [N, B, V], block/is_mask [N, B] -> (block, is_mask) after filling; `k` is the
-    static schedule's count (an int or a 0-d device tensor, same result)."""
+    static schedule's count (an int or a 0-d device tensor, same result); `ban` (`stop_ban`): tokens some rows never
+    sample."""
     logits = logits.float()
     logits[..., mask_id] = float("-inf")  # never predict the mask token itself
+    if ban is not None:
+        logits = apply_ban(logits, ban)
     cand, conf = sample(logits, cfg.temperature, cfg.top_k, cfg.top_p, generator)
     fill = POLICIES[cfg.policy](conf, is_mask, k, cfg.threshold)
     return torch.where(fill, cand, block), is_mask & ~fill
+
+
+Ban = tuple[Tensor, Tensor]  # ([N] bool rows, [K] long token ids): those rows never sample those tokens
+
+
+def stop_ban(layout: Layout, stop_ids: Tensor, eos_id: int) -> Ban | None:
+    """The stop tokens (and the end-of-answer token) as banned for the rows with an answer template (template.py:
+    a slot is filled with exactly N tokens); None when no row has a template."""
+    rows = layout.templated
+    if rows is None or not bool(rows.any()):
+        return None
+    ids = torch.cat([stop_ids, torch.tensor([eos_id], dtype=torch.long, device=stop_ids.device)]).unique()
+    return rows.to(stop_ids.device), ids
+
+
+def apply_ban(logits: Tensor, ban: Ban) -> Tensor:
+    """logits [N, ..., V] with the banned tokens of the banned rows at -inf."""
+    rows, ids = ban
+    shape = (-1,) + (1,) * (logits.dim() - 1)
+    banned = logits.index_select(-1, ids).masked_fill(rows.view(shape), float("-inf"))
+    return logits.index_copy(-1, ids, banned)
 
 
 def mark_done(state: DecodeState, s: int, e: int, stop_ids: Tensor, max_new: int) -> None:

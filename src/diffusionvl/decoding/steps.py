@@ -26,9 +26,24 @@ import torch
 from diffusionvl.core.config import DecodeConfig
 from diffusionvl.core.sampling import sample
 from diffusionvl.decoding.protocol import DecoderModel, SlotForward, Window
-from diffusionvl.decoding.state import DecodeState, denoise, live_masks
+from diffusionvl.decoding.state import Ban, DecodeState, apply_ban, denoise, live_masks
 
 Tensor = torch.Tensor
+
+
+def keep_ban(fwd: SlotForward, current: Ban | None, new: Ban | None) -> Ban | None:
+    """The call's ban (state.stop_ban) in buffers a captured step can keep reading: copied into `current` in place
+    when the shapes match, else replaced, and then the forward's captured steps are forgotten."""
+    if new is None:
+        if current is not None:
+            fwd.forget_captures()
+        return None
+    if current is not None and all(a.shape == b.shape for a, b in zip(current, new)):
+        current[0].copy_(new[0])
+        current[1].copy_(new[1])
+        return current
+    fwd.forget_captures()
+    return new[0].clone(), new[1].clone()
 
 
 class BlockStepper:
@@ -51,6 +66,7 @@ class BlockStepper:
         self.is_mask = torch.zeros(n, bsz, dtype=torch.bool, device=dev)  # [N, B]
         self.k = torch.zeros((), dtype=torch.long, device=dev)  # static schedule's count for this step
         self.prev: Tensor | None = None  # [N, 1, V] logits of slot s - 1 ('shift')
+        self.ban: Ban | None = None  # stop tokens never sampled in rows with an answer template (state.stop_ban)
         self.fns: dict[str, Callable[[], Tensor | None]] = {
             "fused": lambda: self._step(self.fused), "step": lambda: self._step(self.block),
             "prefix": lambda: self._step(self.prefix), "canvas": lambda: self._step(self.canvas)}
@@ -64,6 +80,9 @@ class BlockStepper:
                 self.fwd.forget_captures()  # captured steps read the old buffer
             self.prev = torch.empty_like(logits)
         self.prev.copy_(logits)
+
+    def set_ban(self, ban: Ban | None) -> None:
+        self.ban = keep_ban(self.fwd, self.ban, ban)
 
     def begin_block(self, s: int, prefix: bool = False) -> None:
         """Aim the windows at block [s, s + B) and load its is-mask state."""
@@ -99,7 +118,7 @@ class BlockStepper:
     def apply(self, logits: Tensor, generator: torch.Generator | None) -> None:
         """Sample and unmask in place: the canvas block and the is-mask state."""
         block, is_mask = denoise(logits, self.fwd.read(self.block), self.is_mask, self.k, self.cfg, self.mask_id,
-                                 generator)
+                                 generator, self.ban)
         self.fwd.write(self.block, block)
         self.is_mask.copy_(is_mask)
 
@@ -112,25 +131,31 @@ class BlockStepper:
 
 
 class ARStepper:
-    """The one-token AR step: forward the token at `slot`, sample the next one into the slot after it, advance."""
+    """The one-token AR step: forward the token at `slot`, sample the next one into the slot after it, advance.
+    A slot that already holds a token (an answer template's fixed token, not the mask id) keeps it."""
 
     def __init__(self, forward: SlotForward, model: DecoderModel, cfg: DecodeConfig):
         self.fwd, self.cfg, self.head = forward, cfg, model.adapter.head
         self.mask_id = model.mask_token_id
         self.greedy = cfg.temperature == 0.0
         self.slot = forward.window(1)  # the token fed next
+        self.ban: Ban | None = None  # stop tokens never sampled in rows with an answer template (state.stop_ban)
         self.fns: dict[str, Callable[[], Any]] = {"token": self._step}
 
+    def set_ban(self, ban: Ban | None) -> None:
+        self.ban = keep_ban(self.fwd, self.ban, ban)
+
     def prepare(self, logits: Tensor) -> Tensor:
-        """[N, V] logits -> float, the mask token never predicted."""
+        """[N, V] logits -> float, the mask token (and the banned stop tokens) never predicted."""
         logits = logits.float()
         logits[:, self.mask_id] = float("-inf")
-        return logits
+        return logits if self.ban is None else apply_ban(logits, self.ban)
 
     def advance(self, logits: Tensor, generator: torch.Generator | None) -> None:
         nxt, _ = sample(logits, self.cfg.temperature, self.cfg.top_k, self.cfg.top_p, generator)  # [N]
         self.fwd.advance(self.slot)
-        self.fwd.write(self.slot, nxt[:, None])
+        held = self.fwd.read(self.slot)  # [N, 1]: the mask id, or a template's fixed token
+        self.fwd.write(self.slot, torch.where(held == self.mask_id, nxt[:, None], held))
 
     def _step(self) -> Tensor | None:
         logits = self.prepare(self.head(self.fwd.hidden(self.slot)[:, -1]))  # [N, V]

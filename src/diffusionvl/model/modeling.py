@@ -249,11 +249,13 @@ class DiffusionVLModel(nn.Module):
         return dataclasses.replace(base, **kwargs)
 
     def generate(self, prompts: Any = None, images: Any = None, config: DecodeConfig | None = None,
-                 **kwargs: Any) -> GenerationOutput:
+                 template: str | list[str | None] | None = None, **kwargs: Any) -> GenerationOutput:
         """Generate answers. prompts: str | list[str] | messages | list[messages]; images: per sample.
 
         Keyword options are DecodeConfig fields (decoder, max_new_tokens, block_size, steps, policy, threshold,
-        temperature, top_k, top_p, seed, use_cache, stop_early). Returns a GenerationOutput (texts, token_ids, stats).
+        temperature, top_k, top_p, seed, use_cache, stop_early). `template`: an answer template (literal text and
+        `<mask:N>` slots, decoding/template.py) for every sample, or one per sample (None = a free answer); a
+        templated answer is the template with its slots filled. Returns a GenerationOutput (texts, token_ids, stats).
         The DiffusionVL reference form (token id tensor, `inputs=`/`gen_length=`, a LongTensor back) is its own
         function, `diffusionvl.model.compat.generate_compat(model, inputs=..., gen_length=...)`.
         """
@@ -261,25 +263,29 @@ class DiffusionVLModel(nn.Module):
             raise DiffusionVLError("generate takes prompts (text or messages); for the DiffusionVL reference call "
                                    "(token ids, gen_length=) use diffusionvl.model.compat.generate_compat(model, inputs=...)")
         final = None
-        for event in self.stream_events(prompts, images, config, **kwargs):
+        for event in self.stream_events(prompts, images, config, template=template, **kwargs):
             final = event
         return final.output
 
     def stream_events(self, prompts: Any, images: Any = None, config: DecodeConfig | None = None,
-                      **kwargs: Any) -> Iterator[Any]:
+                      template: str | list[str | None] | None = None, **kwargs: Any) -> Iterator[Any]:
         cfg = self._decode_config(config, kwargs)
         conversations = normalize_batch(prompts, images)
+        templates = [template] * len(conversations) if isinstance(template, str) else template
+        if templates is not None and not isinstance(templates, list):
+            raise DiffusionVLError(f"template must be text, or a list with one per prompt, got "
+                                   f"{type(template).__name__}")
         was_training = self.training
         self.eval()
         try:
-            yield from run(self, conversations, cfg)
+            yield from run(self, conversations, cfg, templates)
         finally:
             self.train(was_training)
 
     def stream(self, prompt: Any, images: Any = None, config: DecodeConfig | None = None,
-               **kwargs: Any) -> Iterator[str]:
+               template: str | None = None, **kwargs: Any) -> Iterator[str]:
         """Yield the answer's text block by block (one prompt)."""
-        for event in self.stream_events(prompt, images, config, **kwargs):
+        for event in self.stream_events(prompt, images, config, template=template, **kwargs):
             if not event.final and event.new_texts[0]:
                 yield event.new_texts[0]
 
