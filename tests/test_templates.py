@@ -206,3 +206,57 @@ def test_bad_templates_are_one_line_errors(template, needle):
 def test_literal_angle_brackets_are_text():
     assert parse("a <b> c <mask:2>").parts == ["a <b> c ", 2]
 
+
+# ---- the CLI: generate / chat / eval take --template; a bad one is one line, exit 2 ------------------------------
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    from diffusionvl.cli import main
+
+    path = tmp_path_factory.mktemp("models") / "tiny-llama"
+    assert main(["convert", "--tiny", "llama", str(path), "--block-size", "4"]) == 0
+    return path
+
+
+def test_cli_generate_chat_and_eval_take_a_template(tiny_dir, tmp_path, capsys, monkeypatch):
+    import io
+    import json
+
+    from diffusionvl.cli import main
+
+    template = '{"shape": "<mask:2>", "colour": "<mask:1>"}'
+    assert main(["generate", "--model", str(tiny_dir), "--prompt", "Hello", "--template", template, "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["text"].startswith('{"shape": "') and out["text"].endswith('"}') and len(out["slots"]) == 2
+    assert main(["generate", "--model", str(tiny_dir), "--prompt", "Hello", "--template", "Yes, <mask:3>.",
+                 "--decoder", "ar"]) == 0
+    assert capsys.readouterr().out.startswith("Yes, ")
+    monkeypatch.setattr("sys.stdin", io.StringIO("Hi\nAnd now?\n"))
+    assert main(["chat", "--model", str(tiny_dir), "--template", "Answer: <mask:2>!"]) == 0
+    lines = [x for x in capsys.readouterr().out.splitlines() if x]
+    assert len(lines) == 2 and all(x.startswith("Answer: ") and x.endswith("!") for x in lines)
+    data = tmp_path / "qa.jsonl"
+    data.write_text(json.dumps({"question": "Colour?", "answers": ["red"]}) + "\n")
+    assert main(["eval", "--model", str(tiny_dir), "--task", "jsonl", "--data", str(data), "--out",
+                 str(tmp_path / "ev"), "--template", "It is <mask:1>.", "--no-progress"]) == 0
+    sample = json.loads((tmp_path / "ev" / "samples.jsonl").read_text())
+    assert sample["answer"].startswith("It is ") and sample["prediction"] == sample["slots"][0].strip()
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["generate", "--prompt", "x", "--template", "<mask:0>"], "out of range"),
+    (["generate", "--prompt", "x", "--template", "<foo:1>"], "unknown tag"),
+    (["generate", "--prompt", "x", "--template", "<mask:{context}>"], "template too long"),
+    (["eval", "--task", "jsonl", "--data", "{data}", "--template", "<mask>"], "malformed slot"),
+])
+def test_cli_bad_templates_exit_2(tiny_dir, tmp_path, capsys, argv, needle):
+    import json
+
+    from diffusionvl.cli import main
+
+    data = tmp_path / "qa.jsonl"
+    data.write_text('{"question": "Colour?", "answers": ["red"]}\n')
+    context = json.loads((tiny_dir / "config.json").read_text())["max_position_embeddings"]
+    argv = [a.replace("{data}", str(data)).replace("{context}", str(context)) for a in argv]
+    assert main([argv[0], "--model", str(tiny_dir), *argv[1:]]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: ") and needle in err[-1] and not any("Traceback" in x for x in err)

@@ -1,5 +1,6 @@
 """Helpers shared by subcommands: loading the model a command runs on, reading a prompt from a stream within a
-bound set by the model's context, checking user text for control tokens, and printing decoding stats."""
+bound set by the model's context, checking user text for control tokens, the --template flag, and printing decoding
+stats."""
 
 from __future__ import annotations
 
@@ -59,6 +60,22 @@ def read_bounded(stream: IO[str], model: Any, what: str, line: bool = False) -> 
 def check_user_text(model: Any, texts: list[tuple[str, str | None]]) -> None:
     """The server's rule for request text, on the CLI's: text holding a control token of the model is refused."""
     refuse_control_tokens(control_tokens(model), [(where, text) for where, text in texts if text])
+
+
+TEMPLATE_HELP = ("answer template: literal text and <mask:N> slots (exactly N tokens each), e.g. 'There are <mask:1> "
+                 "objects.'; the answer is the template with its slots filled (docs/templates.md)")
+
+
+def add_template_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--template", default=None, metavar="TEXT", help=TEMPLATE_HELP)
+
+
+def check_template(template: str | None) -> None:
+    """A malformed template fails before the (slow) model load; the context is checked with the model."""
+    if template is not None:
+        from diffusionvl.decoding.template import parse
+
+        parse(template)
 
 
 def stats_line(stats: dict[str, Any]) -> str:

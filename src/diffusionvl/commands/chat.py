@@ -1,9 +1,9 @@
 """`diffusionvl chat`: an interactive multi-turn chat in the terminal, answers streamed block by block.
 
-Contract: reads user turns from standard input until EOF or `/exit`; `/image PATH` attaches an image to the next
-turn, `/reset` clears the history, `/stats` toggles the per-answer stats line. Bad input (missing image, too-long
-history, a line longer than the model's context could hold, text holding a control token such as <|im_end|>) prints a
-one-line error and the session continues.
+Contract: reads user turns from standard input until EOF or `/exit`; `/image PATH` attaches an image to the next turn,
+`/reset` clears the history, `/stats` toggles the per-answer stats line. With `--template`, every answer has the
+template's form. Bad input (missing image, too-long history, a line longer than the model's context could hold, text
+holding a control token such as <|im_end|>) prints a one-line error and the session continues.
 """
 
 from __future__ import annotations
@@ -12,7 +12,8 @@ import argparse
 import sys
 from typing import Any
 
-from diffusionvl.commands._common import add_model_arguments, check_user_text, load_model, read_bounded, stats_line
+from diffusionvl.commands._common import (add_model_arguments, add_template_argument, check_template, check_user_text,
+                                          load_model, read_bounded, stats_line)
 from diffusionvl.core.config import DecodeConfig, add_dataclass_arguments, dataclass_from_args
 from diffusionvl.core.errors import DiffusionVLError
 
@@ -22,15 +23,17 @@ HELP = "commands: /image PATH (attach to next turn), /reset, /stats, /exit"
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_arguments(parser)
     parser.add_argument("--system", default=None, help="optional system message")
+    add_template_argument(parser)
     add_dataclass_arguments(parser, DecodeConfig)
 
 
-def _answer(model: Any, history: list[dict[str, Any]], images: list[Any], cfg: DecodeConfig) -> tuple[str, dict]:
+def _answer(model: Any, history: list[dict[str, Any]], images: list[Any], cfg: DecodeConfig,
+            template: str | None = None) -> tuple[str, dict]:
     from diffusionvl.backbone.prompts import to_conversation
 
     conv = to_conversation(history, images or None)
     text, stats = "", {}
-    for event in model.stream_events(conv, config=cfg):
+    for event in model.stream_events(conv, config=cfg, template=template):
         if event.final:
             stats = event.output.stats
             text = event.output.texts[0]
@@ -43,6 +46,7 @@ def _answer(model: Any, history: list[dict[str, Any]], images: list[Any], cfg: D
 
 def run(args: argparse.Namespace) -> int:
     cfg = dataclass_from_args(DecodeConfig, args).validate()
+    check_template(args.template)
     model = load_model(args)
     check_user_text(model, [("--system", args.system)])
     system = [{"role": "system", "content": args.system}] if args.system else []
@@ -85,7 +89,7 @@ def run(args: argparse.Namespace) -> int:
         turn = {"role": "user", "content": content}
         try:
             check_user_text(model, [("the line", line)])
-            text, stats = _answer(model, history + [turn], images + pending, cfg)
+            text, stats = _answer(model, history + [turn], images + pending, cfg, args.template)
         except DiffusionVLError as exc:  # the turn is not kept; nor are its images, which may be the cause
             print(f"error: {exc}" + ("; the attached image(s) were dropped" if pending else ""), file=sys.stderr)
             pending = []

@@ -12,6 +12,8 @@ their record has precision / recall / f1 / predicted / objects / matched (and sc
 at max_new_tokens. `max_new_tokens` is the caller's DecodeConfig (default 128; the CLI picks 16 for synth-vqa,
 which cuts most descriptions). The `elbo` task reports NELBO per token and the perplexity bound (overall and per
 type) with scoring throughput. Images are read batch by batch, so memory does not grow with the task size.
+With `EvalConfig.template` every answer follows the template (decoding/template.py) and the record's prediction is
+the text its slots were filled with (joined by spaces); the whole answer and each slot's text are kept beside it.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import torch
 
 from diffusionvl.core.config import DecodeConfig, option
 from diffusionvl.core.errors import check
+from diffusionvl.decoding.template import parse as parse_template
 from diffusionvl.jobs.evaluation.scoring import DESCRIBE, SCORERS, contains_match, score_description
 from diffusionvl.jobs.evaluation.tasks import Sample, Task, build_prompt, get_task, merge_shards, shard
 
@@ -49,11 +52,18 @@ class EvalConfig:
         None, "Text appended to every question (default: the task's instruction, e.g. 'Answer the question using "
         "a single word or phrase.' for jsonl; none for synth-vqa). Use '' for none.")
     system: str | None = option(None, "Optional system message for generation tasks.")
+    template: str | None = option(
+        None, "Answer template for generation tasks: literal text and <mask:N> slots (docs/templates.md); the text "
+        "the slots were filled with, joined by spaces, is what is scored.")
     noise_levels: int = option(8, "elbo: number of noise levels t (midpoint rule over (0, 1)).")
     elbo_seed: int = option(0, "elbo: seed of the masking draws.")
 
     def validate(self) -> "EvalConfig":
-        get_task(self.task)
+        task = get_task(self.task)
+        if self.template is not None:
+            check(task.kind == "generate", f"--template is for generation tasks; the {self.task} task scores given "
+                                           "answers")
+            parse_template(self.template)  # a malformed template fails before the model loads
         check(self.limit is None or self.limit >= 1, f"limit must be >= 1, got {self.limit}")
         check(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
         check(self.noise_levels >= 1, f"noise_levels must be >= 1, got {self.noise_levels}")
@@ -129,11 +139,14 @@ def run_generate(model: Any, samples: list[Sample], suffix: str, cfg: EvalConfig
         system = [{"role": "system", "content": cfg.system}] if cfg.system else []
         convs = [to_conversation(system + [{"role": "user", "content": build_prompt(s, suffix)}],
                                  [im] if im is not None else None) for s, im in zip(chunk, _images(chunk))]
-        out = model.generate(convs, config=decode)
+        out = model.generate(convs, config=decode, template=cfg.template)
         tpf = tokens_per_forward(out.token_ids, out.finish_reasons, sample_forwards(out.stats, len(chunk)))
-        for s, text, ids, reason, rate in zip(chunk, out.texts, out.token_ids, out.finish_reasons, tpf):
-            records.append({**s.to_dict(), "prediction": text, **score_sample(s, text), "tokens": len(ids),
-                            "tokens_per_forward": rate, "finish_reason": reason})
+        slots = out.slots or [None] * len(chunk)
+        for s, text, ids, reason, rate, fill in zip(chunk, out.texts, out.token_ids, out.finish_reasons, tpf, slots):
+            scored = text if fill is None else " ".join(x.strip() for x in fill)
+            extra = {} if fill is None else {"answer": text, "slots": fill}
+            records.append({**s.to_dict(), "prediction": scored, **extra, **score_sample(s, scored),
+                            "tokens": len(ids), "tokens_per_forward": rate, "finish_reason": reason})
         st = out.stats
         stats.update({"tokens": st["tokens"], "forwards": st["forwards"], "seconds": st["seconds"], "batches": 1})
         bar.update(len(chunk))
