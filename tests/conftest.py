@@ -18,6 +18,18 @@ TEXT_ARCHS = ("llama", "qwen2", "gemma3")
 VL_ARCHS = ("qwen2_5_vl",)
 
 
+try:  # property tests (tests/test_properties.py): deterministic, so CI is never flaky; `--hypothesis-profile long`
+    from hypothesis import HealthCheck, settings  # for a deep run (docs/reliability.md)
+
+    settings.register_profile("ci", max_examples=40, derandomize=True, database=None, deadline=None, print_blob=True,
+                              suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+    # the deep run explores new cases each time; `--hypothesis-seed N` replays one
+    settings.register_profile("long", settings.get_profile("ci"), max_examples=400, derandomize=False)
+    settings.load_profile("ci")
+except ImportError:
+    pass
+
+
 @functools.lru_cache(maxsize=None)
 def _tiny(arch: str):
     return make_tiny(arch, seed=0)
