@@ -132,3 +132,30 @@ def test_the_floor_to_ship_is_per_one_object_type():
     assert not floor_met([parent, dvlm(0.9, 1.2, exist=0.80)])  # 0.80 / 0.91 < 95%
     assert not floor_met([dict(parent, per_type={**parent["per_type"], "position": 0.85}), dvlm(0.9, 1.2)])
     assert not floor_met([parent]) and check_floor([]) == []
+
+
+def test_curriculum_counts_what_each_stage_showed(tmp_path):
+    """Epochs as trained (a stage that ended early shows less than planned), the replayed recognition images with
+    their own question mix, binding questions apart."""
+    from diffusionvl.recipes.curves import curriculum, curriculum_markdown
+
+    def summary(images, questions, binding):
+        return {"images": {"train": images}, "questions": {"train": questions}, "binding": {"train": binding}}
+
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data-recognition").mkdir()
+    (tmp_path / "recognition").mkdir()
+    (tmp_path / "stage2").mkdir()
+    (tmp_path / "data-recognition" / "summary.json").write_text(json.dumps(summary(100, {"shape": 100, "exist": 200}, 0)))
+    (tmp_path / "data-recognition" / "train.json").write_text(json.dumps([{"id": i} for i in range(100)]))
+    (tmp_path / "recognition" / "summary.json").write_text(json.dumps({"steps": 5, "global_batch": 10}))  # half
+    (tmp_path / "data" / "summary.json").write_text(json.dumps(summary(400, {"colour": 800, "count": 400}, 600)))
+    records = [{"id": f"train-{i}"} for i in range(400)] + [{"id": f"replay-{i}"} for i in range(50)]
+    (tmp_path / "data" / "stage2.json").write_text(json.dumps(records))
+    (tmp_path / "stage2" / "summary.json").write_text(json.dumps({"steps": 90, "global_batch": 10}))  # 2 epochs
+    rows = curriculum(TinyVLMConfig(n_train=400), tmp_path)
+    assert rows[0] == {"stage": "recognition", "images": 100, "epochs": 0.5, "presentations": {"shape": 50,
+                       "exist": 100}, "binding": 0, "total": 150}
+    assert rows[1]["epochs"] == 2.0 and rows[1]["binding"] == 1200
+    assert rows[1]["presentations"] == {"colour": 1600, "count": 800, "shape": 100, "exist": 200}
+    assert "| stage2 | 450 | 2.0 |" in "\n".join(curriculum_markdown(rows))
