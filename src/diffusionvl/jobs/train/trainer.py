@@ -264,7 +264,8 @@ class Trainer:
         self.sampler = GlobalBatchSampler(len(records), cfg.batch_size, acc.num_processes, acc.process_index,
                                           cfg.grad_accum, cfg.seed, cfg.shuffle)
         common = dict(collate_fn=collator, num_workers=cfg.num_workers, pin_memory=acc.device.type == "cuda",
-                      worker_init_fn=_worker_ignores_ctrl_c if cfg.num_workers else None)
+                      worker_init_fn=_worker_ignores_ctrl_c if cfg.num_workers else None,
+                      persistent_workers=cfg.num_workers > 0)  # no fresh worker processes (and imports) per epoch
         self.loader = DataLoader(SFTDataset(records, encoder), batch_sampler=self.sampler, **common)
         self.n_eval = len(held)
         self.eval_loader = None
@@ -353,6 +354,9 @@ class Trainer:
     def _noise(self, batch: dict[str, Any], step: int, group: int) -> tuple[Tensor, Tensor]:
         dcfg = self.model.config
         n, length = batch["input_ids"].shape
+        if self.cfg.objective == "ar":  # next-token cross entropy masks nothing: no draws to make
+            empty = batch["position"].new_zeros(0, dtype=torch.float32)
+            return empty, empty
         rates = noise.block_rates(self.cfg.seed, step, batch["position"], group, length // dcfg.block_size,
                                   dcfg.noise_eps, dcfg.antithetic)
         return rates, noise.mask_draws(self.cfg.seed, step, batch["position"], length)
