@@ -1,10 +1,10 @@
 """A disk cache of a frozen vision tower's tokens, so training pays for the tower once per image, not per epoch.
 
 Contract:
-- `TokenCache(path, fingerprint)` maps an image's preprocessed pixels ([3, H, W], keyed by a BLAKE2b digest of their
-  bytes) to the tower's tokens for it ([T, C], stored in the tower's dtype on the CPU). It is only valid for one
-  frozen tower: `fingerprint` (see `tower_fingerprint`) is stored with the entries, and a file written for another
-  tower (or unreadable) is ignored and rebuilt, never trusted.
+- `TokenCache(path, fingerprint)` maps an image's preprocessed pixels ([3, H, W], keyed by an XXH3-128 digest of
+  their bytes) to the tower's tokens for it ([T, C], stored in the tower's dtype on the CPU). It is only valid for
+  one frozen tower: `fingerprint` (see `tower_fingerprint`; it names the digest too) is stored with the entries,
+  and a file written for another tower, keyed another way, or unreadable is ignored and rebuilt, never trusted.
 - `cache(pixels [N, 3, H, W], compute) -> [N, T, C]`: cached rows are read back, the others computed with
   `compute(pixels_subset)` in one call and remembered. The result equals `compute(pixels)` (same tower, same
   pixels; batch composition does not change a frozen, eval-mode tower's per-image output beyond float rounding).
@@ -21,21 +21,27 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+import xxhash
 
 from diffusionvl.core.atomic import write_file
 
 Tensor = torch.Tensor
 
 
+DIGEST = "xxh3_128"  # of the preprocessed pixels' fp32 bytes; part of every file's fingerprint
+
+
 def _digest(image: Tensor) -> str:
-    data = image.detach().to("cpu", torch.float32).contiguous().numpy().tobytes()
-    return hashlib.blake2b(data, digest_size=16).hexdigest()
+    """XXH3-128 of the pixels' bytes, read in place: ~0.03 ms per 224 x 224 image where BLAKE2b of a copy took
+    ~2 ms, which was ~5% of a tiny VLM's training step on two CPU cores (16 images per step)."""
+    data = image.detach().to("cpu", torch.float32).contiguous().numpy()
+    return xxhash.xxh3_128_hexdigest(memoryview(data).cast("B"))
 
 
 def tower_fingerprint(tower: torch.nn.Module) -> str:
     """A digest of the tower's spec, grid and weights: a cache file only serves the tower that wrote it."""
     h = hashlib.blake2b(digest_size=16)
-    h.update(repr((getattr(tower, "spec", None), getattr(tower, "pool", None))).encode())
+    h.update(repr((DIGEST, getattr(tower, "spec", None), getattr(tower, "pool", None))).encode())
     for name, tensor in sorted(tower.state_dict().items()):
         h.update(name.encode())
         h.update(tensor.detach().to("cpu", torch.float64).sum().numpy().tobytes())
