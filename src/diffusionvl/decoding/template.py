@@ -115,6 +115,14 @@ def slot_runs(template: list[int], mask_id: int) -> list[tuple[int, int]]:
     return runs
 
 
+def tokenize_text(text: str, tokenizer: Any, mask_id: int, context: int | None,
+                  prompt_text: str | None = None) -> list[int]:
+    """`parse` then `tokenize` one template text (control tokens are the caller's check)."""
+    ids = tokenize(parse(text, context), tokenizer, mask_id, prompt_text)
+    check(len(ids) > 0, f"template: {text[:40]!r} has no tokens; {SYNTAX}")
+    return ids
+
+
 def budget(template: list[int]) -> int:
     """Generated tokens of a templated answer: the template and the closing end-of-answer token."""
     return len(template) + 1
@@ -134,10 +142,8 @@ def encode_templates(model: Any, texts: list[str | None], prompt_texts: list[str
             continue
         check(isinstance(text, str), f"template: must be text, got {type(text).__name__}")
         refuse_control_tokens(pattern, [("template", text)])
-        template = parse(text, context)
-        ids = tokenize(template, model.tokenizer, model.mask_token_id, prompt_texts[i] if prompt_texts else None)
-        check(len(ids) > 0, f"template: {text[:40]!r} has no tokens; {SYNTAX}")
-        out.append(ids)
+        out.append(tokenize_text(text, model.tokenizer, model.mask_token_id, context,
+                                 prompt_texts[i] if prompt_texts else None))
     check_fit(model, [[0] * n for n in prompt_lengths], out)
     return out
 

@@ -10,7 +10,9 @@ or route; 413 for an oversized body; 429 when the decode queue, the tokenizer qu
 line is full; 503 while shutting down; 500 for bugs. Request handlers validate, load images (in a worker thread,
 under the global pixel budget, reduced to the model's size at once), have the prompt rendered and tokenized on the
 tokenizer threads (prepare.py), check its length, and relay messages; decoding happens on one thread owned by
-`DecodeEngine` (engine.py), which only sees token ids.
+`DecodeEngine` (engine.py), which only sees token ids. An answer `template` (the request extension, decoding/
+template.py) is checked before the request queues (400: malformed, a control token, beyond the context or
+max_tokens) and tokenized on the tokenizer threads; its answer is the template with its slots filled.
 """
 
 from __future__ import annotations
@@ -31,6 +33,10 @@ from diffusionvl.backbone.tokens import MAX_CHARS_PER_TOKEN, control_tokens, ref
 from diffusionvl.core.config import DecodeConfig
 from diffusionvl.core.errors import DiffusionVLError, check
 from diffusionvl.core.version import __version__
+from diffusionvl.decoding.template import budget as template_budget
+from diffusionvl.decoding.template import check_fit as check_template_fit
+from diffusionvl.decoding.template import parse as parse_template
+from diffusionvl.decoding.template import tokenize_text as tokenize_template
 from diffusionvl.jobs.serve import openapi, schema
 from diffusionvl.jobs.serve.config import ServeConfig
 from diffusionvl.jobs.serve.engine import (
@@ -348,13 +354,44 @@ async def _prepare(state: _State, body: schema.ChatRequest, cfg: DecodeConfig) -
     has_images = any(p.type == "image_url" for m in body.messages if not isinstance(m.content, str)
                      for p in m.content)
     conversation = await run_in_threadpool(build_conversation, *args) if has_images else build_conversation(*args)
-    encoded = await state.prep.encode(conversation, cost=sum(len(text) for _, text in texts))
+    then = _template_work(state, body, conversation)
+    encoded = await state.prep.encode(conversation, cost=sum(len(text) for _, text in texts), then=then)
+    encoded, template = encoded if then is not None else (encoded, None)
     n_prompt = len(encoded.input_ids[0])
     limit = state.config.max_prompt_tokens
     check(n_prompt <= limit, f"the prompt is {n_prompt} tokens (text, images and chat template); this server allows "
                              f"at most {limit} per request")
+    if template is not None:
+        cfg = _template_budget(state, body, cfg, encoded, template)
     state.model.check_prompt_lengths(encoded.input_ids, cfg.max_new_tokens, cfg.canvas_block)
-    return PendingRequest(encoded, n_prompt, cfg, list(body.stop or []), asyncio.get_running_loop())
+    return PendingRequest(encoded, n_prompt, cfg, list(body.stop or []), asyncio.get_running_loop(),
+                          template=template)
+
+
+def _template_work(state: _State, body: schema.ChatRequest, conversation: Conversation) -> Any:
+    """A malformed answer template is a 400 before the request queues; a sound one is tokenized on the tokenizer
+    thread, after the prompt, as the chat template places it (decoding/template.py). None without a template."""
+    if body.template is None:
+        return None
+    text, model = body.template, state.model
+    bound = (model.max_positions or 1 << 20) * MAX_CHARS_PER_TOKEN
+    check(len(text) <= bound, f"template: longer than {bound} characters, more than the model's context can hold")
+    refuse_control_tokens(state.control, [("template", text)])
+    parse_template(text, model.max_positions)
+    return lambda adapter, _: tokenize_template(text, adapter.tokenizer, model.mask_token_id, model.max_positions,
+                                                adapter.render(conversation))
+
+
+def _template_budget(state: _State, body: schema.ChatRequest, cfg: DecodeConfig, encoded: Any,
+                     template: list[int]) -> DecodeConfig:
+    """A templated request's budget is its template and closing token (400 when max_tokens is smaller)."""
+    check_template_fit(state.model, encoded.input_ids, [template])
+    check(body.token_limit is None or body.token_limit >= len(template),
+          f"max_tokens {body.token_limit} is less than the template's {len(template)} tokens; raise it or leave it out")
+    need = template_budget(template)
+    check(need <= state.config.max_tokens_limit,
+          f"the template's {len(template)} tokens exceed this server's limit of {state.config.max_tokens_limit}")
+    return dataclasses.replace(cfg, max_new_tokens=need)
 
 
 async def _chat(state: _State, body: schema.ChatRequest, http: Any = None) -> Any:

@@ -18,7 +18,8 @@ Contract:
   `TextAssembler` turns a request's token ids into text deltas: its own token budget, stop strings (the text is
   cut at the first one and the request finishes, even though its batch row may continue), no half characters,
   and nothing streamed that a stop string could still remove.
-- The batch's encodings are joined (`concat_encoded`) and decoded with `decoding.run_encoded`. Requests
+- The batch's encodings are joined (`concat_encoded`) and decoded with `decoding.run_encoded`, each request with
+  its own answer template or none (ragged rows share a batch). Requests
   whose longest prompt + largest budget would not fit the model's context together are split: the ones that do
   not fit go back to the front of the queue for the next batch.
 - A batch stops decoding as soon as every request in it has finished or was cancelled (client gone).
@@ -124,6 +125,7 @@ class PendingRequest:
     enqueued: float = field(default_factory=time.monotonic)
     cancelled: bool = False
     finished: bool = False
+    template: list[int] | None = None  # its answer template's ids (decoding/template.py); budget = template + 1
 
     def __post_init__(self) -> None:
         if not self.key:
@@ -353,11 +355,11 @@ class DecodeEngine:
                 rest.append(request)
         return chosen, rest
 
-    def _events(self, encoded: Any, cfg: DecodeConfig) -> Any:
-        """The decoder's per-block events for an encoded batch (a seam for tests)."""
+    def _events(self, encoded: Any, cfg: DecodeConfig, templates: list[list[int] | None] | None = None) -> Any:
+        """The decoder's per-block events for an encoded batch and its rows' answer templates (a seam for tests)."""
         from diffusionvl.decoding import run_encoded
 
-        return run_encoded(self.model, encoded, cfg)
+        return run_encoded(self.model, encoded, cfg, templates)
 
     def _open(self, batch: list[PendingRequest], plain: bool) -> _Run | None:
         """Fit a batch to the context, join its encodings and start its decoder (requests that do not fit wait for the
@@ -375,7 +377,9 @@ class DecodeEngine:
         for request in requests:
             request.post(Accepted(request.n_prompt, len(requests), started - request.enqueued))
         texts = [TextAssembler(self.model.tokenizer, r.config.max_new_tokens, r.stops) for r in requests]
-        return _Run([(r, r.n_prompt) for r in requests], texts, self._events(encoded, cfg), started)
+        templates = [r.template for r in requests]
+        events = self._events(encoded, cfg, *([templates] if any(t is not None for t in templates) else []))
+        return _Run([(r, r.n_prompt) for r in requests], texts, events, started)
 
     def _step(self, run: _Run) -> bool:
         """Advance one open batch by one event; False once it is done (then every request has its answer)."""

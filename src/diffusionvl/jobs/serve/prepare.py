@@ -14,6 +14,8 @@ Contract:
   (HTTP 429), after `close()` `ShuttingDown` (HTTP 503). Threads start on first use. Work per request is bounded by
   `max_tokens`, not by the text's length: the text is first counted chunk by chunk (`tokens_over`), and text that
   already passes `max_tokens` is refused (`DiffusionVLError`, HTTP 400) before the whole prompt is tokenized.
+  `encode(..., then=fn)` also runs `fn(adapter, encoded)` on the same thread (an answer template's tokens) and
+  returns `(encoded, its result)`.
 - `image_fit(processor)`: the (pixels, short side) of one image the model's processor keeps at most (it downsizes
   anything larger), the `fit` images are reduced to as soon as they are decoded; None where it is not fixed.
 """
@@ -83,8 +85,9 @@ class Preparer:
         self._workers: list[threading.Thread] = []
         self._closing = False
 
-    async def encode(self, conversation: Any, cost: int) -> Any:
-        """`adapter.encode([conversation])`, computed off the event loop and off the decode thread."""
+    async def encode(self, conversation: Any, cost: int, then: Any = None) -> Any:
+        """`adapter.encode([conversation])`, computed off the event loop and off the decode thread; with `then`,
+        `(encoded, then(adapter, encoded))`, both on the worker's own tokenizer (an answer template's tokens)."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future = loop.create_future()
         with self._cond:
@@ -93,7 +96,7 @@ class Preparer:
             if len(self._heap) >= self.max_waiting:
                 raise QueueFull(f"server busy: {len(self._heap)} requests are waiting to be tokenized; retry later")
             self._start_locked()
-            heapq.heappush(self._heap, (cost, next(self._order), conversation, future, loop))
+            heapq.heappush(self._heap, (cost, next(self._order), (conversation, then), future, loop))
             self._cond.notify()
         return await future
 
@@ -120,7 +123,7 @@ class Preparer:
                 self._cond.wait_for(lambda: self._heap or self._closing)
                 if self._closing:
                     return
-                _, _, conversation, future, loop = heapq.heappop(self._heap)
+                _, _, (conversation, then), future, loop = heapq.heappop(self._heap)
             if future.done():  # the client went away while it waited
                 continue
             try:
@@ -129,6 +132,8 @@ class Preparer:
                 check(over is None, f"the prompt is more than {self.max_tokens} tokens (its text alone is at least "
                                     f"{over}); this server allows at most {self.max_tokens} per request")
                 result, error = adapter.encode([conversation]), None
+                if then is not None:
+                    result = (result, then(adapter, result))
             except Exception as exc:  # noqa: BLE001 - answered by the request's own handler (400 or 500)
                 result, error = None, exc
             _settle(loop, future, result, error)

@@ -4,8 +4,9 @@ Contract:
 - `ChatRequest` validates a `/v1/chat/completions` body. Unknown fields are refused (HTTP 400, as OpenAI does);
   OpenAI fields we cannot honour are accepted only at their neutral value (`n=1`, penalties 0, no logprobs).
   Extension fields `decoder`, `block_size`, `steps`, `policy`, `threshold`, `top_k` are `DecodeConfig` fields
-  (the `openai` client sends them with `extra_body={...}`). Types are strict (JSON `true` is not an integer,
-  `"yes"` is not a boolean); `seed` must fit torch's 64-bit generator seed.
+  (the `openai` client sends them with `extra_body={...}`); so is `template`, an answer template (literal text and
+  `<mask:N>` slots, docs/templates.md) whose answer is the template with its slots filled. Types are strict (JSON
+  `true` is not an integer, `"yes"` is not a boolean); `seed` must fit torch's 64-bit generator seed.
 - `decode_overrides(body)` -> the `DecodeConfig` fields the request sets; the server's defaults fill the rest.
 - `error_body(...)` is the OpenAI error shape `{"error": {"message", "type", "param", "code"}}`.
 - `completion_body`, `chunk_body`, `sse(...)` build `chat.completion` / `chat.completion.chunk` objects and
@@ -97,6 +98,7 @@ class ChatRequest(_Strict):
     policy: Literal["static", "threshold"] | None = None
     threshold: float | None = Field(None, gt=0.0, le=1.0)
     top_k: int | None = Field(None, ge=0)
+    template: str | None = Field(None, min_length=1)  # an answer template (decoding/template.py)
 
     @field_validator("stop")
     @classmethod
