@@ -235,11 +235,17 @@ def test_cli_generate_chat_and_eval_take_a_template(tiny_dir, tmp_path, capsys, 
     lines = [x for x in capsys.readouterr().out.splitlines() if x]
     assert len(lines) == 2 and all(x.startswith("Answer: ") and x.endswith("!") for x in lines)
     data = tmp_path / "qa.jsonl"
-    data.write_text(json.dumps({"question": "Colour?", "answers": ["red"]}) + "\n")
+    data.write_text(json.dumps({"question": "Colour?", "answers": ["red"]}) + "\n"
+                    + json.dumps({"question": "Shape?", "answers": ["star"], "template": "Shape: <mask:2>!"}) + "\n")
     assert main(["eval", "--model", str(tiny_dir), "--task", "jsonl", "--data", str(data), "--out",
                  str(tmp_path / "ev"), "--template", "It is <mask:1>.", "--no-progress"]) == 0
-    sample = json.loads((tmp_path / "ev" / "samples.jsonl").read_text())
-    assert sample["answer"].startswith("It is ") and sample["prediction"] == sample["slots"][0].strip()
+    first, second = [json.loads(x) for x in (tmp_path / "ev" / "samples.jsonl").read_text().splitlines()]
+    assert first["answer"].startswith("It is ") and first["prediction"] == first["slots"][0].strip()
+    assert second["answer"].startswith("Shape: ") and second["answer"].endswith("!")  # the line's own template
+    data.write_text(json.dumps({"question": "Shape?", "answers": ["star"], "template": "<mask:x>"}) + "\n")
+    assert main(["eval", "--model", str(tiny_dir), "--task", "jsonl", "--data", str(data), "--out",
+                 str(tmp_path / "ev2"), "--no-progress"]) == 2
+    assert f"{data}:1: template: malformed slot" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("argv,needle", [
@@ -260,3 +266,63 @@ def test_cli_bad_templates_exit_2(tiny_dir, tmp_path, capsys, argv, needle):
     assert main([argv[0], "--model", str(tiny_dir), *argv[1:]]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("error: ") and needle in err[-1] and not any("Traceback" in x for x in err)
+
+
+# ---- the server: a `template` extension field; a bad one is a 400 ---------------------------------------------------
+def test_server_answers_templates_batched_with_free_requests_and_refuses_bad_ones():
+    pytest.importorskip("fastapi")
+    import concurrent.futures
+
+    from fastapi.testclient import TestClient
+
+    from diffusionvl.jobs.serve import ServeConfig, create_app
+
+    dm = tiny_diffusion("llama", block_size=4)
+    app = create_app(dm, ServeConfig(max_batch=4, batch_wait_ms=200), model_name="tiny")
+    asks = [("Hello, how are you?", TEMPLATES[0]), ("Hi", None), ("Name a colour.", TEMPLATES[1])]
+    engine, batches = app.state.diffusionvl.engine, []
+    real = engine._events
+
+    def seen(encoded, cfg, *templates):
+        batches.append([t is not None for t in (templates[0] if templates else [None] * len(encoded.input_ids))])
+        return real(encoded, cfg, *templates)
+
+    engine._events = seen
+    with TestClient(app) as client:
+        def ask(prompt, template):
+            body = {"model": "tiny", "messages": [{"role": "user", "content": prompt}]}
+            extra = {"template": template} if template else {"max_tokens": 12}
+            return client.post("/v1/chat/completions", json={**body, **extra})
+
+        with concurrent.futures.ThreadPoolExecutor(3) as pool:  # one batch: ragged templates and a free answer
+            answers = list(pool.map(lambda a: ask(*a), asks))
+        assert sorted(batches[0]) == [False, True, True]  # the three shared one batch
+        for (prompt, template), r in zip(asks, answers):
+            assert r.status_code == 200
+            out = r.json()["choices"][0]
+            ref = dm.generate([{"role": "user", "content": prompt}], template=template, max_new_tokens=12)
+            assert out["message"]["content"] == ref.texts[0] and out["finish_reason"] == ref.finish_reasons[0]
+        for template, needle in [("<mask:0>", "out of range"), ("<x:1>", "unknown tag"), ("a<|im_end|>", "control"),
+                                 ("<mask:20> and more", "less than the template")]:
+            r = client.post("/v1/chat/completions", json={"model": "tiny", "template": template, "max_tokens": 12,
+                                                          "messages": [{"role": "user", "content": "Hi"}]})
+            assert r.status_code == 400 and needle in r.json()["error"]["message"]
+        r = client.post("/v1/chat/completions", json={"model": "tiny", "template": 3,
+                                                      "messages": [{"role": "user", "content": "Hi"}]})
+        assert r.status_code == 400
+
+
+# ---- bench --template: forwards saved by fixed positions ------------------------------------------------------------
+def test_bench_reports_forwards_saved_by_a_template(tmp_path):
+    from diffusionvl.jobs.bench import BenchConfig, markdown_table, run_bench
+
+    cfg = BenchConfig(shape="tiny", batch=[2], prompt=[9], block_size=4, steps=4, warmup=0, repeats=1,
+                      decoders=["ar", "block_static", "block_threshold"], agreement=False, plot=False,
+                      template="Fixed words here, then <mask:3> and a long fixed tail of words.",
+                      output=str(tmp_path / "b.json"))
+    rows = {r["decoder"]: r for r in run_bench(cfg, progress=False)["results"]}
+    assert rows["ar"]["forwards_saved_by_template"] == 0  # AR feeds every fixed token with a forward of its own
+    assert rows["block_static"]["forwards_saved_by_template"] > 0
+    assert rows["block_static"]["tokens"] == rows["ar"]["tokens"]
+    assert "fwd saved by template" in markdown_table({"meta": {"config": {"template": cfg.template}},
+                                                      "results": list(rows.values())})

@@ -14,11 +14,15 @@ Cases: hf_ar (transformers generate, greedy, DynamicCache), hf_static (generate 
 transformers compiles on CUDA), ar / block_static / block_threshold / full (ours, `fast` as configured),
 ar_plain / block_plain (ours forced onto the plain path, fast='off'), ar_fast / block_fast (forced onto the fast
 path, fast='on'), reference (decoding/reference.py).
+With `template`, our decoders give every sample that answer template (decoding/template.py), `new_tokens` becomes its
+length + 1 (the closing token), and each of their rows reports `forwards_saved_by_template`: the forwards of the same
+decoder, untimed, filling that many tokens freely, minus the templated run's.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import platform
 import statistics
 import time
@@ -78,6 +82,10 @@ class BenchConfig:
                              "(first batch size and prompt length; on CPU the fast side is fast='on').")
     output: str = option("bench.json", "JSON result file (written atomically after every cell).")
     plot: bool = option(True, "Also write a plot of tokens/s per decoder next to the JSON (needs matplotlib).")
+    template: str | None = option(
+        None, "Answer template (literal text and <mask:N> slots, docs/templates.md) for our decoders: every sample "
+        "gets it, new_tokens becomes its length + 1, and each row reports the forwards its fixed tokens saved "
+        "against the same decoder filling that many tokens freely.")
 
     def validate(self) -> "BenchConfig":
         check(self.model is not None or self.shape in SHAPES,
@@ -162,6 +170,7 @@ class Run:
     seconds: float
     first_block_seconds: float | None
     backend: str
+    forwards_free: int | None = None  # with --template: the same decoder's forwards for as many tokens, no template
 
 
 @dataclass
@@ -169,6 +178,7 @@ class Ctx:
     model: Any
     cfg: BenchConfig
     device: torch.device
+    template: list[int] | None = None  # --template's ids (decoding/template.py)
 
 
 def _sync(device: torch.device) -> None:
@@ -215,14 +225,14 @@ def _decode_config(c: BenchConfig, decoder: str, policy: str, fast: str) -> Deco
                         block_size=c.block_size if block else None, steps=c.steps if block else None)
 
 
-def _generate(ctx: Ctx, ids: Tensor, dcfg: DecodeConfig) -> Any:
+def _generate(ctx: Ctx, ids: Tensor, dcfg: DecodeConfig, template: list[int] | None = None) -> Any:
     """Our decoders on pre-tokenized prompts, through the public generation front end -> GenerationOutput."""
     from diffusionvl.backbone.adapters import Encoded
     from diffusionvl.decoding import run_encoded
 
     encoded = Encoded(input_ids=ids.tolist())
     final = None
-    for final in run_encoded(ctx.model, encoded, dcfg):
+    for final in run_encoded(ctx.model, encoded, dcfg, [template] * ids.shape[0] if template else None):
         pass
     return final.output
 
@@ -230,9 +240,10 @@ def _generate(ctx: Ctx, ids: Tensor, dcfg: DecodeConfig) -> Any:
 def _ours(decoder: str, policy: str = "static", fast: str | None = None) -> Callable[[Ctx, Tensor], Run]:
     def case(ctx: Ctx, ids: Tensor) -> Run:
         dcfg = _decode_config(ctx.cfg, decoder, policy, fast or ctx.cfg.fast)
-        out, seconds = timed(ctx.device, lambda: _generate(ctx, ids, dcfg))
+        out, seconds = timed(ctx.device, lambda: _generate(ctx, ids, dcfg, ctx.template))
         st = out.stats
-        return Run(st["tokens"], st["forwards"], seconds, st["first_block_seconds"], st["backend"])
+        free = _generate(ctx, ids, dcfg).stats["forwards"] if ctx.template else None  # untimed
+        return Run(st["tokens"], st["forwards"], seconds, st["first_block_seconds"], st["backend"], free)
 
     return case
 
@@ -309,6 +320,7 @@ def _row(ctx: Ctx, name: str, ids: Tensor, timed_runs: list[tuple[Run, float | N
         "ms_per_forward": 1000.0 * seconds / max(last.forwards, 1),
         "first_block_ms": 1000.0 * statistics.median(firsts) if firsts else None,
         "peak_memory_gib": max(peaks) if peaks else None, "backend": last.backend,
+        "forwards_saved_by_template": None if last.forwards_free is None else last.forwards_free - last.forwards,
     }
 
 
@@ -347,6 +359,11 @@ def run_bench(cfg: BenchConfig, model: Any = None, progress: bool = True) -> dic
         torch.set_num_threads(cfg.threads)
     model = model if model is not None else load_bench_model(cfg)
     ctx = Ctx(model, cfg, model.device)
+    if cfg.template is not None:
+        from diffusionvl.decoding.template import budget, tokenize_text
+
+        ctx.template = tokenize_text(cfg.template, model.tokenizer, model.mask_token_id, model.max_positions)
+        ctx.cfg = cfg = dataclasses.replace(cfg, new_tokens=budget(ctx.template))
     result: dict[str, Any] = {"meta": _meta(ctx), "results": []}
     cells = [(b, p) for p in cfg.prompt for b in cfg.batch]
     blocks = any(d.startswith("block") or d == "reference" for d in cfg.decoders)
@@ -408,10 +425,12 @@ def render_table(result: dict[str, Any]) -> Any:
     from rich.table import Table
 
     meta = result["meta"]
+    template = meta["config"].get("template")
     table = Table(title=f"{meta['model']} | {meta['dtype']} | {meta['device_name']} | "
-                        f"{meta['config']['new_tokens']} new tokens, stop tokens disabled")
+                        f"{meta['config']['new_tokens']} new tokens, stop tokens disabled"
+                        + (f" | template {template!r}" if template else ""))
     for col in ("batch", "prompt", "decoder", "tok/s", "forwards", "tok/fwd", "ms/fwd", "1st block ms",
-                "peak GiB", "x HF tok/s", "x HF /fwd", "backend"):
+                "peak GiB", "x HF tok/s", "x HF /fwd", "backend") + (("fwd saved by template",) if template else ()):
         table.add_column(col, justify="left" if col in ("decoder", "backend") else "right")
     previous = None
     for r in result["results"]:
@@ -422,21 +441,23 @@ def render_table(result: dict[str, Any]) -> Any:
                       str(r["forwards"]), _fmt(r["tokens_per_forward"], ".2f"), _fmt(r["ms_per_forward"], ".2f"),
                       _fmt(r["first_block_ms"], ".1f"), _fmt(r["peak_memory_gib"], ".2f"),
                       _fmt(r["tokens_per_second_vs_hf"], ".2f"), _fmt(r["per_forward_speed_vs_hf"], ".2f"),
-                      r["backend"])
+                      r["backend"], *((_fmt(r.get("forwards_saved_by_template"), "d"),) if template else ()))
     return table
 
 
 def markdown_table(result: dict[str, Any]) -> str:
     """The same rows and columns as a Markdown table (for docs/performance.md)."""
+    template = result["meta"]["config"].get("template")
     head = ("| batch | prompt | decoder | tok/s | forwards | tok/fwd | ms/fwd | 1st block ms | peak GiB | x HF tok/s "
-            "| x HF /fwd | backend |")
-    lines = [head, "|" + "---|" * 12]
+            "| x HF /fwd | backend |" + (" fwd saved by template |" if template else ""))
+    lines = [head, "|" + "---|" * (13 if template else 12)]
     for r in result["results"]:
+        saved = f" {_fmt(r.get('forwards_saved_by_template'), 'd')} |" if template else ""
         lines.append(f"| {r['batch']} | {r['prompt']} | {r['decoder']} | {_fmt(r['tokens_per_second'], '.1f')} | "
                      f"{r['forwards']} | {_fmt(r['tokens_per_forward'], '.2f')} | {_fmt(r['ms_per_forward'], '.2f')} | "
                      f"{_fmt(r['first_block_ms'], '.1f')} | {_fmt(r['peak_memory_gib'], '.2f')} | "
                      f"{_fmt(r['tokens_per_second_vs_hf'], '.2f')} | {_fmt(r['per_forward_speed_vs_hf'], '.2f')} | "
-                     f"{r['backend']} |")
+                     f"{r['backend']} |{saved}")
     return "\n".join(lines)
 
 

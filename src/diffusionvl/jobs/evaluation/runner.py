@@ -12,8 +12,9 @@ their record has precision / recall / f1 / predicted / objects / matched (and sc
 at max_new_tokens. `max_new_tokens` is the caller's DecodeConfig (default 128; the CLI picks 16 for synth-vqa,
 which cuts most descriptions). The `elbo` task reports NELBO per token and the perplexity bound (overall and per
 type) with scoring throughput. Images are read batch by batch, so memory does not grow with the task size.
-With `EvalConfig.template` every answer follows the template (decoding/template.py) and the record's prediction is
-the text its slots were filled with (joined by spaces); the whole answer and each slot's text are kept beside it.
+With a template (a sample's own, else `EvalConfig.template`) the answer follows it (decoding/template.py) and the
+record's prediction is the text its slots were filled with (joined by spaces); the whole answer and each slot's text
+are kept beside it.
 """
 
 from __future__ import annotations
@@ -139,7 +140,8 @@ def run_generate(model: Any, samples: list[Sample], suffix: str, cfg: EvalConfig
         system = [{"role": "system", "content": cfg.system}] if cfg.system else []
         convs = [to_conversation(system + [{"role": "user", "content": build_prompt(s, suffix)}],
                                  [im] if im is not None else None) for s, im in zip(chunk, _images(chunk))]
-        out = model.generate(convs, config=decode, template=cfg.template)
+        templates = [s.template if s.template is not None else cfg.template for s in chunk]
+        out = model.generate(convs, config=decode, template=templates if any(templates) else None)
         tpf = tokens_per_forward(out.token_ids, out.finish_reasons, sample_forwards(out.stats, len(chunk)))
         slots = out.slots or [None] * len(chunk)
         for s, text, ids, reason, rate, fill in zip(chunk, out.texts, out.token_ids, out.finish_reasons, tpf, slots):

@@ -6,7 +6,7 @@ raises a one-line `DiffusionVLError` naming the file and line for bad input. Ima
 resolved (absolute) but not opened: images are read batch by batch while evaluating.
 Built-in tasks:
 - `jsonl`: generic JSONL, one `{"question", "answers" (list) or "answer", ["image"], ["choices"], ["type"],
-  ["id"], ["metric"]}` per line; images relative to `--image-folder` (default: the file's folder). The metric is
+  ["id"], ["metric"], ["template"]}` per line (`template`: that sample's answer template, docs/templates.md); images relative to `--image-folder` (default: the file's folder). The metric is
   `choice` when `choices` are given, else `exact`, unless the line (or `--metric`) says `anls`/`exact`/`choice`.
 - `synth-vqa`: the generated visual QA data of `diffusionvl data --out DIR`: `DIR/test.jsonl` (`{"id",
   "image": "images/...png", "question", "answers", "type"}`, text-only samples have no image), exact match,
@@ -28,6 +28,7 @@ from typing import Any, Callable
 
 from diffusionvl.core.errors import DiffusionVLError, check
 from diffusionvl.core.media import is_file, short
+from diffusionvl.decoding.template import parse as parse_template
 from diffusionvl.jobs.evaluation.scoring import DESCRIBE, SCORERS
 
 
@@ -43,6 +44,7 @@ class Sample:
     metric: str = "exact"
     text: str | None = None  # elbo: a plain text scored as a whole
     scene: dict[str, Any] | None = None  # metric "describe": the Scene dict the description is scored against
+    template: str | None = None  # this sample's answer template (decoding/template.py), before EvalConfig.template
 
     def to_dict(self) -> dict[str, Any]:
         out = {"index": self.index, "id": self.id, "type": self.type, "question": self.question,
@@ -51,6 +53,8 @@ class Sample:
             out["image"] = self.image
         if self.choices:
             out["choices"] = self.choices
+        if self.template is not None:
+            out["template"] = self.template
         return out
 
 
@@ -131,9 +135,16 @@ def sample_from(obj: dict[str, Any], index: int, folder: Path, where: str, metri
     chosen = obj.get("metric") or metric or ("choice" if choices else "exact")
     check(isinstance(chosen, str) and chosen in SCORERS,
           f"{where}: unknown metric {chosen!r}; choose one of {', '.join(SCORERS)}")
+    template = obj.get("template")
+    if template is not None:
+        check(isinstance(template, str), f"{where}: 'template' must be text")
+        try:
+            parse_template(template)
+        except DiffusionVLError as exc:
+            raise DiffusionVLError(f"{where}: {exc}") from None
     return Sample(index=index, id=str(obj.get("id", index)), question=question, answers=_answers(obj, where),
                   image=_image(obj, folder, where), choices=choices, type=str(obj.get("type", "all")),
-                  metric=chosen)
+                  metric=chosen, template=template)
 
 
 def load_jsonl(data: str | None, image_folder: str | None, metric: str | None) -> list[Sample]:
