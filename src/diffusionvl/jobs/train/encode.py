@@ -16,11 +16,15 @@ Contract (`SampleEncoder(model, max_length, overlong)(record) -> EncodedSample`)
 - Length: the limit is `max_length` rounded down to a multiple of B. Longer samples are either cut at the limit
   (`overlong="truncate"`; no EOS is added to a cut answer; a cut through an image, or no answer token left, is a
   SampleError) or are a SampleError (`overlong="skip"`).
+- The text part (render, tokenize, label) depends on the messages alone and is remembered per encoder (each
+  DataLoader worker holds its own) for later epochs, up to TEXT_MEMO_TOKENS tokens; images are read and processed
+  every time.
 Problems with one sample raise `SampleError` (counted and skipped by the dataset), never a crash.
 """
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -34,6 +38,7 @@ from diffusionvl.jobs.train.data import Record, SampleError
 
 Tensor = torch.Tensor
 IGNORE = objective.IGNORE_INDEX
+TEXT_MEMO_TOKENS = 1 << 25  # text encodings kept for later epochs: 32M tokens, ~256 MB of int32 ids + labels
 TEXT_KEYS = ("input_ids", "attention_mask", "mm_token_type_ids", "token_type_ids")
 
 
@@ -128,16 +133,15 @@ class SampleEncoder:
         self.limit = max(self.block, max_length // self.block * self.block)
         self.overlong = overlong
         self.add_special = not bool(getattr(tok, "chat_template", None))
+        self._memo: dict[str, tuple[str, Tensor, Tensor]] = {}  # messages -> text encoding (_text)
+        self._memo_tokens = 0
 
     def __call__(self, record: Record) -> EncodedSample:
         try:
             conv = to_conversation(record.messages, record.images or None)
         except DiffusionVLError as exc:  # a corrupt / unreadable image
             raise SampleError("bad image", str(exc)) from None
-        text, spans = assistant_spans(self.render, conv, self.eos_text)
-        enc = self.tokenizer(text, add_special_tokens=self.add_special, return_offsets_mapping=True)
-        ids = torch.tensor(enc["input_ids"], dtype=torch.long)  # [T]
-        labels = torch.where(span_mask(torch.tensor(enc["offset_mapping"]).view(-1, 2), spans), ids, IGNORE)
+        text, ids, labels = self._text(record, conv)
         vision: dict[str, Tensor] = {}
         if self.processor is not None:
             try:
@@ -155,6 +159,23 @@ class SampleEncoder:
             if conv.images:  # every image tensor the processor gives (Qwen-VL: pixel_values, image_grid_thw)
                 vision = {k: v for k, v in out.items() if k not in TEXT_KEYS and isinstance(v, torch.Tensor)}
         return self._finish(ids, labels, vision)
+
+    def _text(self, record: Record, conv: Conversation) -> tuple[str, Tensor, Tensor]:
+        """(rendered text, token ids [T], labels [T]) of the conversation before any image expansion: a function of
+        the messages alone (images are placeholders in them), remembered for later epochs up to TEXT_MEMO_TOKENS
+        tokens in all (rendering the template three times and tokenizing was half of a short sample's encoding)."""
+        key = json.dumps(record.messages, sort_keys=True, default=str)
+        hit = self._memo.get(key)
+        if hit is not None:
+            return hit[0], hit[1].long(), hit[2].long()
+        text, spans = assistant_spans(self.render, conv, self.eos_text)
+        enc = self.tokenizer(text, add_special_tokens=self.add_special, return_offsets_mapping=True)
+        ids = torch.tensor(enc["input_ids"], dtype=torch.long)  # [T]
+        labels = torch.where(span_mask(torch.tensor(enc["offset_mapping"]).view(-1, 2), spans), ids, IGNORE)
+        if self._memo_tokens + ids.numel() <= TEXT_MEMO_TOKENS:
+            self._memo[key] = (text, ids.int(), labels.int())
+            self._memo_tokens += int(ids.numel())
+        return text, ids, labels
 
     def _finish(self, ids: Tensor, labels: Tensor, vision: dict[str, Tensor]) -> EncodedSample:
         if labels[-1] != self.eos_id:  # a template without an end-of-turn token: end the answer explicitly

@@ -3,7 +3,8 @@
 Contract (`PackingEncoder(encoder)(record) -> EncodedSample`, a drop-in for `SampleEncoder`):
 - A record with k > 1 user/assistant turn pairs whose images all sit in its first user turn (LLaVA's layout) is
   split into k single-turn conversations, each with all of the record's images and the record's system turn, and
-  each is encoded alone by the wrapped encoder (same template, labels and block-aligned EOS as without packing).
+  each is encoded alone by the wrapped encoder (same template, labels and block-aligned EOS as without packing;
+  the record's images are decoded once and shared by the k encodings).
   No question can read another's text or answer: they are independent samples that share a picture.
 - The shared prefix is the longest run of tokens the k encodings start with, cut before the token that precedes
   the first loss token (so every segment starts on a prompt token and the AR shift never crosses a segment) and
@@ -20,11 +21,14 @@ while the image and the template are paid once per picture.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import torch
 
 from diffusionvl.core import objective
+from diffusionvl.core.errors import DiffusionVLError
+from diffusionvl.core.media import load_image
 from diffusionvl.jobs.train.data import Record, SampleError
 from diffusionvl.jobs.train.encode import EncodedSample, SampleEncoder
 
@@ -73,7 +77,11 @@ class PackingEncoder:
         parts = split_turns(record)
         if parts is None:
             return self.encoder(record)
-        encoded = [self.encoder(p) for p in parts]
+        try:  # the shared pictures are read and decoded once per record, not once per question
+            images = [load_image(source) for source in record.images]
+        except DiffusionVLError as exc:
+            raise SampleError("bad image", str(exc)) from None
+        encoded = [self.encoder(dataclasses.replace(p, images=images)) for p in parts]
         if any(e.truncated for e in encoded):
             raise SampleError("too long", "a question of the record is longer than max_length on its own")
         p = shared_prefix(encoded, self.align)
