@@ -14,7 +14,7 @@ that decode, images sent to a text-only model, control tokens in text), and JSON
 which the server refuses by design (strict types: `"n": 1.0` is a 400).
 
     python scripts/fuzz_serve.py                                   # the suite's bounded run (tests/test_serve_fuzz.py)
-    python scripts/fuzz_serve.py --examples 300 --arch llama qwen2_5_vl --seed 1   # the long run
+    python scripts/fuzz_serve.py --examples 500 --arch llama qwen2_5_vl --seed 1   # the long run
 
 Test cases per run grow with --examples (schemathesis' --max-examples: per operation and phase); the summary
 prints how many were generated. Exit status 0 when all passed, 1 otherwise.

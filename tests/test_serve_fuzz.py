@@ -1,7 +1,7 @@
 """schemathesis against `diffusionvl serve` (a tiny random VLM in its own process, 127.0.0.1): every operation of the
 published OpenAPI schema, generated bodies, paths and methods, stateful links; no 5xx, every status, content type,
 body and streamed event as the schema says, invalid data refused, and a "hi" still answered fast during the run.
-A bounded run here (~350 test cases); the long run is `python scripts/fuzz_serve.py --examples 300 --arch llama
+A bounded run here (~350 test cases); the long run is `python scripts/fuzz_serve.py --examples 500 --arch llama
 qwen2_5_vl --seed 1` (docs/reliability.md). Also: the published schema says what the server does."""
 
 from __future__ import annotations
