@@ -1,11 +1,12 @@
 """Load test of `diffusionvl serve` with locust (docs/serving.md, "Load test").
 
-Each user sends chat completions back to back (no wait): streamed and not (`--stream-share`, spread evenly), with
-an image (`--image-share`, only when the served model takes images: a PNG data URL of `--image-size` pixels a side,
-a different colour each time) and without. `--run-time` bounds the run, and so does `--max-requests` if given. Latency is measured to the last byte, streamed requests included (locust's
-own clock stops at the headers of a stream); time to first token ("TTFT") is the first event that carries text.
-Locust reports requests/s, failures and percentiles per request name; at the end this file prints one summary:
-requests/s, completion tokens/s (from `usage`), latency p50/p95 and TTFT p50/p95.
+Each user sends chat completions back to back (no wait): streamed and not (`--stream-share`, spread evenly), with an
+image (`--image-share`, only when the served model takes images: a PNG data URL of `--image-size` pixels a side, a
+different colour each time) and without. `--run-time` bounds the run, and so does `--max-requests` if given. Latency
+is measured to the last byte, streamed requests included (locust's own clock stops at the headers of a stream); time
+to first token ("TTFT") is the first event that carries text. Locust reports requests/s, failures and percentiles
+per request name; at the end this file prints one summary: requests/s, completion tokens/s (from `usage`), latency
+p50/p95 and TTFT p50/p95.
 
     diffusionvl serve --model runs/tiny-vl --port 8000 &
     locust -f scripts/locustfile.py --host http://127.0.0.1:8000 --headless -u 8 -r 8 -t 30s --only-summary \\
@@ -25,7 +26,7 @@ from locust.env import Environment
 
 PROMPTS = ["Hello, how are you?", "What is the capital of France?", "Describe a cat in one sentence.",
            "Count from one to ten.", "Name three colours.", "What does a block diffusion model do?"]
-TOKENS = {"completion": 0, "started": 0.0, "requests": 0}
+RUN = {"completion": 0, "started": 0.0, "requests": 0, "sent": 0}  # this run's counters (gevent: one thread)
 
 
 @events.init_command_line_parser.add_listener
@@ -41,7 +42,7 @@ def _options(parser) -> None:
 
 @events.test_start.add_listener
 def _start(environment: Environment, **kw) -> None:
-    TOKENS.update(completion=0, started=time.monotonic(), requests=0)
+    RUN.update(completion=0, started=time.monotonic(), requests=0, sent=0)
 
 
 def _png(size: int) -> str:
@@ -63,7 +64,6 @@ class ChatUser(HttpUser):
     def on_start(self) -> None:
         card = self.client.get("/v1/models", name="models").json()["data"][0]
         self.model, self.vision = card["id"], bool(card.get("diffusionvl", {}).get("vision"))
-        self.sent = 0
 
     def _body(self, stream: bool, image: bool) -> dict:
         text = {"type": "text", "text": random.choice(PROMPTS)}
@@ -76,9 +76,10 @@ class ChatUser(HttpUser):
     @task
     def chat(self) -> None:
         opts = self.environment.parsed_options
-        stream = _share(self.sent, opts.stream_share)  # alternating at 0.5: plain, stream, plain, stream, ...
-        image = self.vision and _share(self.sent // 2, opts.image_share)  # ... each pair with and without images
-        self.sent += 1
+        k = RUN["sent"]  # counted over all users, so that short runs mix the kinds too
+        stream = _share(k, opts.stream_share)  # alternating at 0.5: plain, stream, plain, stream, ...
+        image = self.vision and _share(k // 2, opts.image_share)  # ... each pair with and without images
+        RUN["sent"] += 1
         name = f"chat{' stream' if stream else ''}{' image' if image else ''}"
         t0 = time.perf_counter()
         with self.client.post("/v1/chat/completions", json=self._body(stream, image), name=name, stream=stream,
@@ -86,14 +87,14 @@ class ChatUser(HttpUser):
             try:
                 usage, first = self._read(response, stream, t0)
                 response.request_meta["response_time"] = (time.perf_counter() - t0) * 1000  # to the last byte
-                TOKENS["completion"] += usage["completion_tokens"]
+                RUN["completion"] += usage["completion_tokens"]
                 if first is not None:
                     self.environment.events.request.fire(request_type="TTFT", name=name, response_time=first * 1000,
                                                          response_length=0, exception=None, context={})
             except Exception as exc:  # a broken body or stream is a failure of this request, reported by locust
                 response.failure(f"{type(exc).__name__}: {exc}"[:300])
-        TOKENS["requests"] += 1
-        if opts.max_requests and TOKENS["requests"] >= opts.max_requests:
+        RUN["requests"] += 1
+        if opts.max_requests and RUN["requests"] >= opts.max_requests:
             self.environment.runner.quit()
 
     @staticmethod
@@ -126,7 +127,7 @@ class ChatUser(HttpUser):
 def _summary(environment: Environment, **kw) -> None:
     """One line for docs/serving.md's table: all chat requests together, TTFT over streamed ones."""
     stats = environment.stats
-    seconds = max(time.monotonic() - TOKENS["started"], 1e-9)
+    seconds = max(time.monotonic() - RUN["started"], 1e-9)
     chats = [e for (name, method), e in stats.entries.items() if method == "POST" and name.startswith("chat")]
     ttft = [e for (name, method), e in stats.entries.items() if method == "TTFT"]
     done = sum(e.num_requests - e.num_failures for e in chats)
@@ -144,6 +145,6 @@ def _summary(environment: Environment, **kw) -> None:
                 return f"{ms:.0f}"
         return "-"
 
-    print(f"summary: {done / seconds:.1f} requests/s, {TOKENS['completion'] / seconds:.0f} completion tokens/s, "
+    print(f"summary: {done / seconds:.1f} requests/s, {RUN['completion'] / seconds:.0f} completion tokens/s, "
           f"latency p50/p95 {pct(chats, 0.5)}/{pct(chats, 0.95)} ms, TTFT p50/p95 {pct(ttft, 0.5)}/"
           f"{pct(ttft, 0.95)} ms, {failures} failures, {seconds:.0f} s")

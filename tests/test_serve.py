@@ -231,7 +231,7 @@ def test_text_assembler_holds_back_possible_stop_prefixes():
     (json.dumps({"model": NAME, "messages": [{"role": "user", "content": [{"type": "input_audio"}]}]}), 400,
      "messages"),
     (json.dumps(_body(logprobs=True)), 400, "logprobs"),
-    (json.dumps(_body(logprobs=0)), 400, "logprobs: Input should be false or null"),  # 0 == False in a Literal
+    (json.dumps(_body(logprobs=0)), 400, "logprobs: Input should be false or null"),  # 0 == False in Literal
     (json.dumps(_body(presence_penalty=False)), 400, "presence_penalty: Input should be 0"),
     (json.dumps(_body(frequency_penalty=False)), 400, "frequency_penalty: Input should be 0"),
     (json.dumps(_body(top_k=-1)), 400, "top_k"),

@@ -190,7 +190,8 @@ def _event_stream(spec: dict[str, Any]) -> None:
 
 
 # a 4 x 4 red PNG: the image example's data URL
-_RED_PNG = "data:image/png;base64,iVBORw0KGgoAAAANSUhEUgAAAAQAAAAECAIAAAAmkwkpAAAAEElEQVR4nGP8z4AATAxEcQAz0QEHOoQ+uAAAAABJRU5ErkJggg=="
+_RED_PNG = ("data:image/png;base64,iVBORw0KGgoAAAANSUhEUgAAAAQAAAAECAIAAAAmkwkpAAAAEElEQVR4nGP8z4AATAxEcQAz0QEHOoQ+uA"
+            "AAAABJRU5ErkJggg==")
 
 
 def _examples(model_name: str, vision: bool) -> dict[str, Any]:
