@@ -130,6 +130,8 @@ def test_the_floor_to_ship_is_per_one_object_type():
     bars = check_floor(rows)
     assert floor_met(rows) and len(bars) == 8 and all("tau=0.9" in b["what"] for b in bars[4:])  # the tau that holds
     assert not floor_met([parent, dvlm(0.9, 1.2, exist=0.80)])  # 0.80 / 0.91 < 95%
+    closest = check_floor([parent, dvlm(0.7, 1.5, exist=0.50), dvlm(0.9, 1.2, exist=0.80)])
+    assert all("tau=0.9" in b["what"] for b in closest[4:])  # none holds: the closest is shown, not the fastest
     assert not floor_met([dict(parent, per_type={**parent["per_type"], "position": 0.85}), dvlm(0.9, 1.2)])
     assert not floor_met([parent]) and check_floor([]) == []
 

@@ -18,7 +18,7 @@ from typing import Any
 
 from diffusionvl.core.atomic import write_file
 
-STAGES = ("stage1", "recognition", "stage2", "translate", "direct")
+STAGES = ("stage1", "recognition", "stage2", "refresh", "translate", "direct")
 SHOWN_TYPES = ("shape", "colour", "count", "position", "exist", "relation", "describe")
 
 
@@ -28,20 +28,21 @@ def _json(path: Path) -> Any:
 
 def curriculum(cfg: Any, out: Path) -> list[dict[str, Any]]:
     """What each finished stage showed the model. Epochs are counted as trained (steps x global batch / records of
-    its data file: a stage that reached its target early shows fewer than planned); the binding stage's records are
-    the main data's plus the replayed recognition images, each counted with its own data's question mix."""
+    its data file: a stage that reached its target early shows fewer than planned); the binding stage replays
+    recognition images and the refresh stage main images, each counted with its own data's question mix."""
     rows = []
-    for stage, folder, file in (("recognition", "data-recognition", "train.json"), ("stage2", "data", "stage2.json")):
+    for stage, folder, file in (("recognition", "data-recognition", "train.json"), ("stage2", "data", "stage2.json"),
+                                ("refresh", "data-recognition", "refresh.json")):
         summary, trained = _json(out / folder / "summary.json"), _json(out / stage / "summary.json")
         records = _json(out / folder / file)
         if summary is None or trained is None or not records:
             continue
         epochs = trained["steps"] * trained["global_batch"] / len(records)
-        parts = [(summary, min(cfg.ar_samples, len(records)) if stage == "stage2" else len(records))]
         replayed = sum(str(r.get("id", "")).startswith("replay-") for r in records)
-        rec_summary = _json(out / "data-recognition" / "summary.json")
-        if stage == "stage2" and replayed and rec_summary is not None:
-            parts.append((rec_summary, replayed))
+        parts = [(summary, len(records) - replayed)]
+        other = _json(out / ("data-recognition" if folder == "data" else "data") / "summary.json")
+        if replayed and other is not None:  # replayed images: counted with their own data's question mix
+            parts.append((other, replayed))
         per_type: dict[str, int] = {}
         binding = 0
         for part, n in parts:
