@@ -310,7 +310,7 @@ def test_an_answer_without_a_question_and_a_broken_data_url_are_skipped_up_front
 def test_a_remembered_text_encoding_is_the_same_encoding(qwen_vl, tmp_path, monkeypatch):
     """Later epochs reuse a record's text encoding (encode.SampleEncoder._text): the sample equals a fresh
     encoder's, images are still read (another picture under the same name gives its own pixels), different messages
-    never share an entry, and nothing is remembered beyond TEXT_MEMO_TOKENS."""
+    never share an entry, and nothing is remembered beyond TEXT_MEMO_BYTES."""
     from diffusionvl.jobs.train import encode
 
     red_square().save(tmp_path / "a.png")
@@ -322,12 +322,12 @@ def test_a_remembered_text_encoding_is_the_same_encoding(qwen_vl, tmp_path, monk
     red_square(color="blue").save(tmp_path / "a.png")
     again = [enc(r) for r in records]
     fresh = [SampleEncoder(qwen_vl, max_length=512)(r) for r in records]
-    assert len(enc._memo) == 2 and enc._memo_tokens == sum(int(v[1].numel()) for v in enc._memo.values())
+    assert len(enc._memo) == 2 and 0 < enc._memo_bytes
     for a, b, f in zip(first, again, fresh):
         assert torch.equal(a.input_ids, b.input_ids) and torch.equal(b.labels, f.labels)
         assert torch.equal(b.vision["pixel_values"], f.vision["pixel_values"])
         assert not torch.equal(a.vision["pixel_values"], b.vision["pixel_values"])
     assert not torch.equal(first[0].labels, first[1].labels)
-    monkeypatch.setattr(encode, "TEXT_MEMO_TOKENS", 0)
+    monkeypatch.setattr(encode, "TEXT_MEMO_BYTES", 0)
     bounded = SampleEncoder(qwen_vl, max_length=512)
     assert torch.equal(bounded(records[0]).input_ids, first[0].input_ids) and not bounded._memo

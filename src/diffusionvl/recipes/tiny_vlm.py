@@ -167,15 +167,20 @@ def binding_epochs(cfg: TinyVLMConfig, data: Path) -> int:
     """Epochs of the binding stage: --stage2-epochs, or enough for --binding-presentations binding questions."""
     if cfg.stage2_epochs:
         return cfg.stage2_epochs
+    from diffusionvl.core.errors import check
+
     summary = json.loads((data / "summary.json").read_text())
     per_epoch = summary.get("binding", {}).get("train", 0) * cfg.ar_samples / max(cfg.n_train, 1)
-    return max(1, math.ceil(cfg.binding_presentations / max(per_epoch, 1)))
+    check(per_epoch > 0, f"the main data ({data}) counts no binding questions (made before they were counted, or "
+                         "a --task-mix without shape and colour): regenerate it or give --stage2-epochs")
+    return max(1, math.ceil(cfg.binding_presentations / per_epoch))
 
 
 def translation_data(cfg: TinyVLMConfig, data: Path) -> Path:
     """data/translate.json: `diffusion_fraction` of the binding stage's main records and of its replayed ones."""
     records = json.loads((data / "stage2.json").read_text())
-    main, replay = records[: cfg.ar_samples], records[cfg.ar_samples:]
+    replay = [r for r in records if str(r.get("id", "")).startswith("replay-")]
+    main = [r for r in records if not str(r.get("id", "")).startswith("replay-")]
     n_diff = max(1, int(cfg.diffusion_fraction * len(main)))
     return write_json(data / "translate.json", main[:n_diff] + replay[: int(cfg.diffusion_fraction * len(replay))])
 
@@ -186,7 +191,7 @@ def run_stages(cfg: TinyVLMConfig) -> dict[str, Path]:
     val = data / "val.json"
     stage_gate(cfg, out)
     init = stage_init(cfg, out)
-    s1, rec = init, None
+    s1, rec, ar_stages = init, None, []
     if cfg.stage1_samples:
         stage1_data = _subset(data / "train.json", data / "stage1.json", cfg.stage1_samples)
         s1 = _train(cfg, "stage1", out, init, stage1_data, val, objective="ar", lr=cfg.stage1_lr,
@@ -195,21 +200,25 @@ def run_stages(cfg: TinyVLMConfig) -> dict[str, Path]:
         rec = stage_data(cfg, out, "data-recognition", cfg.recognition_images, max_objects=1,
                          task_mix=RECOGNITION_MIX, seed_offset=1)
         s1 = _train(cfg, "recognition", out, s1, rec / "train.json", rec / "val.json", epochs=cfg.recognition_epochs,
-                    target_accuracy=cfg.recognition_target, grounding_samples=128, **_parent(cfg))
+                    target_accuracy=cfg.recognition_target, grounding_samples=200, **_parent(cfg))
+        ar_stages.append(s1)
     epochs = binding_epochs(cfg, data)
     _say(f"binding stage: {epochs} epoch(s) over {cfg.ar_samples} images for {cfg.binding_presentations:,} binding "
          f"questions, with {cfg.recognition_replay if rec else 0} recognition images replayed")
     s2 = _train(cfg, "stage2", out, s1, binding_data(cfg, data, rec), val, epochs=epochs, **_parent(cfg))
+    ar_stages.append(s2)
     if rec is not None:  # the floor is read on one-object scenes: restore any type the binding stage let slip
+        gentle = {k: v / 3 for k, v in _parent(cfg).items() if k in ("lr", "lr_projector")}
         s2 = _train(cfg, "refresh", out, s2, refresh_data(cfg, data, rec), rec / "val.json", epochs=1,
-                    target_accuracy=cfg.recognition_target, grounding_samples=200,
-                    **{**_parent(cfg), "lr": cfg.lr_full / 3})
+                    target_accuracy=cfg.recognition_target, grounding_samples=200, **{**_parent(cfg), **gentle})
+        ar_stages.append(s2)
     diff_data = translation_data(cfg, data)
     tr = _train(cfg, "translate", out, s2, diff_data, val, objective="bd3", epochs=cfg.diffusion_epochs,
                 loss_norm=cfg.loss_norm, **_lora(cfg))
-    paths = {"data": data, "stage1": s1, "ar_vlm": s2, "dvlm": tr, **({"data_recognition": rec} if rec else {})}
+    paths = {"data": data, "stage1": s1, "ar_vlm": s2, "dvlm": tr, **({"data_recognition": rec} if rec else {}),
+             **{f"ar_stage{i}": p for i, p in enumerate(ar_stages)}}  # every AR stage's final, in order
     if cfg.direct:
-        direct_data = stage2_data
+        direct_data = _subset(data / "train.json", data / "direct.json", cfg.ar_samples)  # the binding stage's
         if cfg.direct_samples is not None:
             direct_data = _subset(data / "train.json", data / "direct.json", cfg.direct_samples)
         paths["direct"] = _train(cfg, "direct", out, s1, direct_data, val, objective="bd3", loss_norm=cfg.loss_norm,

@@ -165,6 +165,10 @@ class TrainConfig:
         check(self.plateau_s >= 0 and self.plateau_delta >= 0, "plateau_s and plateau_delta must be >= 0")
         check(not (self.target_accuracy or self.plateau_s) or self.grounding_data,
               "--target-accuracy and --plateau-s watch --grounding-data: give it too")
+        check(not (self.target_accuracy or self.plateau_s) or (self.eval_every > 0 and (self.eval_data or
+                                                                                        self.eval_size > 0)),
+              "--target-accuracy and --plateau-s are decided at evals: give --eval-every N and --eval-data (or "
+              "--eval-size)")
         check(self.grounding_samples >= 1, f"grounding_samples must be >= 1, got {self.grounding_samples}")
         check(self.min_image_dependence >= 0 and self.grounding_patience_s >= 0,
               "min_image_dependence and grounding_patience_s must be >= 0")

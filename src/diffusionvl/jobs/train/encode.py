@@ -17,7 +17,7 @@ Contract (`SampleEncoder(model, max_length, overlong)(record) -> EncodedSample`)
   (`overlong="truncate"`; no EOS is added to a cut answer; a cut through an image, or no answer token left, is a
   SampleError) or are a SampleError (`overlong="skip"`).
 - The text part (render, tokenize, label) depends on the messages alone and is remembered per encoder (each
-  DataLoader worker holds its own) for later epochs, up to TEXT_MEMO_TOKENS tokens; images are read and processed
+  DataLoader worker holds its own) for later epochs, up to TEXT_MEMO_BYTES; images are read and processed
   every time.
 Problems with one sample raise `SampleError` (counted and skipped by the dataset), never a crash.
 """
@@ -38,7 +38,7 @@ from diffusionvl.jobs.train.data import Record, SampleError
 
 Tensor = torch.Tensor
 IGNORE = objective.IGNORE_INDEX
-TEXT_MEMO_TOKENS = 1 << 25  # text encodings kept for later epochs: 32M tokens, ~256 MB of int32 ids + labels
+TEXT_MEMO_BYTES = 1 << 28  # text encodings kept for later epochs: 256 MB (keys, texts, int32 ids + labels)
 TEXT_KEYS = ("input_ids", "attention_mask", "mm_token_type_ids", "token_type_ids")
 
 
@@ -134,7 +134,7 @@ class SampleEncoder:
         self.overlong = overlong
         self.add_special = not bool(getattr(tok, "chat_template", None))
         self._memo: dict[str, tuple[str, Tensor, Tensor]] = {}  # messages -> text encoding (_text)
-        self._memo_tokens = 0
+        self._memo_bytes = 0
 
     def __call__(self, record: Record) -> EncodedSample:
         try:
@@ -162,8 +162,8 @@ class SampleEncoder:
 
     def _text(self, record: Record, conv: Conversation) -> tuple[str, Tensor, Tensor]:
         """(rendered text, token ids [T], labels [T]) of the conversation before any image expansion: a function of
-        the messages alone (images are placeholders in them), remembered for later epochs up to TEXT_MEMO_TOKENS
-        tokens in all (rendering the template three times and tokenizing was half of a short sample's encoding)."""
+        the messages alone (images are placeholders in them), remembered for later epochs up to TEXT_MEMO_BYTES
+        in all (rendering the template three times and tokenizing was half of a short sample's encoding)."""
         key = json.dumps(record.messages, sort_keys=True, default=str)
         hit = self._memo.get(key)
         if hit is not None:
@@ -172,9 +172,10 @@ class SampleEncoder:
         enc = self.tokenizer(text, add_special_tokens=self.add_special, return_offsets_mapping=True)
         ids = torch.tensor(enc["input_ids"], dtype=torch.long)  # [T]
         labels = torch.where(span_mask(torch.tensor(enc["offset_mapping"]).view(-1, 2), spans), ids, IGNORE)
-        if self._memo_tokens + ids.numel() <= TEXT_MEMO_TOKENS:
+        size = len(key) + len(text) + 8 * int(ids.numel())
+        if self._memo_bytes + size <= TEXT_MEMO_BYTES:
             self._memo[key] = (text, ids.int(), labels.int())
-            self._memo_tokens += int(ids.numel())
+            self._memo_bytes += size
         return text, ids, labels
 
     def _finish(self, ids: Tensor, labels: Tensor, vision: dict[str, Tensor]) -> EncodedSample:

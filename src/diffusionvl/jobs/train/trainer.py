@@ -264,9 +264,9 @@ class Trainer:
         self.sampler = GlobalBatchSampler(len(records), cfg.batch_size, acc.num_processes, acc.process_index,
                                           cfg.grad_accum, cfg.seed, cfg.shuffle)
         common = dict(collate_fn=collator, num_workers=cfg.num_workers, pin_memory=acc.device.type == "cuda",
-                      worker_init_fn=_worker_ignores_ctrl_c if cfg.num_workers else None,
-                      persistent_workers=cfg.num_workers > 0)  # no fresh worker processes (and imports) per epoch
-        self.loader = DataLoader(SFTDataset(records, encoder), batch_sampler=self.sampler, **common)
+                      worker_init_fn=_worker_ignores_ctrl_c if cfg.num_workers else None)
+        self.loader = DataLoader(SFTDataset(records, encoder), batch_sampler=self.sampler,
+                                 persistent_workers=cfg.num_workers > 0, **common)  # one worker set for all epochs
         self.n_eval = len(held)
         self.eval_loader = None
         if held:
@@ -457,7 +457,7 @@ class Trainer:
             out["image_dependence"] = out["eval_loss_rolled"] - total[0] / total[1]
         return out
 
-    def _log_eval(self) -> float:
+    def _log_eval(self, final: bool = False) -> float:
         entry = self.evaluate()
         if self.grounding is not None and self.accelerator.is_main_process:
             entry.update(self.grounding.probe(self.model, self.cfg.objective))
@@ -470,7 +470,8 @@ class Trainer:
                               acc=f"{entry['accuracy']:.2f}" if "accuracy" in entry else None)
         self.last.update(entry)
         self._check_looking(entry)
-        self._check_stage_done(entry)
+        if not final:  # the end-of-run eval decides nothing: the run used its steps
+            self._check_stage_done(entry)
         return entry["eval_loss"]
 
     def _check_stage_done(self, entry: dict[str, float]) -> None:
@@ -484,10 +485,8 @@ class Trainer:
             types = {k.split("/", 1)[1]: v for k, v in entry.items() if k.startswith("accuracy/")}
             now = entry["elapsed_s"]
             for name, value in types.items():  # a type's first eval is its baseline, and counts as progress
-                if name not in self._best or value >= self._best[name] + cfg.plateau_delta:
-                    self._best[name], self._improved_at = value, now
-                else:
-                    self._best[name] = max(self._best[name], value)
+                if name not in self._best or value >= self._best[name] + cfg.plateau_delta - 1e-9:
+                    self._best[name], self._improved_at = value, now  # a slow climb counts once it adds up
             if cfg.target_accuracy and types and min(types.values()) >= cfg.target_accuracy:
                 reason = f"every question type >= {cfg.target_accuracy:.0%} at step {self.state.step}"
             elif cfg.plateau_s and now - self._improved_at >= cfg.plateau_s:
@@ -570,7 +569,9 @@ class Trainer:
 
         acc = self.accelerator
         if self.eval_loader is not None and self.stopped is None:  # a stopped stage was evaluated at this step
-            self._log_eval()
+            self._log_eval(final=True)
+        elif self.stopped is not None and self._window["micro"]:
+            self._log_window()  # the steps since the last logged window
         if self.cfg.save_every and not (self.output / f"{ckpt.PREFIX}{self.state.step}").exists():
             self.save_checkpoint()
         final = self.save_final()

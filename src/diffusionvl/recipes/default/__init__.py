@@ -100,7 +100,7 @@ def load_default(device: str | torch.device | None = None, dtype: str | torch.dt
         return _load_plain(folder, manifest, device, dtype, parent)
     recipe = manifest["recipe"]
     model = build_init(config_from_dict(recipe), manifest.get("vision_standardize"))
-    stages = manifest["adapters"][:1] if parent else manifest["adapters"]
+    stages = manifest["adapters"][:-1] if parent else manifest["adapters"]  # the last one is the translation
     for stage in stages:
         merge_compact(model.hf_model, load_file(_checked(folder, stage)), stage["scale"])
     dev = default_device(device)
@@ -186,7 +186,9 @@ def export_default(paths: dict[str, Path], dst: Path, cfg: Any, results: dict[st
     if getattr(cfg, "lm", "smollm2") == "tiny":
         return export_plain(paths, dst, cfg, results)
     adapters = []
-    for name, run in (("stage2", paths["ar_vlm"]), ("translate", paths["dvlm"])):
+    ar_stages = sorted((k for k in paths if k.startswith("ar_stage")), key=lambda k: int(k[len("ar_stage"):]))
+    runs = [(paths[k].parent.name, paths[k]) for k in ar_stages] or [("stage2", paths["ar_vlm"])]
+    for name, run in runs + [("translate", paths["dvlm"])]:  # each stage's LoRA trained on the previous merged
         tensors, meta = compact_adapter(run.parent / "final-adapter")
         file = dst / f"{name}.safetensors"
         contiguous = {k: v.contiguous() for k, v in tensors.items()}
