@@ -12,7 +12,7 @@ from diffusionvl.recipes.tiny_vlm import decoder_grid, results_markdown, write_r
 
 
 def _rows(cfg):
-    rows = [{"model": "AR VLM (stage 2)", "decoder": "ar", "accuracy": 0.8, "tokens_per_forward": 1.0,
+    rows = [{"model": "AR VLM (parent)", "decoder": "ar", "accuracy": 0.8, "tokens_per_forward": 1.0,
              "tokens_per_second": 10.0, "samples": 40, "per_type": {"shape": 0.9, "count": 0.5}}]
     for i, d in enumerate(decoder_grid(cfg)):
         rows.append({"model": "diffusion VLM (translated)", "accuracy": 0.7 - 0.01 * i,
@@ -36,7 +36,7 @@ def test_results_table_json_and_plot(tmp_path):
     data = json.loads(paths["json"].read_text())
     assert data["facts"]["n_diffusion"] == 50 and abs(data["facts"]["fraction"] - 0.05) < 1e-9
     md = paths["markdown"].read_text()
-    assert "| AR VLM (stage 2) | ar | 80.0% | 1.00 | 10.0 |" in md
+    assert "| AR VLM (parent) | ar | 80.0% | 1.00 | 10.0 |" in md
     assert "block threshold S=8, tau=0.9" in md and "| shape |" not in md.splitlines()[0]
     pytest.importorskip("matplotlib")
     assert paths["plot"].is_file() and paths["plot"].stat().st_size > 1000

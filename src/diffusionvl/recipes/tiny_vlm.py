@@ -227,7 +227,7 @@ def run_stages(cfg: TinyVLMConfig) -> dict[str, Path]:
 
 
 # ------------------------------------------------------------------------------------------------------ eval
-AR_LABEL, DVLM_LABEL = "AR VLM (stage 2)", "diffusion VLM (translated)"
+AR_LABEL, DVLM_LABEL = "AR VLM (parent)", "diffusion VLM (translated)"
 BAR_TYPES = ("shape", "colour", "count", "position", "exist", "relation")
 
 
