@@ -36,8 +36,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from diffusionvl.core.atomic import write_json
+from diffusionvl.core.errors import DiffusionVLError, check
 from diffusionvl.jobs.train import TrainConfig, train
-from diffusionvl.jobs.train.data import read_records
+from diffusionvl.jobs.train.data import SampleError, read_records
 from diffusionvl.jobs.train.encode import SampleEncoder
 from diffusionvl.jobs.train.grounding import GroundingProbe
 from diffusionvl.jobs.train.trainer import attach_token_cache
@@ -115,7 +116,10 @@ def plain_loop(model_dir: Path, train_file: Path, cache: Path, args: argparse.Na
         p.requires_grad_(False)
     token_cache = attach_token_cache(model, str(cache))
     encoder = SampleEncoder(model, MAX_LENGTH, objective="ar")
-    records, _ = read_records(train_file, train_file.parent)
+    records, report = read_records(train_file, train_file.parent)
+    check(len(records) == len(json.loads(train_file.read_text())),
+          f"the minimal loop needs every record of {train_file} usable ({report.summary()})")
+    check(all(r.images for r in records), "the minimal loop needs an image in every record")
     samples, tokens = [], []
     with torch.no_grad():  # the frozen tower's tokens, once per image (read from / added to the shared cache)
         for start in range(0, len(records), 256):
@@ -260,4 +264,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except (DiffusionVLError, SampleError) as exc:  # a sample the loop cannot encode: one line
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
