@@ -447,7 +447,7 @@ def render_table(result: dict[str, Any]) -> Any:
 
 def markdown_table(result: dict[str, Any]) -> str:
     """The same rows and columns as a Markdown table (for docs/performance.md)."""
-    template = result["meta"]["config"].get("template")
+    template = result.get("meta", {}).get("config", {}).get("template")  # rows alone (gpu_report) have no meta
     head = ("| batch | prompt | decoder | tok/s | forwards | tok/fwd | ms/fwd | 1st block ms | peak GiB | x HF tok/s "
             "| x HF /fwd | backend |" + (" fwd saved by template |" if template else ""))
     lines = [head, "|" + "---|" * (13 if template else 12)]

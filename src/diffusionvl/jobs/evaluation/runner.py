@@ -141,7 +141,7 @@ def run_generate(model: Any, samples: list[Sample], suffix: str, cfg: EvalConfig
         convs = [to_conversation(system + [{"role": "user", "content": build_prompt(s, suffix)}],
                                  [im] if im is not None else None) for s, im in zip(chunk, _images(chunk))]
         templates = [s.template if s.template is not None else cfg.template for s in chunk]
-        out = model.generate(convs, config=decode, template=templates if any(templates) else None)
+        out = model.generate(convs, config=decode, **({"template": templates} if any(templates) else {}))
         tpf = tokens_per_forward(out.token_ids, out.finish_reasons, sample_forwards(out.stats, len(chunk)))
         slots = out.slots or [None] * len(chunk)
         for s, text, ids, reason, rate, fill in zip(chunk, out.texts, out.token_ids, out.finish_reasons, tpf, slots):
