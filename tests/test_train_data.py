@@ -320,7 +320,13 @@ def test_a_remembered_text_encoding_is_the_same_encoding(qwen_vl, tmp_path, monk
     enc = SampleEncoder(qwen_vl, max_length=512)
     first = [enc(r) for r in records]
     red_square(color="blue").save(tmp_path / "a.png")
+
+    def no_render(*args, **kwargs):
+        raise AssertionError("the text encoding was rendered again instead of being remembered")
+
+    monkeypatch.setattr(enc, "render", no_render)
     again = [enc(r) for r in records]
+    monkeypatch.undo()
     fresh = [SampleEncoder(qwen_vl, max_length=512)(r) for r in records]
     assert len(enc._memo) == 2 and 0 < enc._memo_bytes
     for a, b, f in zip(first, again, fresh):

@@ -19,6 +19,11 @@ from typing import Any
 from diffusionvl.core.atomic import write_file
 
 STAGES = ("stage1", "recognition", "stage2", "refresh", "translate", "direct")
+REPLAY = "replay-"  # id prefix of a record one stage replays from another stage's data
+
+
+def is_replay(record: dict[str, Any]) -> bool:
+    return str(record.get("id", "")).startswith(REPLAY)
 SHOWN_TYPES = ("shape", "colour", "count", "position", "exist", "relation", "describe")
 
 
@@ -38,7 +43,7 @@ def curriculum(cfg: Any, out: Path) -> list[dict[str, Any]]:
         if summary is None or trained is None or not records:
             continue
         epochs = trained["steps"] * trained["global_batch"] / len(records)
-        replayed = sum(str(r.get("id", "")).startswith("replay-") for r in records)
+        replayed = sum(map(is_replay, records))
         parts = [(summary, len(records) - replayed)]
         other = _json(out / ("data-recognition" if folder == "data" else "data") / "summary.json")
         if replayed and other is not None:  # replayed images: counted with their own data's question mix

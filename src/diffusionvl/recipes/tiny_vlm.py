@@ -39,7 +39,9 @@ from pathlib import Path
 from typing import Any, Callable
 
 from diffusionvl.core.atomic import write_file, write_json, write_text
-from diffusionvl.recipes.curves import STAGES, curriculum, curriculum_markdown, grounding_points, plot_grounding
+from diffusionvl.core.errors import check
+from diffusionvl.recipes.curves import (REPLAY, STAGES, curriculum, curriculum_markdown, grounding_points, is_replay,
+                                        plot_grounding)
 from diffusionvl.recipes.tiny_model import TinyVLMConfig, build_init, tower_candidate
 
 
@@ -147,19 +149,22 @@ def binding_data(cfg: TinyVLMConfig, data: Path, rec: Path | None) -> Path:
     """data/stage2.json: the binding stage's records, the main data's first `ar_samples` plus the first
     `recognition_replay` recognition records (image paths made relative to the main data folder)."""
     records = json.loads((data / "train.json").read_text())[: cfg.ar_samples]
-    if rec is not None and cfg.recognition_replay:
-        for record in json.loads((rec / "train.json").read_text())[: cfg.recognition_replay]:
-            records.append({**record, "id": f"replay-{record['id']}",
-                            "image": os.path.relpath(rec / record["image"], data)})
+    if rec is not None:
+        records += replayed(rec, data, cfg.recognition_replay)
     return write_json(data / "stage2.json", records)
+
+
+def replayed(source: Path, dest: Path, n: int) -> list[dict[str, Any]]:
+    """The first n training records of the data folder `source`, marked as replayed, their image paths made
+    relative to the folder `dest` whose file will hold them."""
+    return [{**r, "id": REPLAY + str(r["id"]), "image": os.path.relpath(source / r["image"], dest)}
+            for r in json.loads((source / "train.json").read_text())[:n]]
 
 
 def refresh_data(cfg: TinyVLMConfig, data: Path, rec: Path) -> Path:
     """data-recognition/refresh.json: every recognition record, with the main data's first `recognition_replay`
     records replayed (image paths made relative to the recognition folder) so binding is kept."""
-    records = json.loads((rec / "train.json").read_text())
-    for record in json.loads((data / "train.json").read_text())[: cfg.recognition_replay]:
-        records.append({**record, "id": f"replay-{record['id']}", "image": os.path.relpath(data / record["image"], rec)})
+    records = json.loads((rec / "train.json").read_text()) + replayed(data, rec, cfg.recognition_replay)
     return write_json(rec / "refresh.json", records)
 
 
@@ -167,8 +172,6 @@ def binding_epochs(cfg: TinyVLMConfig, data: Path) -> int:
     """Epochs of the binding stage: --stage2-epochs, or enough for --binding-presentations binding questions."""
     if cfg.stage2_epochs:
         return cfg.stage2_epochs
-    from diffusionvl.core.errors import check
-
     summary = json.loads((data / "summary.json").read_text())
     per_epoch = summary.get("binding", {}).get("train", 0) * cfg.ar_samples / max(cfg.n_train, 1)
     check(per_epoch > 0, f"the main data ({data}) counts no binding questions (made before they were counted, or "
@@ -179,8 +182,8 @@ def binding_epochs(cfg: TinyVLMConfig, data: Path) -> int:
 def translation_data(cfg: TinyVLMConfig, data: Path) -> Path:
     """data/translate.json: `diffusion_fraction` of the binding stage's main records and of its replayed ones."""
     records = json.loads((data / "stage2.json").read_text())
-    replay = [r for r in records if str(r.get("id", "")).startswith("replay-")]
-    main = [r for r in records if not str(r.get("id", "")).startswith("replay-")]
+    replay = [r for r in records if is_replay(r)]
+    main = [r for r in records if not is_replay(r)]
     n_diff = max(1, int(cfg.diffusion_fraction * len(main)))
     return write_json(data / "translate.json", main[:n_diff] + replay[: int(cfg.diffusion_fraction * len(replay))])
 
@@ -562,7 +565,6 @@ def write_results(cfg: TinyVLMConfig, rows: list[dict[str, Any]], out: Path,
 def check_early(cfg: TinyVLMConfig) -> None:
     """Options that would only fail after minutes of data generation and probing fail now, in one line: the tower
     spec (stages, pooling) is built, the task mix normalized, the block size checked against the sample length."""
-    from diffusionvl.core.errors import check
     from diffusionvl.data.synth import normalize_task_mix
     from diffusionvl.recipes.vision_gate import candidate_tower
 
